@@ -1,0 +1,198 @@
+//! `mesh-lab`: build, inspect and remove network-namespace labs.
+//! Usually driven by `cargo xtask lab ...`.
+
+use std::{os::unix::process::CommandExt, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use mesh_lab::{DEFAULT_LAB, LabState, UpOptions};
+
+mod traffic;
+
+/// Command line of `mesh-lab`.
+#[derive(Debug, Parser)]
+#[command(about = "Network-namespace lab: Kubernetes manifests as nodes and pods on one machine")]
+struct Cli {
+    /// Lab name: prefix of every namespace, cgroup and pin it creates.
+    #[arg(long, global = true, default_value = DEFAULT_LAB, env = "MESH_LAB")]
+    name: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the lab from manifests, replacing a lab of the same name.
+    Up {
+        /// Manifest files or directories (Namespaces, Services, Deployments, Pods, ServiceAccounts).
+        #[arg(short = 'f', long = "manifest", required = true)]
+        manifests: Vec<PathBuf>,
+        /// Number of nodes (1 or 2).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// The stand-in app binary (default: `lab-app` next to this binary).
+        #[arg(long)]
+        app: Option<PathBuf>,
+    },
+    /// Remove everything the lab created; safe to run on a lab that is not up.
+    Down,
+    /// Print nodes, pods and services of the lab.
+    Status,
+    /// Send real traffic through the lab: every pod by IP, every Service by
+    /// VIP and name, bookinfo's call graph; print what answered.
+    Traffic,
+    /// Run a command as a pod: in its network namespace and cgroup.
+    Exec {
+        /// Pod name, `namespace/name`, or a unique prefix.
+        pod: String,
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up {
+            manifests,
+            nodes,
+            app,
+        } => {
+            let app_binary = match app {
+                Some(app) => app,
+                None => sibling_binary("lab-app")?,
+            };
+            let state = mesh_lab::up(&UpOptions {
+                name: cli.name.clone(),
+                manifests,
+                nodes,
+                app_binary,
+            })
+            .with_context(|| format!("bringing lab {} up", cli.name))?;
+            print_status(&state);
+        }
+        Command::Down => {
+            let report = mesh_lab::down(&cli.name)?;
+            if report.removed_anything() {
+                println!(
+                    "lab {}: removed {} network namespace(s){}{}",
+                    cli.name,
+                    report.namespaces.len(),
+                    if report.cgroup {
+                        ", its cgroups and processes"
+                    } else {
+                        ""
+                    },
+                    if report.pins { ", its eBPF pins" } else { "" },
+                );
+            } else {
+                println!("lab {}: nothing to remove", cli.name);
+            }
+        }
+        Command::Status => print_status(&LabState::load(&cli.name)?),
+        Command::Traffic => traffic::run(&LabState::load(&cli.name)?)?,
+        Command::Exec { pod, command } => {
+            let state = LabState::load(&cli.name)?;
+            let pod = state.pod(&pod)?;
+            let Some((program, args)) = command.split_first() else {
+                bail!("no command given");
+            };
+            let err = state.command_in_pod(pod, program)?.args(args).exec();
+            bail!("exec {program}: {err}");
+        }
+    }
+    Ok(())
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build -p {name}` or pass --app",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn print_status(state: &LabState) {
+    let plan = &state.plan;
+    println!(
+        "lab {} ({} nodes, {} pods, {} services)",
+        plan.name,
+        plan.nodes.len(),
+        plan.pods.len(),
+        plan.services.len()
+    );
+    println!("\nNODE    NETNS                 IP            POD CIDR");
+    for node in &plan.nodes {
+        println!(
+            "{:<7} {:<21} {:<13} {}/24",
+            node.name, node.netns, node.ip, node.pod_cidr
+        );
+    }
+    println!("\nNAMESPACE LABELS");
+    for (ns, labels) in &plan.namespaces {
+        println!("{ns}: {}", join_labels(labels));
+    }
+    println!(
+        "\n{:<22} {:<10} {:<12} {:<6} {:<20} {:<6} LABELS",
+        "POD", "NAMESPACE", "IP", "NODE", "SERVICE ACCOUNT", "STATE"
+    );
+    for pod in &plan.pods {
+        let alive = state
+            .app_pids
+            .get(&pod.qualified_name())
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        println!(
+            "{:<22} {:<10} {:<12} {:<6} {:<20} {:<6} {}",
+            pod.name,
+            pod.namespace,
+            pod.ip,
+            plan.nodes[pod.node].name,
+            pod.service_account,
+            if alive { "up" } else { "DOWN" },
+            join_labels(&pod.labels)
+        );
+    }
+    println!(
+        "\n{:<16} {:<10} {:<12} PORTS -> ENDPOINTS",
+        "SERVICE", "NAMESPACE", "VIP"
+    );
+    for svc in &plan.services {
+        let ports: Vec<String> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                let eps: Vec<String> = p.endpoints.iter().map(ToString::to_string).collect();
+                format!("{} -> [{}]", p.port, eps.join(" "))
+            })
+            .collect();
+        println!(
+            "{:<16} {:<10} {:<12} {}",
+            svc.name,
+            svc.namespace,
+            svc.vip,
+            ports.join("; ")
+        );
+    }
+}
+
+fn join_labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".to_owned();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

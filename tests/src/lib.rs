@@ -1,0 +1,73 @@
+//! Shared fixtures of the end-to-end tests: a lab that tears itself down on
+//! drop, and the paths of the workspace binaries it runs.
+
+use std::path::PathBuf;
+
+use mesh_lab::{LabState, UpOptions};
+
+/// A lab that is brought down when dropped, also when the test panics.
+pub struct Lab {
+    /// The running lab.
+    pub state: LabState,
+}
+
+impl Lab {
+    /// Brings up lab `name` from `manifests` on `nodes` nodes.
+    ///
+    /// Panics with a clear message when not run as root: the lab needs to
+    /// create namespaces, cgroups and eBPF programs.
+    pub fn up(name: &str, manifests: Vec<PathBuf>, nodes: usize) -> Self {
+        require_root();
+        let state = mesh_lab::up(&UpOptions {
+            name: name.to_owned(),
+            manifests,
+            nodes,
+            app_binary: workspace_binary("lab-app"),
+        })
+        .unwrap_or_else(|err| panic!("lab {name} up: {err}"));
+        Self { state }
+    }
+
+    /// Brings up Istio's bookinfo sample.
+    pub fn bookinfo(name: &str) -> Self {
+        Self::up(name, vec![bookinfo_manifest()], 2)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(err) = mesh_lab::down(&self.state.plan.name) {
+            eprintln!("lab {} down: {err}", self.state.plan.name);
+        }
+    }
+}
+
+/// Istio's bookinfo platform manifest.
+pub fn bookinfo_manifest() -> PathBuf {
+    mesh_lab::istio_samples_dir().join("bookinfo/platform/bookinfo.yaml")
+}
+
+/// A binary of this workspace, from the same target directory as the test.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the lab tests need root (namespaces, cgroups, eBPF); run `sudo cargo xtask test`"
+    );
+}

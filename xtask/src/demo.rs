@@ -1,0 +1,35 @@
+//! `cargo xtask demo`: the main job, end to end: bookinfo in the lab with
+//! real traffic, and a summary of what answered.
+
+use clap::Args;
+
+use crate::{cmd, lab};
+
+/// Arguments of `cargo xtask demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Lab name.
+    #[arg(long, default_value = "meshlab")]
+    name: String,
+    /// Tear the lab down at the end instead of leaving it up to explore.
+    #[arg(long)]
+    down: bool,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let build = || -> anyhow::Result<std::process::Command> {
+        let mut command = lab::build()?;
+        command.args(["--name", &args.name]);
+        Ok(command)
+    };
+    cmd::run(build()?.arg("up").arg("-f").arg(lab::bookinfo()?))?;
+    let traffic = cmd::run(build()?.arg("traffic"));
+    if args.down {
+        cmd::run(build()?.arg("down"))?;
+    } else {
+        eprintln!(
+            "\nThe lab is still up: `cargo xtask lab status`, `cargo xtask lab exec productpage -- lab-app get http://reviews:9080/`, `cargo xtask lab down`."
+        );
+    }
+    traffic
+}

@@ -1,0 +1,120 @@
+//! `cargo xtask lab up|down|status|exec`: builds what the lab runs, then hands
+//! over to the `mesh-lab` binary.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+
+use crate::{build_ebpf, cmd};
+
+/// Arguments of `cargo xtask lab`.
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Lab name: prefix of every namespace, cgroup and pin it creates.
+    #[arg(long, default_value = "meshlab")]
+    name: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build the lab (default manifests: Istio's bookinfo sample).
+    Up {
+        /// Manifest files or directories.
+        #[arg(short = 'f', long = "manifest")]
+        manifests: Vec<PathBuf>,
+        /// Number of nodes (1 or 2).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Remove everything of the lab.
+    Down,
+    /// Print nodes, pods and services.
+    Status,
+    /// Run a command in a pod's network namespace and cgroup.
+    Exec {
+        /// Pod name or unique prefix.
+        pod: String,
+        /// Command and arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+pub fn run(args: LabArgs) -> anyhow::Result<()> {
+    let mut lab = match &args.command {
+        LabCommand::Up { .. } | LabCommand::Exec { .. } => build()?,
+        LabCommand::Down | LabCommand::Status => built_or_build()?,
+    };
+    lab.args(["--name", &args.name]);
+    match args.command {
+        LabCommand::Up {
+            mut manifests,
+            nodes,
+        } => {
+            if manifests.is_empty() {
+                manifests.push(bookinfo()?);
+            }
+            lab.arg("up").args(["--nodes", &nodes.to_string()]);
+            for manifest in manifests {
+                lab.arg("-f").arg(manifest);
+            }
+        }
+        LabCommand::Down => {
+            lab.arg("down");
+        }
+        LabCommand::Status => {
+            lab.arg("status");
+        }
+        LabCommand::Exec { pod, command } => {
+            lab.arg("exec").arg(pod).arg("--").args(command);
+        }
+    }
+    cmd::run(&mut lab)
+}
+
+/// Builds the eBPF object, `mesh-lab` and `lab-app`; returns a `mesh-lab` command.
+pub fn build() -> anyhow::Result<Command> {
+    build_ebpf::run()?;
+    cmd::run(cmd::cargo().args(["build", "--quiet", "-p", "mesh-lab", "-p", "lab-app"]))?;
+    Ok(mesh_lab())
+}
+
+/// `down` and `status` must work even when nothing can be built (say, after
+/// a toolchain change), so they use an existing binary when there is one.
+fn built_or_build() -> anyhow::Result<Command> {
+    if binary("mesh-lab").is_file() {
+        Ok(mesh_lab())
+    } else {
+        build()
+    }
+}
+
+fn mesh_lab() -> Command {
+    Command::new(binary("mesh-lab"))
+}
+
+fn binary(name: &str) -> PathBuf {
+    crate::root().join("target/debug").join(name)
+}
+
+/// Istio's samples: `$MESH_ISTIO_SAMPLES`, or `../shared/istio-samples` beside the repo.
+pub fn samples_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("MESH_ISTIO_SAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("../shared/istio-samples"));
+    if !dir.is_dir() {
+        bail!(
+            "Istio samples not found at {}; set MESH_ISTIO_SAMPLES to a copy of istio/samples",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The bookinfo platform manifest.
+pub fn bookinfo() -> anyhow::Result<PathBuf> {
+    Ok(samples_dir()?.join("bookinfo/platform/bookinfo.yaml"))
+}

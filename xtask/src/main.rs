@@ -1,0 +1,51 @@
+//! `cargo xtask`: the project's commands, so a newcomer needs only cargo.
+//!
+//! xtask never links the eBPF object itself (it builds it), so lab commands
+//! run the `mesh-lab` binary after building it.
+
+mod build_ebpf;
+mod cmd;
+mod demo;
+mod lab;
+mod test;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Debug, Parser)]
+#[command(about = "Build, run and test the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the eBPF programs (provisioning the pinned nightly and bpf-linker if missing).
+    BuildEbpf,
+    /// Manage a network-namespace lab.
+    Lab(lab::LabArgs),
+    /// Bring bookinfo up in the lab, send real traffic through it, print a summary.
+    Demo(demo::DemoArgs),
+    /// Run every check: fmt, clippy, unit tests and the lab end-to-end tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf => build_ebpf::run(),
+        Command::Lab(args) => lab::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Test(args) => test::run(args),
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
