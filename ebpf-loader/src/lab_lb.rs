@@ -64,7 +64,9 @@ impl LabServiceLb {
             source,
         })?;
         let link_id = program
-            .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+            // A cgroup bpf_link always coexists with other programs; the kernel
+            // refuses multi-attach flags on link creation, so pass none.
+            .attach(&cgroup_file, CgroupAttachMode::Single)
             .map_err(program_err)?;
         let link: FdLink = program
             .take_link(link_id)
@@ -95,8 +97,8 @@ impl LabServiceLb {
 
     /// Opens the maps a previous [`install`](Self::install) pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let services = open_pinned(pin_dir, LAB_SERVICES_MAP, |map| HashMap::try_from(map))?;
-        let stats = open_pinned(pin_dir, LAB_LB_STATS_MAP, |map| PerCpuArray::try_from(map))?;
+        let services = open_pinned(pin_dir, LAB_SERVICES_MAP, HashMap::try_from)?;
+        let stats = open_pinned(pin_dir, LAB_LB_STATS_MAP, PerCpuArray::try_from)?;
         Ok(Self { services, stats })
     }
 

@@ -19,10 +19,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The object did not load (bad ELF, BTF relocation, or map creation).
-    #[error("loading the BPF object: {0}")]
+    #[error("loading the BPF object")]
     Load(#[from] aya::EbpfError),
     /// The object has no program of that name, or of another type.
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         /// Program name in the object.
         name: &'static str,
@@ -31,7 +31,7 @@ pub enum Error {
         source: aya::programs::ProgramError,
     },
     /// The object has no map of that name, or of another type.
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         /// Map name in the object.
         name: &'static str,
@@ -40,7 +40,7 @@ pub enum Error {
         source: aya::maps::MapError,
     },
     /// Pinning a map or link in bpffs failed.
-    #[error("pinning {what} at {path}: {source}")]
+    #[error("pinning {what} at {path}")]
     Pin {
         /// What was being pinned.
         what: &'static str,
@@ -68,7 +68,7 @@ pub enum Error {
         kind: String,
     },
     /// A filesystem operation on a cgroup or bpffs path failed.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         /// The operation.
         what: &'static str,

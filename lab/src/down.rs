@@ -28,10 +28,15 @@ impl DownReport {
 /// and file of lab `lab`. Removing a lab that is not there is not an error.
 pub fn down(lab: &str) -> Result<DownReport> {
     crate::validate_name(lab)?;
+    // The state, if any, names the app processes; read it before it goes.
+    let pids: Vec<u32> = crate::LabState::load(lab)
+        .map(|state| state.app_pids.into_values().collect())
+        .unwrap_or_default();
     let mut report = DownReport {
         cgroup: cgroup::kill_and_remove(&cgroup::lab_cgroup(lab)?)?,
         ..DownReport::default()
     };
+    reap(&pids);
     for name in netns::list_with_prefix(&format!("{lab}-"))? {
         netns::delete(&name)?;
         report.namespaces.push(name);
@@ -47,4 +52,20 @@ pub fn down(lab: &str) -> Result<DownReport> {
         }
     }
     Ok(report)
+}
+
+/// Collects the exit status of killed apps this process started itself (a
+/// test that called [`crate::up`]), so they do not linger as zombies. Apps
+/// started by another process are reaped by init; `ECHILD` is expected then.
+fn reap(pids: &[u32]) {
+    use nix::{
+        sys::wait::{WaitPidFlag, waitpid},
+        unistd::Pid,
+    };
+    for &pid in pids {
+        let Ok(pid) = i32::try_from(pid) else {
+            continue;
+        };
+        let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    }
 }

@@ -70,7 +70,7 @@ pub enum Error {
         stderr: String,
     },
     /// A filesystem or process operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done, with the path or name it applied to.
         what: String,
@@ -79,7 +79,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Loading or configuring the lab's eBPF programs failed.
-    #[error("eBPF: {0}")]
+    #[error("eBPF")]
     Ebpf(#[from] mesh_ebpf_loader::Error),
     /// A pod's app did not come up.
     #[error("pod {pod}: {message} (log: {log})")]

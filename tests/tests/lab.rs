@@ -87,12 +87,18 @@ fn bookinfo_pods_answer_by_ip_vip_and_name() {
         state,
         productpage,
         "http://reviews:9080/",
-        &["--count", "60"],
+        &["--count", "60", "--new-connection"],
     )
     .expect("reviews x60");
     assert_eq!(answers.len(), 60);
     let versions: std::collections::BTreeSet<&str> =
         answers.iter().map(|a| a.field("version")).collect();
+    // Those connects were translated by the lab's eBPF load balancer.
+    let lb = mesh_ebpf_loader::lab_lb::LabServiceLb::open(&mesh_lab::pin_dir(&state.plan.name))
+        .expect("open pinned service map");
+    let stats = lb.stats().expect("read counters");
+    assert!(stats.translated >= 60, "{stats:?}");
+    assert_eq!(stats.no_backend, 0);
     assert_eq!(
         versions.into_iter().collect::<Vec<_>>(),
         ["v1", "v2", "v3"],

@@ -1,0 +1,126 @@
+//! `lab-app get URL`: GET a URL one or more times over one connection and
+//! print each body on its own line.
+
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context;
+use clap::Args;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::{
+    client::{ClientError, Connection, Target},
+    resolve::Resolver,
+};
+
+/// Arguments of `lab-app get`.
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// The URL: `http://host[:port]/path[?query]`.
+    pub url: String,
+    /// Speak HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
+    /// A request header (repeatable).
+    #[arg(long = "header", value_name = "K:V", value_parser = parse_header)]
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Requests to send, all over one kept-alive connection unless
+    /// `--new-connection` is given.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// Open a new connection for every request, so connection-level load
+    /// balancing sees each one.
+    #[arg(long)]
+    pub new_connection: bool,
+    /// Hosts file to resolve names with (Kubernetes search path applies).
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
+    /// Namespace whose search path short names use.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Time limit for connecting, and for each request.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub timeout_ms: u64,
+}
+
+/// Parses `--header K:V`.
+fn parse_header(value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = value.split_once(':').ok_or("expected K:V")?;
+    let name = HeaderName::try_from(name.trim()).map_err(|err| format!("header name: {err}"))?;
+    let value =
+        HeaderValue::try_from(value.trim()).map_err(|err| format!("header value: {err}"))?;
+    Ok((name, value))
+}
+
+/// Runs the requests; `Ok(true)` if every response was 2xx.
+pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
+    let resolver = Resolver::new(args.hosts.as_deref(), &args.namespace)?;
+    let target = Target::parse(&args.url)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let headers: HeaderMap = args.headers.into_iter().collect();
+
+    let connect = || async {
+        tokio::time::timeout(timeout, Connection::open(&resolver, &target, args.http2))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what: format!("connect {}", target.uri),
+                timeout,
+            })?
+    };
+    let mut connection = connect().await?;
+
+    let mut all_ok = true;
+    for i in 0..args.count {
+        if args.new_connection && i > 0 {
+            connection = connect().await?;
+        }
+        let response = tokio::time::timeout(timeout, connection.get(&target, &headers))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what: format!("GET {}", target.uri),
+                timeout,
+            })??;
+        print_body(response.body()).context("writing to stdout")?;
+        if !response.status().is_success() {
+            all_ok = false;
+            eprintln!(
+                "GET {} from {}: {}",
+                target.uri,
+                connection.peer(),
+                response.status()
+            );
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Writes `body` as one line (bodies that already end in a newline are kept as is).
+fn print_body(body: &[u8]) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(body)?;
+    if !body.ends_with(b"\n") {
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_parse() {
+        let (name, value) = parse_header("End-User: jason").expect("header");
+        assert_eq!(
+            (name.as_str(), value.to_str().ok()),
+            ("end-user", Some("jason"))
+        );
+        let (_, value) = parse_header("x-url:http://a:1/").expect("colon in value");
+        assert_eq!(value, "http://a:1/");
+        assert!(parse_header("no-colon").is_err());
+        assert!(parse_header("bad name:v").is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! The embedded BPF object on this kernel: every program passes the verifier.
+
+use std::process::Command;
+
+#[test]
+fn kernel_accepts_every_program() {
+    mesh_tests::require_root();
+    let output = Command::new(mesh_tests::workspace_binary("ztunnel"))
+        .arg("ebpf-check")
+        .output()
+        .expect("run ztunnel ebpf-check");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ebpf-check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("ok lab_service_lb (CgroupSockAddr)"),
+        "{stdout}"
+    );
+}
