@@ -3,7 +3,6 @@
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -13,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::{
     client::{ClientError, Connection, Target},
-    resolve::Resolver,
+    resolve::ResolveArgs,
 };
 
 /// Arguments of `lab-app get`.
@@ -35,12 +34,9 @@ pub struct GetArgs {
     /// balancing sees each one.
     #[arg(long)]
     pub new_connection: bool,
-    /// Hosts file to resolve names with (Kubernetes search path applies).
-    #[arg(long, value_name = "FILE")]
-    pub hosts: Option<PathBuf>,
-    /// Namespace whose search path short names use.
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
+    /// How names are resolved.
+    #[command(flatten)]
+    pub resolve: ResolveArgs,
     /// Time limit for connecting, and for each request.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -57,7 +53,7 @@ fn parse_header(value: &str) -> Result<(HeaderName, HeaderValue), String> {
 
 /// Runs the requests; `Ok(true)` if every response was 2xx.
 pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
-    let resolver = Resolver::new(args.hosts.as_deref(), &args.namespace)?;
+    let resolver = args.resolve.resolver()?;
     let target = Target::parse(&args.url)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let headers: HeaderMap = args.headers.into_iter().collect();

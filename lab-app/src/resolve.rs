@@ -54,6 +54,24 @@ pub struct Resolver {
     search: Vec<String>,
 }
 
+/// Command-line flags of the clients that resolve names as pods do.
+#[derive(clap::Args, Debug)]
+pub struct ResolveArgs {
+    /// Hosts file to resolve names with (Kubernetes search path applies).
+    #[arg(long, value_name = "FILE")]
+    pub hosts: Option<PathBuf>,
+    /// Namespace whose search path short names use.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+}
+
+impl ResolveArgs {
+    /// The resolver these flags describe.
+    pub fn resolver(&self) -> Result<Resolver, ResolveError> {
+        Resolver::new(self.hosts.as_deref(), &self.namespace)
+    }
+}
+
 impl Resolver {
     /// A resolver for a pod in `namespace`, reading `hosts` if given.
     pub fn new(hosts: Option<&Path>, namespace: &str) -> Result<Self, ResolveError> {

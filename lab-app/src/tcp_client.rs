@@ -2,7 +2,6 @@
 
 use std::{
     io::{self, Write},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -10,7 +9,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Args;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use crate::{client::connect_any, resolve::Resolver};
+use crate::{client::connect_any, resolve::ResolveArgs};
 
 /// The longest banner line accepted.
 const MAX_BANNER: u64 = 4096;
@@ -33,12 +32,9 @@ pub struct TcpArgs {
     /// Send N bytes of a pattern and check the echo matches exactly; prints `ok N`.
     #[arg(long, value_name = "N")]
     pub bytes: Option<u64>,
-    /// Hosts file to resolve names with (Kubernetes search path applies).
-    #[arg(long, value_name = "FILE")]
-    pub hosts: Option<PathBuf>,
-    /// Namespace whose search path short names use.
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
+    /// How names are resolved.
+    #[command(flatten)]
+    pub resolve: ResolveArgs,
     /// Time limit for the whole exchange.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -54,7 +50,7 @@ pub async fn run(args: TcpArgs) -> anyhow::Result<()> {
 
 async fn exchange(args: &TcpArgs) -> anyhow::Result<()> {
     let (host, port) = split_host_port(&args.addr)?;
-    let resolver = Resolver::new(args.hosts.as_deref(), &args.namespace)?;
+    let resolver = args.resolve.resolver()?;
     let addrs = resolver.resolve(host, port).await?;
     let (stream, peer) = connect_any(&addrs).await?;
     let (reader, mut writer) = stream.into_split();

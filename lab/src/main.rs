@@ -1,7 +1,7 @@
 //! `mesh-lab`: build, inspect and remove network-namespace labs.
 //! Usually driven by `cargo xtask lab ...`.
 
-use std::{os::unix::process::CommandExt, path::PathBuf};
+use std::{fmt::Write as _, os::unix::process::CommandExt, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -104,7 +104,17 @@ fn main() -> anyhow::Result<()> {
             let Some((program, args)) = command.split_first() else {
                 bail!("no command given");
             };
-            let err = state.command_in_pod(pod, program)?.args(args).exec();
+            // `lab-app` is the lab's own client: run the lab's binary, resolving
+            // names with the lab's hosts file as the pod's app does.
+            let mut command = if program == "lab-app" {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                state.app_client(pod, &args)?
+            } else {
+                let mut command = state.command_in_pod(pod, program)?;
+                command.args(args);
+                command
+            };
+            let err = command.exec();
             bail!("exec {program}: {err}");
         }
     }
@@ -124,35 +134,47 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn print_status(state: &LabState) {
+    let mut out = String::new();
     let plan = &state.plan;
-    println!(
+    writeln!(
+        out,
         "lab {} ({} nodes, {} pods, {} services)",
         plan.name,
         plan.nodes.len(),
         plan.pods.len(),
         plan.services.len()
-    );
-    println!("\nNODE    NETNS                 IP            POD CIDR");
+    )
+    .ok();
+    writeln!(
+        out,
+        "\nNODE    NETNS                 IP            POD CIDR"
+    )
+    .ok();
     for node in &plan.nodes {
-        println!(
+        writeln!(
+            out,
             "{:<7} {:<21} {:<13} {}/24",
             node.name, node.netns, node.ip, node.pod_cidr
-        );
+        )
+        .ok();
     }
-    println!("\nNAMESPACE LABELS");
+    writeln!(out, "\nNAMESPACE LABELS").ok();
     for (ns, labels) in &plan.namespaces {
-        println!("{ns}: {}", join_labels(labels));
+        writeln!(out, "{ns}: {}", join_labels(labels)).ok();
     }
-    println!(
+    writeln!(
+        out,
         "\n{:<22} {:<10} {:<12} {:<6} {:<20} {:<6} LABELS",
         "POD", "NAMESPACE", "IP", "NODE", "SERVICE ACCOUNT", "STATE"
-    );
+    )
+    .ok();
     for pod in &plan.pods {
         let alive = state
             .app_pids
             .get(&pod.qualified_name())
             .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        println!(
+        writeln!(
+            out,
             "{:<22} {:<10} {:<12} {:<6} {:<20} {:<6} {}",
             pod.name,
             pod.namespace,
@@ -161,12 +183,15 @@ fn print_status(state: &LabState) {
             pod.service_account,
             if alive { "up" } else { "DOWN" },
             join_labels(&pod.labels)
-        );
+        )
+        .ok();
     }
-    println!(
+    writeln!(
+        out,
         "\n{:<16} {:<10} {:<12} PORTS -> ENDPOINTS",
         "SERVICE", "NAMESPACE", "VIP"
-    );
+    )
+    .ok();
     for svc in &plan.services {
         let ports: Vec<String> = svc
             .ports
@@ -176,14 +201,23 @@ fn print_status(state: &LabState) {
                 format!("{} -> [{}]", p.port, eps.join(" "))
             })
             .collect();
-        println!(
+        writeln!(
+            out,
             "{:<16} {:<10} {:<12} {}",
             svc.name,
             svc.namespace,
             svc.vip,
             ports.join("; ")
-        );
+        )
+        .ok();
     }
+    write_stdout(&out);
+}
+
+/// Writes `text` to stdout; a closed pipe (`status | head`) is not an error.
+fn write_stdout(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn join_labels(labels: &std::collections::BTreeMap<String, String>) -> String {

@@ -99,11 +99,11 @@ impl LabState {
         Ok(command)
     }
 
-    /// A `lab-app get` client command run from `pod`, resolving names as pods do.
+    /// A `lab-app` client command (`get`, `tcp`) run from `pod`, resolving names as pods do.
     pub fn app_client(&self, pod: &PodPlan, args: &[&str]) -> Result<Command> {
         let mut command = self.command_in_pod(pod, &self.app_binary)?;
         command.args(args);
-        if args.first() == Some(&"get") {
+        if matches!(args.first(), Some(&"get" | &"tcp")) {
             command
                 .arg("--hosts")
                 .arg(&self.hosts_file)
