@@ -81,3 +81,100 @@ mod user {
     // entries aligned to 4, so there is no implicit padding.
     unsafe impl aya::Pod for super::ServiceBackends {}
 }
+
+/// Name of the map of enrolled cgroups (key: cgroup id, value: [`EnrolledPod`]).
+pub const CAPTURE_ENROLLED_MAP: &str = "CAPTURE_ENROLLED";
+/// Name of the map of original destinations of captured outbound connects,
+/// by client socket cookie, until the source port is known.
+pub const CAPTURE_PENDING_MAP: &str = "CAPTURE_PENDING";
+/// Name of the map of original destinations by [`OutboundKey`], read by ztunnel.
+pub const CAPTURE_ORIG_DST_MAP: &str = "CAPTURE_ORIG_DST";
+/// Name of the SOCKHASH of ztunnel's in-pod listeners, by [`ListenerKey`].
+pub const CAPTURE_LISTENERS_MAP: &str = "CAPTURE_LISTENERS";
+/// Name of the per-CPU capture counters, indexed by [`CaptureCounter`].
+pub const CAPTURE_STATS_MAP: &str = "CAPTURE_STATS";
+/// Program steering enrolled pods' outbound connects to ztunnel.
+pub const CAPTURE_CONNECT4_PROG: &str = "capture_connect4";
+/// Program re-keying original destinations once the source port is known.
+pub const CAPTURE_SOCKOPS_PROG: &str = "capture_sockops";
+/// Program steering inbound connections of an enrolled pod to ztunnel.
+pub const CAPTURE_SK_LOOKUP_PROG: &str = "capture_sk_lookup";
+
+/// ztunnel's outbound listener port, bound to 127.0.0.1 in each enrolled pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// ztunnel's inbound plaintext listener port in each enrolled pod.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// ztunnel's HBONE listener port in each enrolled pod.
+pub const HBONE_PORT: u16 = 15008;
+
+/// What an enrolled cgroup maps to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// The pod's IPv4 address, network byte order.
+    pub pod_ip: u32,
+    /// Reserved; zero.
+    pub flags: u32,
+}
+
+/// Key of [`CAPTURE_ORIG_DST_MAP`]: a captured client socket, as ztunnel sees
+/// its peer after `accept` in the pod's namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OutboundKey {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// The client's source port, host byte order.
+    pub port: u32,
+    /// Explicit padding; always zero.
+    pub pad: u32,
+}
+
+/// Which of ztunnel's in-pod listeners a [`ListenerKey`] names.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// 15006: plaintext inbound.
+    InboundPlaintext = 1,
+    /// 15008: HBONE.
+    Hbone = 2,
+}
+
+/// Key of [`CAPTURE_LISTENERS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The pod's IPv4 address, network byte order.
+    pub pod_ip: u32,
+    /// A [`ListenerKind`] as `u32`.
+    pub kind: u32,
+}
+
+/// Indexes of the capture counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureCounter {
+    /// Outbound connects of enrolled pods steered to ztunnel.
+    OutboundCaptured = 0,
+    /// Outbound connects of enrolled pods left alone (loopback destinations).
+    OutboundBypassed = 1,
+    /// Inbound connections assigned to ztunnel's listeners.
+    InboundCaptured = 2,
+    /// Inbound connections refused because ztunnel's listener was missing.
+    InboundRefused = 3,
+    /// Map updates that failed (a full map); the connect was refused.
+    Errors = 4,
+}
+
+/// Number of capture counters.
+pub const CAPTURE_COUNTERS: u32 = 5;
+
+#[cfg(feature = "user")]
+mod user_capture {
+    // SAFETY: plain `repr(C)` data without implicit padding or pointers.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above (u64, u32, u32).
+    unsafe impl aya::Pod for super::OutboundKey {}
+    // SAFETY: as above (u32, u32).
+    unsafe impl aya::Pod for super::ListenerKey {}
+}

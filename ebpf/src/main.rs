@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod capture;
 mod service_lb;
 
 #[cfg(not(test))]
