@@ -7,6 +7,7 @@
 //! detaches them.
 
 pub mod bpffs;
+pub mod capture;
 pub mod lab_lb;
 pub mod verify;
 

@@ -1,0 +1,367 @@
+//! Userspace side of capture: attaching the capture programs of one node,
+//! enrolling and releasing pods, registering ztunnel's in-pod listeners and
+//! reading the original destinations of captured connects.
+//!
+//! Everything is pinned under the node's pin directory:
+//!
+//! ```text
+//! <pin dir>/CAPTURE_*            maps (adopted, not recreated, on restart)
+//! <pin dir>/connect4_link        cgroup/connect4 on the node's pods cgroup
+//! <pin dir>/sockops_link         sock_ops on the same cgroup
+//! <pin dir>/sk_lookup/<a_b_c_d>  sk_lookup on each enrolled pod's namespace
+//! ```
+//!
+//! A restarted agent calls [`Capture::install`] again: it adopts the pinned
+//! maps and links instead of attaching twice, so capture never stops.
+
+use std::{
+    fs::{self, File},
+    net::{Ipv4Addr, SocketAddrV4},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use mesh_ebpf_common::{
+    CAPTURE_CONNECT4_PROG, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP, CAPTURE_ORIG_DST_MAP,
+    CAPTURE_PENDING_MAP, CAPTURE_SK_LOOKUP_PROG, CAPTURE_SOCKOPS_PROG, CAPTURE_STATS_MAP,
+    CaptureCounter, EnrolledPod, Ipv4Endpoint, ListenerKey, ListenerKind, OutboundKey,
+};
+
+use crate::{Error, OBJECT, Result};
+
+const CONNECT4_LINK: &str = "connect4_link";
+const SOCKOPS_LINK: &str = "sockops_link";
+const SK_LOOKUP_DIR: &str = "sk_lookup";
+
+/// The capture programs and maps of one node.
+pub struct Capture {
+    pin_dir: PathBuf,
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    orig_dst: HashMap<MapData, OutboundKey, Ipv4Endpoint>,
+    listeners: SockHash<MapData, ListenerKey>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// A pod as capture needs it.
+#[derive(Clone, Debug)]
+pub struct PodTarget {
+    /// The pod's IPv4 address.
+    pub ip: Ipv4Addr,
+    /// Its cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Its network namespace (e.g. `/var/run/netns/<name>`).
+    pub netns: PathBuf,
+}
+
+/// Capture counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Outbound connects steered to ztunnel.
+    pub outbound_captured: u64,
+    /// Outbound connects of enrolled pods left alone (loopback).
+    pub outbound_bypassed: u64,
+    /// Inbound connections handed to ztunnel.
+    pub inbound_captured: u64,
+    /// Inbound connections refused for want of ztunnel's listener.
+    pub inbound_refused: u64,
+    /// Failed map updates (connect refused).
+    pub errors: u64,
+}
+
+impl Capture {
+    /// Loads the capture programs, adopting pinned maps in `pin_dir`, and
+    /// attaches connect4 and sock_ops to `pods_cgroup` unless a previous run
+    /// left them attached (pinned).
+    pub fn install(pods_cgroup: &Path, pin_dir: &Path) -> Result<Self> {
+        fs::create_dir_all(pin_dir.join(SK_LOOKUP_DIR)).map_err(|source| Error::Io {
+            what: "creating pin directory",
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        let maps = [
+            CAPTURE_ENROLLED_MAP,
+            CAPTURE_PENDING_MAP,
+            CAPTURE_ORIG_DST_MAP,
+            CAPTURE_LISTENERS_MAP,
+            CAPTURE_STATS_MAP,
+        ];
+        for name in maps {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, CAPTURE_CONNECT4_PROG)?;
+        connect4.load().map_err(prog_err(CAPTURE_CONNECT4_PROG))?;
+        let sockops: &mut SockOps = program(&mut ebpf, CAPTURE_SOCKOPS_PROG)?;
+        sockops.load().map_err(prog_err(CAPTURE_SOCKOPS_PROG))?;
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, CAPTURE_SK_LOOKUP_PROG)?;
+        sk_lookup.load().map_err(prog_err(CAPTURE_SK_LOOKUP_PROG))?;
+
+        let cgroup = open(pods_cgroup, "opening cgroup")?;
+        let connect4_pin = pin_dir.join(CONNECT4_LINK);
+        if !connect4_pin.exists() {
+            let connect4: &mut CgroupSockAddr = program(&mut ebpf, CAPTURE_CONNECT4_PROG)?;
+            let id = connect4
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(CAPTURE_CONNECT4_PROG))?;
+            let link = connect4
+                .take_link(id)
+                .map_err(prog_err(CAPTURE_CONNECT4_PROG))?;
+            pin_link(fd_link(link, CAPTURE_CONNECT4_PROG)?, &connect4_pin)?;
+        }
+        let sockops_pin = pin_dir.join(SOCKOPS_LINK);
+        if !sockops_pin.exists() {
+            let sockops: &mut SockOps = program(&mut ebpf, CAPTURE_SOCKOPS_PROG)?;
+            let id = sockops
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(CAPTURE_SOCKOPS_PROG))?;
+            let link = sockops
+                .take_link(id)
+                .map_err(prog_err(CAPTURE_SOCKOPS_PROG))?;
+            pin_link(fd_link(link, CAPTURE_SOCKOPS_PROG)?, &sockops_pin)?;
+        }
+
+        Ok(Self {
+            enrolled: take_map(&mut ebpf, CAPTURE_ENROLLED_MAP, HashMap::try_from)?,
+            orig_dst: take_map(&mut ebpf, CAPTURE_ORIG_DST_MAP, HashMap::try_from)?,
+            listeners: take_map(&mut ebpf, CAPTURE_LISTENERS_MAP, SockHash::try_from)?,
+            stats: take_map(&mut ebpf, CAPTURE_STATS_MAP, PerCpuArray::try_from)?,
+            pin_dir: pin_dir.to_path_buf(),
+            ebpf,
+        })
+    }
+
+    /// Starts capturing `pod`: its new outbound connects go to ztunnel, and
+    /// connections arriving in its namespace go to ztunnel's listeners there.
+    /// Enrolling a pod twice is a no-op.
+    pub fn enroll(&mut self, pod: &PodTarget) -> Result<()> {
+        let link_pin = self.sk_lookup_pin(pod.ip);
+        if !link_pin.exists() {
+            let netns = open(&pod.netns, "opening netns")?;
+            let sk_lookup: &mut SkLookup = program(&mut self.ebpf, CAPTURE_SK_LOOKUP_PROG)?;
+            let id = sk_lookup
+                .attach(&netns)
+                .map_err(prog_err(CAPTURE_SK_LOOKUP_PROG))?;
+            let link = sk_lookup
+                .take_link(id)
+                .map_err(prog_err(CAPTURE_SK_LOOKUP_PROG))?;
+            pin_link(link.into(), &link_pin)?;
+        }
+        let value = EnrolledPod {
+            pod_ip: u32::from_ne_bytes(pod.ip.octets()),
+            flags: 0,
+        };
+        self.enrolled
+            .insert(&cgroup_id(&pod.cgroup)?, &value, 0)
+            .map_err(map_err(CAPTURE_ENROLLED_MAP))
+    }
+
+    /// Stops capturing `pod` for new connections; open ones are not touched.
+    pub fn release(&mut self, pod: &PodTarget) -> Result<()> {
+        match self.enrolled.remove(&cgroup_id(&pod.cgroup)?) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_err(CAPTURE_ENROLLED_MAP)(source)),
+        }
+        let link_pin = self.sk_lookup_pin(pod.ip);
+        remove_pin(&link_pin)
+    }
+
+    /// Registers ztunnel's listener `socket` of `kind` for `pod_ip`, replacing
+    /// a previous one. The kernel drops the entry when the socket closes.
+    pub fn register_listener(
+        &mut self,
+        pod_ip: Ipv4Addr,
+        kind: ListenerKind,
+        socket: &impl AsRawFd,
+    ) -> Result<()> {
+        let key = ListenerKey {
+            pod_ip: u32::from_ne_bytes(pod_ip.octets()),
+            kind: kind as u32,
+        };
+        self.listeners
+            .insert(&key, socket.as_raw_fd(), 0)
+            .map_err(map_err(CAPTURE_LISTENERS_MAP))
+    }
+
+    /// Takes the original destination of a captured connect, identified by
+    /// its pod's network namespace cookie and its source port (the peer port
+    /// of the connection ztunnel accepted on 15001).
+    pub fn take_original_destination(
+        &mut self,
+        netns_cookie: u64,
+        port: u16,
+    ) -> Result<Option<SocketAddrV4>> {
+        let key = OutboundKey {
+            netns_cookie,
+            port: u32::from(port),
+            pad: 0,
+        };
+        match self.orig_dst.get(&key, 0) {
+            Ok(endpoint) => {
+                // Best effort: the map is LRU, a stale entry is evicted anyway.
+                let _ = self.orig_dst.remove(&key);
+                let addr = Ipv4Addr::from(endpoint.addr.to_ne_bytes());
+                Ok(Some(SocketAddrV4::new(addr, u16::from_be(endpoint.port))))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(CAPTURE_ORIG_DST_MAP)(source)),
+        }
+    }
+
+    /// Reads the counters, summed over CPUs.
+    pub fn stats(&self) -> Result<CaptureStats> {
+        let read = |counter: CaptureCounter| -> Result<u64> {
+            let values = self
+                .stats
+                .get(&(counter as u32), 0)
+                .map_err(map_err(CAPTURE_STATS_MAP))?;
+            Ok(values.iter().sum())
+        };
+        Ok(CaptureStats {
+            outbound_captured: read(CaptureCounter::OutboundCaptured)?,
+            outbound_bypassed: read(CaptureCounter::OutboundBypassed)?,
+            inbound_captured: read(CaptureCounter::InboundCaptured)?,
+            inbound_refused: read(CaptureCounter::InboundRefused)?,
+            errors: read(CaptureCounter::Errors)?,
+        })
+    }
+
+    /// Detaches everything this node's capture attached and removes its
+    /// pins: pods' traffic flows directly again.
+    pub fn uninstall(pin_dir: &Path) -> Result<()> {
+        if pin_dir.exists() {
+            fs::remove_dir_all(pin_dir).map_err(|source| Error::Io {
+                what: "removing pins",
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn sk_lookup_pin(&self, pod_ip: Ipv4Addr) -> PathBuf {
+        // bpffs refuses names with dots: 10.244.1.12 -> 10_244_1_12.
+        let [a, b, c, d] = pod_ip.octets();
+        self.pin_dir
+            .join(SK_LOOKUP_DIR)
+            .join(format!("{a}_{b}_{c}_{d}"))
+    }
+}
+
+/// The id of a cgroup v2 directory: its inode number.
+pub fn cgroup_id(cgroup: &Path) -> Result<u64> {
+    fs::metadata(cgroup)
+        .map(|m| m.ino())
+        .map_err(|source| Error::Io {
+            what: "reading cgroup",
+            path: cgroup.to_path_buf(),
+            source,
+        })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    convert(map).map_err(map_err(name))
+}
+
+/// Converts a cgroup link (created with `bpf_link_create` on any kernel we
+/// support) to a pinnable [`FdLink`].
+fn fd_link<L>(link: L, name: &'static str) -> Result<FdLink>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| Error::Program {
+        name,
+        source: source.into(),
+    })
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map_err(|source| Error::Pin {
+        what: "link",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            what: "removing pin",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn open(path: &Path, what: &'static str) -> Result<File> {
+    File::open(path).map_err(|source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`,
+/// Linux 5.14+): with the peer port, the key of a captured connect's
+/// original destination.
+pub fn netns_cookie(socket: &impl std::os::fd::AsFd) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd, and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
