@@ -6,6 +6,7 @@
 //! path that failed, while every other document still loads.
 
 mod load;
+pub mod node;
 
 pub use load::{LoadError, LoadErrorKind, Loaded, load_dir, load_file, load_str};
 

@@ -173,6 +173,26 @@ impl Capture {
         remove_pin(&link_pin)
     }
 
+    /// Releases every enrolled pod whose IP `keep` rejects, e.g. pods that
+    /// went away while the agent was restarting. Returns their IPs.
+    pub fn retain(&mut self, keep: impl Fn(Ipv4Addr) -> bool) -> Result<Vec<Ipv4Addr>> {
+        let stale: Vec<(u64, Ipv4Addr)> = self
+            .enrolled
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(cgroup, pod)| (cgroup, Ipv4Addr::from(pod.pod_ip.to_ne_bytes())))
+            .filter(|(_, ip)| !keep(*ip))
+            .collect();
+        for (cgroup, ip) in &stale {
+            match self.enrolled.remove(cgroup) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_err(CAPTURE_ENROLLED_MAP)(source)),
+            }
+            remove_pin(&self.sk_lookup_pin(*ip))?;
+        }
+        Ok(stale.into_iter().map(|(_, ip)| ip).collect())
+    }
+
     /// Registers ztunnel's listener `socket` of `kind` for `pod_ip`, replacing
     /// a previous one. The kernel drops the entry when the socket closes.
     pub fn register_listener(

@@ -11,8 +11,9 @@
 //! - `capture_sk_lookup` (per enrolled pod namespace): a connection arriving on
 //!   the pod's interface goes to ztunnel's in-pod listener (15008 for HBONE,
 //!   15006 for everything else). Without that listener it is refused, never
-//!   handed to the app in plaintext. Connections over `lo` (ztunnel's own
-//!   deliveries, the pod talking to itself) are left alone.
+//!   handed to the app in plaintext. Connections from the pod's own address
+//!   (ztunnel delivering to the app from inside the pod, or the pod calling
+//!   itself, already captured on the way out) and to loopback are left alone.
 
 use aya_ebpf::{
     EbpfContext,
@@ -30,8 +31,6 @@ use mesh_ebpf_common::{
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
-/// `lo` is interface 1 in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 /// 127.0.0.1 in network byte order.
 const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
@@ -137,7 +136,8 @@ pub fn capture_sk_lookup(ctx: SkLookupContext) -> u32 {
     let lookup = unsafe { &*ctx.lookup };
     if lookup.protocol != IPPROTO_TCP
         || lookup.family != AF_INET
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+        || lookup.remote_ip4 == lookup.local_ip4
+        || u32::from_be(lookup.local_ip4) >> 24 == 127
     {
         return sk_action::SK_PASS;
     }

@@ -30,7 +30,13 @@ pub fn down(lab: &str) -> Result<DownReport> {
     crate::validate_name(lab)?;
     // The state, if any, names the app processes; read it before it goes.
     let pids: Vec<u32> = crate::LabState::load(lab)
-        .map(|state| state.app_pids.into_values().collect())
+        .map(|state| {
+            state
+                .app_pids
+                .into_values()
+                .chain(state.ztunnel_pids.into_values())
+                .collect()
+        })
         .unwrap_or_default();
     let mut report = DownReport {
         cgroup: cgroup::kill_and_remove(&cgroup::lab_cgroup(lab)?)?,

@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 mod down;
+pub mod mesh;
 pub mod netns;
 pub mod plan;
 pub mod probe;

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, os::unix::process::CommandExt, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use mesh_lab::{DEFAULT_LAB, LabState, UpOptions};
+use mesh_lab::{DEFAULT_LAB, LabState, UpOptions, mesh::LabelTarget};
 
 mod traffic;
 
@@ -18,6 +18,15 @@ struct Cli {
     name: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// What `label` applies to.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LabelKind {
+    /// A namespace.
+    Namespace,
+    /// A pod.
+    Pod,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +50,17 @@ enum Command {
     /// Send real traffic through the lab: every pod by IP, every Service by
     /// VIP and name, bookinfo's call graph; print what answered.
     Traffic,
+    /// Set or remove a label, kubectl style (`key=value` sets, `key-` removes).
+    /// `istio.io/dataplane-mode=ambient` on a namespace enrols its pods;
+    /// `istio.io/dataplane-mode=none` on a pod opts it out.
+    Label {
+        /// `namespace` or `pod`.
+        kind: LabelKind,
+        /// Namespace name, or pod name / unique prefix.
+        object: String,
+        /// `key=value` or `key-`.
+        label: String,
+    },
     /// Run a command as a pod: in its network namespace and cgroup.
     Exec {
         /// Pod name, `namespace/name`, or a unique prefix.
@@ -74,6 +94,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 nodes,
                 app_binary,
+                ztunnel_binary: sibling_binary("ztunnel")?,
             })
             .with_context(|| format!("bringing lab {} up", cli.name))?;
             print_status(&state);
@@ -97,6 +118,25 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Status => print_status(&LabState::load(&cli.name)?),
+        Command::Label {
+            kind,
+            object,
+            label,
+        } => {
+            let mut state = LabState::load(&cli.name)?;
+            let target = match kind {
+                LabelKind::Namespace => LabelTarget::Namespace(object),
+                LabelKind::Pod => LabelTarget::Pod(object),
+            };
+            match label.split_once('=') {
+                Some((key, value)) => state.set_label(&target, key, Some(value))?,
+                None => match label.strip_suffix('-') {
+                    Some(key) => state.set_label(&target, key, None)?,
+                    None => bail!("label {label:?} is neither key=value nor key-"),
+                },
+            }
+            println!("{target:?}: {label}");
+        }
         Command::Traffic => traffic::run(&LabState::load(&cli.name)?)?,
         Command::Exec { pod, command } => {
             let state = LabState::load(&cli.name)?;

@@ -20,6 +20,10 @@ pub struct LabState {
     pub hosts_file: PathBuf,
     /// The stand-in app binary the pods run.
     pub app_binary: PathBuf,
+    /// The node agent binary each node runs.
+    pub ztunnel_binary: PathBuf,
+    /// PID of each node's ztunnel, by node name.
+    pub ztunnel_pids: BTreeMap<String, u32>,
 }
 
 impl LabState {

@@ -29,6 +29,8 @@ pub struct UpOptions {
     pub nodes: usize,
     /// The stand-in app binary every pod runs.
     pub app_binary: PathBuf,
+    /// The node agent every node runs.
+    pub ztunnel_binary: PathBuf,
 }
 
 /// Builds the lab described by `options`, replacing any lab of the same name.
@@ -36,11 +38,16 @@ pub struct UpOptions {
 /// On failure everything created so far is removed again.
 pub fn up(options: &UpOptions) -> Result<LabState> {
     crate::validate_name(&options.name)?;
-    if !options.app_binary.is_file() {
-        return Err(Error::Invalid(format!(
-            "stand-in app {} not found (build it with `cargo build -p lab-app`)",
-            options.app_binary.display()
-        )));
+    for (binary, package) in [
+        (&options.app_binary, "lab-app"),
+        (&options.ztunnel_binary, "ztunnel"),
+    ] {
+        if !binary.is_file() {
+            return Err(Error::Invalid(format!(
+                "{} not found (build it with `cargo build -p {package}`)",
+                binary.display()
+            )));
+        }
     }
     let mut manifests = mesh_config::Manifests::default();
     for path in &options.manifests {
@@ -77,6 +84,11 @@ fn build(plan: LabPlan, options: &UpOptions) -> Result<LabState> {
             .canonicalize()
             .map_err(io_err("resolving the app binary path"))?,
         app_pids: BTreeMap::new(),
+        ztunnel_binary: options
+            .ztunnel_binary
+            .canonicalize()
+            .map_err(io_err("resolving the ztunnel binary path"))?,
+        ztunnel_pids: BTreeMap::new(),
         plan,
     };
     // Save early so `status` and `down` see a half-built lab too.
@@ -96,6 +108,10 @@ fn build(plan: LabPlan, options: &UpOptions) -> Result<LabState> {
     for pod in &state.plan.pods {
         wait_listening(&state, pod)?;
     }
+    state.write_node_pods()?;
+    for node in 0..state.plan.nodes.len() {
+        state.start_ztunnel(node)?;
+    }
     Ok(state)
 }
 
@@ -104,6 +120,7 @@ fn build_nodes(state: &LabState) -> Result<()> {
     for (i, node) in nodes.iter().enumerate() {
         netns::create(&node.netns)?;
         cgroup::create(&state.node_cgroup(i))?;
+        cgroup::create(&state.ztunnel_cgroup(i))?;
         netns::sysctl_in(&node.netns, &["net.ipv4.ip_forward=1"])?;
     }
     if let [a, b] = nodes.as_slice() {
@@ -155,9 +172,14 @@ fn build_pod(state: &LabState, pod: &PodPlan) -> Result<()> {
         &["route", "add", "default", "dev", "eth0", "scope", "link"],
     )?;
     netns::ip_in(&node.netns, &["link", "set", &pod.veth, "up"])?;
+    // Answer the pod's ARP for everything, at once: the default proxy_delay
+    // (up to 0.8 s) would cost every first connection a SYN retransmit.
     netns::sysctl_in(
         &node.netns,
-        &[&format!("net.ipv4.conf.{}.proxy_arp=1", pod.veth)],
+        &[
+            &format!("net.ipv4.conf.{}.proxy_arp=1", pod.veth),
+            &format!("net.ipv4.neigh.{}.proxy_delay=0", pod.veth),
+        ],
     )?;
     netns::ip_in(
         &node.netns,

@@ -23,6 +23,7 @@ impl Lab {
             manifests,
             nodes,
             app_binary: workspace_binary("lab-app"),
+            ztunnel_binary: workspace_binary("ztunnel"),
         })
         .unwrap_or_else(|err| panic!("lab {name} up: {err}"));
         Self { state }

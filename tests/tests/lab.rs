@@ -226,6 +226,7 @@ fn bad_manifests_are_refused_before_anything_is_built() {
         manifests: vec![file.clone(), bookinfo_manifest()],
         nodes: 2,
         app_binary: mesh_tests::workspace_binary("lab-app"),
+        ztunnel_binary: mesh_tests::workspace_binary("ztunnel"),
     })
     .expect_err("a malformed Service is refused");
     let message = err.to_string();

@@ -1,11 +1,20 @@
 //! ztunnel: the mesh's per-node agent.
 //!
-//! It embeds the mesh's BPF object (built by `cargo xtask build-ebpf`) and will
-//! own the capture programs and the HBONE tunnel; today it can prove that the
-//! kernel accepts every program of that object.
+//! It owns the node's capture programs (embedded in the binary, pinned in
+//! bpffs so a restart keeps capture on), opens its listeners inside every
+//! enrolled pod's network namespace, and relays what is captured. The HBONE
+//! mTLS tunnel replaces the plaintext relay in a later step.
+
+mod agent;
+mod inpod;
+mod proxy;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
 
 /// Command line of the node agent.
 #[derive(Debug, Parser)]
@@ -17,19 +26,47 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
     /// Load every eBPF program of the embedded object into the kernel (without
     /// attaching it) and report which ones the verifier accepted.
     EbpfCheck,
+    /// Detach all capture programs of a node and remove their pins: pods'
+    /// traffic flows directly again.
+    Uninstall {
+        /// The node's pin directory.
+        #[arg(long)]
+        pin_dir: PathBuf,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// JSON file listing the node's pods (netns, cgroup, enrolment); watched.
+    #[arg(long)]
+    node_pods: PathBuf,
+    /// The cgroup all pods of the node live under; capture attaches there.
+    #[arg(long)]
+    pods_cgroup: PathBuf,
+    /// bpffs directory for this node's pins (must be on a mounted bpffs).
+    #[arg(long)]
+    pin_dir: PathBuf,
+}
+
+/// How often the node pods file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(false)
         .init();
     match Cli::parse().command {
+        Command::Run(args) => run(args).await,
         Command::EbpfCheck => {
             let verified = mesh_ebpf_loader::verify::verify_all()
                 .context("loading the embedded eBPF object")?;
@@ -37,7 +74,40 @@ fn main() -> anyhow::Result<()> {
                 println!("ok {} ({})", program.name, program.kind);
             }
             println!("{} program(s) accepted by the kernel", verified.len());
+            Ok(())
+        }
+        Command::Uninstall { pin_dir } => {
+            mesh_ebpf_loader::capture::Capture::uninstall(&pin_dir)?;
+            println!("capture removed ({})", pin_dir.display());
+            Ok(())
         }
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut agent = agent::Agent::new(&args.pods_cgroup, &args.pin_dir)?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut last_seen = None;
+    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+    info!(node_pods = %args.node_pods.display(), "ztunnel running");
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let modified = std::fs::metadata(&args.node_pods).and_then(|m| m.modified()).ok();
+                if modified.is_some() && modified != last_seen {
+                    last_seen = modified;
+                    if let Some(pods) = agent::read_node_pods(&args.node_pods) {
+                        agent.reconcile(&pods).await;
+                    }
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    // Capture stays attached and pinned: while ztunnel is away, enrolled pods'
+    // connections are refused, never sent around the mesh.
+    info!("ztunnel stopping; capture stays in place until the next start");
     Ok(())
 }

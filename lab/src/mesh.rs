@@ -1,0 +1,200 @@
+//! The mesh in the lab: one ztunnel per node, fed the node's pods (with
+//! their enrolment computed from namespace and pod labels) through a file it
+//! watches, the lab's stand-in for Istio's CNI agent.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use mesh_config::node::{NodePod, NodePods, is_enrolled};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+use crate::{Error, LabState, Result, io_err, netns::NETNS_DIR, pin_dir, process, run_dir};
+
+/// What a label change applies to.
+#[derive(Clone, Debug)]
+pub enum LabelTarget {
+    /// A namespace, by name.
+    Namespace(String),
+    /// A pod, by name, `namespace/name` or unique prefix.
+    Pod(String),
+}
+
+impl LabState {
+    /// The file node `node`'s ztunnel watches.
+    pub fn node_pods_file(&self, node: usize) -> PathBuf {
+        run_dir(&self.plan.name).join(format!("{}-pods.json", self.plan.nodes[node].name))
+    }
+
+    /// bpffs directory of node `node`'s capture pins.
+    pub fn node_pin_dir(&self, node: usize) -> PathBuf {
+        pin_dir(&self.plan.name).join(&self.plan.nodes[node].name)
+    }
+
+    /// The cgroup node `node`'s ztunnel runs in (outside every pod's).
+    pub fn ztunnel_cgroup(&self, node: usize) -> PathBuf {
+        self.node_cgroup(node).join("ztunnel")
+    }
+
+    /// Where node `node`'s ztunnel logs (including its access records).
+    pub fn ztunnel_log(&self, node: usize) -> PathBuf {
+        run_dir(&self.plan.name)
+            .join("logs")
+            .join(format!("ztunnel-{}.log", self.plan.nodes[node].name))
+    }
+
+    /// Whether `pod` is enrolled under the current labels.
+    pub fn is_enrolled(&self, pod: &crate::PodPlan) -> bool {
+        let empty = Default::default();
+        let namespace_labels = self.plan.namespaces.get(&pod.namespace).unwrap_or(&empty);
+        is_enrolled(namespace_labels, &pod.labels)
+    }
+
+    /// Writes every node's pods file; ztunnel picks changes up within its
+    /// watch interval. Written to a temporary file and renamed, so ztunnel
+    /// never reads half a file.
+    pub fn write_node_pods(&self) -> Result<()> {
+        for (index, node) in self.plan.nodes.iter().enumerate() {
+            let pods = NodePods {
+                node: node.name.clone(),
+                pods: self
+                    .plan
+                    .pods
+                    .iter()
+                    .filter(|pod| pod.node == index)
+                    .map(|pod| NodePod {
+                        name: pod.name.clone(),
+                        namespace: pod.namespace.clone(),
+                        ip: pod.ip,
+                        netns: PathBuf::from(NETNS_DIR).join(&pod.netns),
+                        cgroup: self.pod_cgroup(pod),
+                        service_account: pod.service_account.clone(),
+                        enrolled: self.is_enrolled(pod),
+                    })
+                    .collect(),
+            };
+            let path = self.node_pods_file(index);
+            let tmp = path.with_extension("json.tmp");
+            let text = serde_json::to_string_pretty(&pods)
+                .map_err(|err| Error::Invalid(err.to_string()))?;
+            fs::write(&tmp, text).map_err(io_err(format!("writing {}", tmp.display())))?;
+            fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) label `key` on `target`, saves the
+    /// state and tells the ztunnels.
+    pub fn set_label(
+        &mut self,
+        target: &LabelTarget,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
+        let labels = match target {
+            LabelTarget::Namespace(name) => {
+                self.plan.namespaces.get_mut(name).ok_or_else(|| {
+                    Error::Invalid(format!("lab {} has no namespace {name:?}", self.plan.name))
+                })?
+            }
+            LabelTarget::Pod(query) => {
+                let name = self.pod(query)?.qualified_name();
+                let pod = self
+                    .plan
+                    .pods
+                    .iter_mut()
+                    .find(|p| p.qualified_name() == name)
+                    .ok_or_else(|| Error::Invalid(format!("no pod {name}")))?;
+                &mut pod.labels
+            }
+        };
+        match value {
+            Some(value) => labels.insert(key.to_owned(), value.to_owned()),
+            None => labels.remove(key),
+        };
+        self.save()?;
+        self.write_node_pods()
+    }
+
+    /// Starts node `node`'s ztunnel and waits until its capture is installed.
+    pub fn start_ztunnel(&mut self, node: usize) -> Result<u32> {
+        let name = self.plan.nodes[node].name.clone();
+        let log_path = self.ztunnel_log(node);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(format!("opening {}", log_path.display())))?;
+        let mut command = std::process::Command::new(&self.ztunnel_binary);
+        process::enter(
+            &mut command,
+            &self.plan.nodes[node].netns,
+            &self.ztunnel_cgroup(node),
+        )?;
+        process::detach(&mut command);
+        command
+            .arg("run")
+            .arg("--node-pods")
+            .arg(self.node_pods_file(node))
+            .arg("--pods-cgroup")
+            .arg(self.node_cgroup(node))
+            .arg("--pin-dir")
+            .arg(self.node_pin_dir(node))
+            .env(
+                "RUST_LOG",
+                std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("duplicating log fd"))?)
+            .stderr(log);
+        let pid = command
+            .spawn()
+            .map_err(io_err(format!("starting ztunnel on {name}")))?
+            .id();
+        self.ztunnel_pids.insert(name.clone(), pid);
+        self.save()?;
+        let ready = self.node_pin_dir(node).join("connect4_link");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if Instant::now() > deadline || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                return Err(Error::App {
+                    pod: format!("ztunnel on {name}"),
+                    message: "did not install capture".into(),
+                    log: log_path.display().to_string(),
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(pid)
+    }
+
+    /// Stops node `node`'s ztunnel (SIGTERM) and waits for it to exit.
+    /// Capture stays installed: the node's enrolled pods are cut off until
+    /// the next [`start_ztunnel`](Self::start_ztunnel).
+    pub fn stop_ztunnel(&mut self, node: usize) -> Result<()> {
+        let name = self.plan.nodes[node].name.clone();
+        let Some(pid) = self.ztunnel_pids.remove(&name) else {
+            return Ok(());
+        };
+        let pid = Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // Reap it if we are its parent; otherwise watch /proc.
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.save()
+    }
+}

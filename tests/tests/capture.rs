@@ -1,0 +1,336 @@
+//! Capture end to end: ztunnel on each lab node, pods enrolled and released
+//! live by labels, every captured byte accounted for in ztunnel's access
+//! records, and no plaintext around the mesh while ztunnel restarts.
+
+use std::time::{Duration, Instant};
+
+use mesh_config::node::DATAPLANE_MODE_LABEL;
+use mesh_lab::{LabState, PodPlan, mesh::LabelTarget, probe};
+use mesh_tests::Lab;
+
+/// Access records (`ztunnel::access` lines) of node `node` so far.
+fn access_records(state: &LabState, node: usize) -> Vec<String> {
+    std::fs::read_to_string(state.ztunnel_log(node))
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("ztunnel::access"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn all_records(state: &LabState) -> Vec<String> {
+    (0..state.plan.nodes.len())
+        .flat_map(|n| access_records(state, n))
+        .collect()
+}
+
+/// Waits until node `node`'s ztunnel logged `needle` at least `times` times,
+/// at most `limit`.
+fn wait_for_log_n(
+    state: &LabState,
+    node: usize,
+    needle: &str,
+    times: usize,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(state.ztunnel_log(node)).unwrap_or_default();
+        if log.matches(needle).count() >= times {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "ztunnel on node{node} did not log {needle:?} within {limit:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until node `node`'s ztunnel logged `needle` once.
+fn wait_for_log(state: &LabState, node: usize, needle: &str, limit: Duration) -> Duration {
+    wait_for_log_n(state, node, needle, 1, limit)
+}
+
+fn pod<'a>(state: &'a LabState, name: &str) -> &'a PodPlan {
+    state.pod(name).unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn enrolled_marker(pod: &PodPlan) -> String {
+    format!("enrolled in the mesh pod={}", pod.qualified_name())
+}
+
+#[test]
+fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
+    let mut lab = Lab::bookinfo("tmesh");
+    let productpage = pod(&lab.state, "productpage").clone();
+    let details = pod(&lab.state, "details").clone();
+    let ratings = pod(&lab.state, "ratings").clone();
+    let details_vip = lab
+        .state
+        .plan
+        .services
+        .iter()
+        .find(|s| s.name == "details")
+        .expect("details")
+        .vip;
+
+    // Nothing is enrolled: traffic flows, ztunnel sees none of it.
+    probe::http_get(
+        &lab.state,
+        &productpage,
+        "http://productpage:9080/productpage",
+        &[],
+    )
+    .expect("direct call graph");
+    assert!(
+        all_records(&lab.state).is_empty(),
+        "un-enrolled traffic reached ztunnel"
+    );
+
+    // Enrol the namespace: every pod is captured within 1 s, nothing restarts.
+    let app_pids = lab.state.app_pids.clone();
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            DATAPLANE_MODE_LABEL,
+            Some("ambient"),
+        )
+        .expect("label namespace");
+    for pod in &lab.state.plan.pods {
+        let took = wait_for_log(
+            &lab.state,
+            pod.node,
+            &enrolled_marker(pod),
+            Duration::from_secs(1),
+        );
+        assert!(took < Duration::from_secs(1));
+    }
+    assert_eq!(lab.state.app_pids, app_pids, "no app was restarted");
+
+    // Outbound to a VIP and to a pod IP, across nodes: ztunnel on the client's
+    // node records the original destination; the server's node records inbound.
+    let answer = probe::http_get(
+        &lab.state,
+        &productpage,
+        &format!("http://{details_vip}:9080/x"),
+        &[],
+    )
+    .expect("via VIP");
+    assert_eq!(answer[0].field("pod"), details.name);
+    probe::http_get(
+        &lab.state,
+        &productpage,
+        &format!("http://{}:9080/y", details.ip),
+        &[],
+    )
+    .expect("via pod IP");
+    let client_side = access_records(&lab.state, productpage.node);
+    assert!(
+        client_side
+            .iter()
+            .any(|r| r.contains(r#"direction="outbound""#)
+                && r.contains(&format!("dst={details_vip}:9080"))),
+        "{client_side:#?}"
+    );
+    assert!(
+        client_side
+            .iter()
+            .any(|r| r.contains(r#"direction="outbound""#)
+                && r.contains(&format!("dst={}:9080", details.ip))),
+        "{client_side:#?}"
+    );
+    let server_side = access_records(&lab.state, details.node);
+    let inbound: Vec<_> = server_side
+        .iter()
+        .filter(|r| {
+            r.contains(r#"direction="inbound""#) && r.contains(&format!("dst={}:9080", details.ip))
+        })
+        .collect();
+    assert_eq!(inbound.len(), 2, "{server_side:#?}");
+
+    // The whole call graph still works through the mesh.
+    let page = probe::http_get(
+        &lab.state,
+        &productpage,
+        "http://productpage:9080/productpage",
+        &[],
+    )
+    .expect("mesh call graph");
+    assert_eq!(page[0].calls().len(), 2);
+
+    // Server-first protocols and large transfers pass unchanged, and the
+    // record accounts for every byte.
+    let banner = probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:22", ratings.ip),
+        &["--expect-banner", "--send", "hi"],
+    )
+    .expect("banner via mesh");
+    assert!(
+        banner.starts_with(&format!("LAB-BANNER {}", ratings.name)),
+        "{banner}"
+    );
+    let bulk = probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:7", ratings.ip),
+        &["--bytes", "4194304"],
+    )
+    .expect("bulk via mesh");
+    assert_eq!(bulk.trim(), "ok 4194304");
+    let records = access_records(&lab.state, productpage.node);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.contains(&format!("dst={}:7", ratings.ip))
+                && r.contains("bytes_sent=4194304 bytes_received=4194304")),
+        "{records:#?}"
+    );
+
+    // A pod that opts out is no longer captured on its way out.
+    let before = access_records(&lab.state, productpage.node).len();
+    lab.state
+        .set_label(
+            &LabelTarget::Pod(productpage.name.clone()),
+            DATAPLANE_MODE_LABEL,
+            Some("none"),
+        )
+        .expect("opt out");
+    wait_for_log(
+        &lab.state,
+        productpage.node,
+        &format!(
+            "released from the mesh pod={}",
+            productpage.qualified_name()
+        ),
+        Duration::from_secs(1),
+    );
+    probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:7", ratings.ip),
+        &["--send", "direct"],
+    )
+    .expect("opted-out pod reaches ratings");
+    let after: Vec<_> = access_records(&lab.state, productpage.node)
+        .into_iter()
+        .skip(before)
+        .collect();
+    assert!(
+        !after
+            .iter()
+            .any(|r| r.contains(&format!("pod={}", productpage.qualified_name()))),
+        "{after:#?}"
+    );
+    lab.state
+        .set_label(
+            &LabelTarget::Pod(productpage.name.clone()),
+            DATAPLANE_MODE_LABEL,
+            None,
+        )
+        .expect("opt back in");
+    wait_for_log_n(
+        &lab.state,
+        productpage.node,
+        &enrolled_marker(&productpage),
+        2,
+        Duration::from_secs(1),
+    );
+
+    // ztunnel down: the node's enrolled pods fail fast both ways, never bypass.
+    lab.state
+        .stop_ztunnel(productpage.node)
+        .expect("stop ztunnel");
+    let started = Instant::now();
+    let err = probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:7", details.ip),
+        &["--send", "x"],
+    )
+    .expect_err("outbound while ztunnel is down");
+    assert!(err.to_string().contains("refused"), "{err}");
+    let err = probe::tcp(
+        &lab.state,
+        &details,
+        &format!("{}:7", productpage.ip),
+        &["--send", "x"],
+    )
+    .expect_err("inbound while ztunnel is down");
+    // sk_lookup refuses the SYN; the client sees the RST as a refusal or reset.
+    let message = err.to_string();
+    assert!(
+        message.contains("refused") || message.contains("reset"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusals are immediate"
+    );
+
+    // ztunnel back: capture resumes with the pinned programs and maps.
+    lab.state
+        .start_ztunnel(productpage.node)
+        .expect("start ztunnel");
+    wait_for_log(
+        &lab.state,
+        productpage.node,
+        "ztunnel running",
+        Duration::from_secs(2),
+    );
+    let echoed = retry(|| {
+        probe::tcp(
+            &lab.state,
+            &productpage,
+            &format!("{}:7", details.ip),
+            &["--send", "back"],
+        )
+    });
+    assert_eq!(echoed.trim_end(), "back");
+
+    // Unlabel: released everywhere, traffic direct again.
+    let counts: Vec<usize> = (0..2)
+        .map(|n| access_records(&lab.state, n).len())
+        .collect();
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            DATAPLANE_MODE_LABEL,
+            None,
+        )
+        .expect("unlabel");
+    for node in 0..2 {
+        wait_for_log(
+            &lab.state,
+            node,
+            "released from the mesh pod=default/",
+            Duration::from_secs(1),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    probe::http_get(
+        &lab.state,
+        &productpage,
+        "http://productpage:9080/productpage",
+        &[],
+    )
+    .expect("direct again");
+    let now: Vec<usize> = (0..2)
+        .map(|n| access_records(&lab.state, n).len())
+        .collect();
+    assert_eq!(counts, now, "released pods no longer go through ztunnel");
+}
+
+/// Retries `f` for up to a second (ztunnel reopening its in-pod listeners).
+fn retry<T>(f: impl Fn() -> mesh_lab::Result<T>) -> T {
+    let started = Instant::now();
+    loop {
+        match f() {
+            Ok(value) => return value,
+            Err(err) if started.elapsed() > Duration::from_secs(1) => panic!("{err}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
