@@ -102,7 +102,50 @@ pub fn run(state: &LabState) -> anyhow::Result<()> {
         plan.pods.len(),
         plan.services.len()
     );
+    print_captured(state);
     Ok(())
+}
+
+/// Summarizes each node's ztunnel access records: which connections the
+/// mesh carried.
+fn print_captured(state: &LabState) {
+    let enrolled: Vec<&str> = state
+        .plan
+        .pods
+        .iter()
+        .filter(|p| state.is_enrolled(p))
+        .map(|p| p.name.as_str())
+        .collect();
+    println!(
+        "\nenrolled pods: {}",
+        if enrolled.is_empty() {
+            "none".to_owned()
+        } else {
+            enrolled.join(", ")
+        }
+    );
+    for (index, node) in state.plan.nodes.iter().enumerate() {
+        let log = std::fs::read_to_string(state.ztunnel_log(index)).unwrap_or_default();
+        let records: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ztunnel::access"))
+            .collect();
+        let outbound = records
+            .iter()
+            .filter(|r| r.contains(r#"direction="outbound""#))
+            .count();
+        println!(
+            "ztunnel on {}: {} connections captured ({outbound} outbound, {} inbound)",
+            node.name,
+            records.len(),
+            records.len() - outbound
+        );
+        for record in records.iter().rev().take(3).rev() {
+            if let Some(fields) = record.split("ztunnel::access: ").nth(1) {
+                println!("  {fields}");
+            }
+        }
+    }
 }
 
 fn print_tree(answer: &probe::Answer, depth: usize) {

@@ -23,6 +23,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(command)
     };
     cmd::run(build()?.arg("up").arg("-f").arg(lab::bookinfo()?))?;
+    eprintln!("\n== bookinfo without the mesh ==");
+    cmd::run(build()?.arg("traffic"))?;
+    eprintln!("\n== enrolling namespace default (istio.io/dataplane-mode=ambient) ==");
+    cmd::run(build()?.args([
+        "label",
+        "namespace",
+        "default",
+        "istio.io/dataplane-mode=ambient",
+    ]))?;
+    // ztunnel checks its node's pods every 200 ms.
+    std::thread::sleep(std::time::Duration::from_millis(600));
     let traffic = cmd::run(build()?.arg("traffic"));
     if args.down {
         cmd::run(build()?.arg("down"))?;
