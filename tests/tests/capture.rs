@@ -149,6 +149,9 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         .collect();
     assert_eq!(inbound.len(), 2, "{server_side:#?}");
 
+    // No packet-filter rule anywhere: capture is eBPF only.
+    assert_no_packet_filter_rules(&lab.state);
+
     // The whole call graph still works through the mesh.
     let page = probe::http_get(
         &lab.state,
@@ -331,6 +334,48 @@ fn retry<T>(f: impl Fn() -> mesh_lab::Result<T>) -> T {
             Ok(value) => return value,
             Err(err) if started.elapsed() > Duration::from_secs(1) => panic!("{err}"),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Asserts that neither iptables nor nftables holds a rule in the host's or
+/// any lab namespace (the tools are installed by CI only to check this).
+fn assert_no_packet_filter_rules(state: &LabState) {
+    let namespaces = state
+        .plan
+        .nodes
+        .iter()
+        .map(|n| Some(n.netns.clone()))
+        .chain(state.plan.pods.iter().map(|p| Some(p.netns.clone())))
+        .chain([None]);
+    for netns in namespaces {
+        for (tool, args) in [
+            ("iptables-save", &[][..]),
+            ("nft", &["list", "ruleset"][..]),
+        ] {
+            let mut command = match &netns {
+                Some(ns) => {
+                    let mut c = std::process::Command::new("ip");
+                    c.args(["netns", "exec", ns, tool]);
+                    c
+                }
+                None => std::process::Command::new(tool),
+            };
+            let output = command
+                .args(args)
+                .output()
+                .unwrap_or_else(|err| panic!("{tool}: {err} (install iptables and nftables)"));
+            assert!(
+                output.status.success(),
+                "{tool} in {netns:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let text = String::from_utf8_lossy(&output.stdout);
+            let rules: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("-A ") || l.trim_start().starts_with("chain "))
+                .collect();
+            assert!(rules.is_empty(), "{tool} in {netns:?} has rules: {rules:?}");
         }
     }
 }
