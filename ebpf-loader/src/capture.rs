@@ -35,6 +35,12 @@ use mesh_ebpf_common::{
 use crate::{Error, OBJECT, Result};
 
 const CONNECT4_LINK: &str = "connect4_link";
+/// aya-log's ring buffer, pinned so a restarted agent reads adopted programs' logs.
+const AYA_LOGS_MAP: &str = "AYA_LOGS";
+/// aya-log-ebpf's level filter (a global of the object).
+const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+/// aya-log's `Level::Debug`.
+const LOG_LEVEL_DEBUG: u8 = 4;
 const SOCKOPS_LINK: &str = "sockops_link";
 const SK_LOOKUP_DIR: &str = "sk_lookup";
 
@@ -78,7 +84,12 @@ impl Capture {
     /// Loads the capture programs, adopting pinned maps in `pin_dir`, and
     /// attaches connect4 and sock_ops to `pods_cgroup` unless a previous run
     /// left them attached (pinned).
-    pub fn install(pods_cgroup: &Path, pin_dir: &Path) -> Result<Self> {
+    ///
+    /// `debug_logs` turns on the programs' aya-log debug records (read them
+    /// with [`take_logger`](Self::take_logger)); off, the programs skip the
+    /// ring buffer entirely. It applies to programs this call attaches, not
+    /// to ones adopted from pins.
+    pub fn install(pods_cgroup: &Path, pin_dir: &Path, debug_logs: bool) -> Result<Self> {
         fs::create_dir_all(pin_dir.join(SK_LOOKUP_DIR)).map_err(|source| Error::Io {
             what: "creating pin directory",
             path: pin_dir.to_path_buf(),
@@ -92,9 +103,11 @@ impl Capture {
             CAPTURE_LISTENERS_MAP,
             CAPTURE_STATS_MAP,
         ];
-        for name in maps {
+        for name in maps.into_iter().chain([AYA_LOGS_MAP]) {
             loader.map_pin_path(name, pin_dir.join(name));
         }
+        let log_level: u8 = if debug_logs { LOG_LEVEL_DEBUG } else { 0 };
+        loader.override_global(AYA_LOG_LEVEL, &log_level, false);
         let mut ebpf = loader.load(OBJECT)?;
 
         let connect4: &mut CgroupSockAddr = program(&mut ebpf, CAPTURE_CONNECT4_PROG)?;
@@ -233,6 +246,16 @@ impl Capture {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(map_err(CAPTURE_ORIG_DST_MAP)(source)),
         }
+    }
+
+    /// The reader of the programs' aya-log records, which it forwards to the
+    /// `log` facade. `None` after the first call.
+    pub fn take_logger(&mut self) -> Option<Result<aya_log::EbpfLogger<&'static dyn log::Log>>> {
+        self.ebpf.map(AYA_LOGS_MAP)?;
+        Some(
+            aya_log::EbpfLogger::init(&mut self.ebpf)
+                .map_err(|source| Error::Log(source.to_string())),
+        )
     }
 
     /// Reads the counters, summed over CPUs.

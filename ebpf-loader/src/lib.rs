@@ -60,6 +60,9 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// The aya-log reader could not be set up.
+    #[error("reading eBPF logs: {0}")]
+    Log(String),
     /// The object holds a program of a type the loader does not handle.
     #[error("program {name} has unsupported type {kind}")]
     Unsupported {

@@ -144,6 +144,7 @@ impl LabState {
             .arg(self.node_cgroup(node))
             .arg("--pin-dir")
             .arg(self.node_pin_dir(node))
+            .args(std::env::var_os("MESH_EBPF_DEBUG_LOGS").map(|_| "--ebpf-debug-logs"))
             .env(
                 "RUST_LOG",
                 std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),

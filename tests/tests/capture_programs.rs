@@ -81,7 +81,7 @@ fn capture_steers_enrolled_pods_only_and_fails_closed() {
     };
 
     let mut capture =
-        Capture::install(&state.node_cgroup(node), &pin_dir).expect("install capture");
+        Capture::install(&state.node_cgroup(node), &pin_dir, false).expect("install capture");
     capture.enroll(&target).expect("enroll productpage");
     let outbound = listen_in_pod(
         productpage,
@@ -187,8 +187,8 @@ fn capture_steers_enrolled_pods_only_and_fails_closed() {
     // A restarted agent adopts pins: installing again neither fails nor
     // double-attaches, and the pod is still enrolled (still fails closed).
     drop(capture);
-    let mut capture =
-        Capture::install(&state.node_cgroup(node), &pin_dir).expect("re-install adopts pins");
+    let mut capture = Capture::install(&state.node_cgroup(node), &pin_dir, false)
+        .expect("re-install adopts pins");
     let (ok, _, _) = finish(tcp_client(
         state,
         productpage,

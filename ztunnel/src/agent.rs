@@ -42,15 +42,24 @@ impl Drop for RunningPod {
 }
 
 impl Agent {
-    /// Loads (or adopts) the capture programs for the pods under `pods_cgroup`.
-    pub fn new(pods_cgroup: &Path, pin_dir: &Path) -> anyhow::Result<Self> {
-        let capture = Capture::install(pods_cgroup, pin_dir).with_context(|| {
-            format!(
-                "installing capture on {} (pins in {})",
-                pods_cgroup.display(),
-                pin_dir.display()
-            )
-        })?;
+    /// Loads (or adopts) the capture programs for the pods under `pods_cgroup`;
+    /// with `ebpf_debug_logs`, their debug records go to ztunnel's log.
+    pub fn new(pods_cgroup: &Path, pin_dir: &Path, ebpf_debug_logs: bool) -> anyhow::Result<Self> {
+        let mut capture =
+            Capture::install(pods_cgroup, pin_dir, ebpf_debug_logs).with_context(|| {
+                format!(
+                    "installing capture on {} (pins in {})",
+                    pods_cgroup.display(),
+                    pin_dir.display()
+                )
+            })?;
+        if ebpf_debug_logs {
+            match capture.take_logger() {
+                Some(Ok(logger)) => forward_ebpf_logs(logger)?,
+                Some(Err(err)) => warn!(error = %err, "eBPF logs unavailable"),
+                None => warn!("the eBPF object has no log buffer"),
+            }
+        }
         Ok(Self {
             capture: Arc::new(Mutex::new(capture)),
             running: BTreeMap::new(),
@@ -175,6 +184,27 @@ fn accept_loop(
             }
         }
     })
+}
+
+/// Forwards the programs' aya-log records into ztunnel's log as they come.
+fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
+    // SAFETY: the logger owns the ring buffer's fd for as long as the AsyncFd
+    // holds it, and flushing never closes or replaces that fd.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .context("watching the eBPF log ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                warn!("eBPF log ring buffer closed");
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 fn target(pod: &NodePod) -> PodTarget {

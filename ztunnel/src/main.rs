@@ -51,6 +51,10 @@ struct RunArgs {
     /// bpffs directory for this node's pins (must be on a mounted bpffs).
     #[arg(long)]
     pin_dir: PathBuf,
+    /// Emit the eBPF programs' debug records into this log (off by default:
+    /// they cost a ring-buffer write per captured connect).
+    #[arg(long)]
+    ebpf_debug_logs: bool,
 }
 
 /// How often the node pods file is checked for changes.
@@ -85,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut agent = agent::Agent::new(&args.pods_cgroup, &args.pin_dir)?;
+    let mut agent = agent::Agent::new(&args.pods_cgroup, &args.pin_dir, args.ebpf_debug_logs)?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut last_seen = None;
