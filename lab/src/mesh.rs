@@ -196,6 +196,27 @@ impl LabState {
             }
             thread::sleep(Duration::from_millis(20));
         }
+        // Its in-pod listeners die with it; wait until the kernel agrees, so
+        // callers observe a node whose pods are really cut off.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.ztunnel_listeners_remain(node) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
         self.save()
+    }
+
+    /// Whether any pod of `node` still has one of ztunnel's listeners open,
+    /// read from the pod's own socket table.
+    fn ztunnel_listeners_remain(&self, node: usize) -> bool {
+        use mesh_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+        self.plan.pods.iter().filter(|p| p.node == node).any(|pod| {
+            let Some(pid) = self.app_pids.get(&pod.qualified_name()) else {
+                return false;
+            };
+            let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+            crate::up::listening_ports(&table)
+                .iter()
+                .any(|port| [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(port))
+        })
     }
 }

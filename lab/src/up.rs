@@ -310,7 +310,7 @@ fn wait_listening(state: &LabState, pod: &PodPlan) -> Result<()> {
 }
 
 /// Local ports in state LISTEN (`0A`) in a `/proc/net/tcp` table.
-fn listening_ports(table: &str) -> Vec<u16> {
+pub(crate) fn listening_ports(table: &str) -> Vec<u16> {
     table
         .lines()
         .skip(1)

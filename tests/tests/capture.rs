@@ -18,6 +18,29 @@ fn access_records(state: &LabState, node: usize) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 1 s: records are written when ztunnel sees the connection
+/// close, which can be just after the client returns) until node `node` has
+/// at least `count` records matching every one of `needles`; returns them.
+fn wait_for_records(state: &LabState, node: usize, needles: &[&str], count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let records = access_records(state, node);
+        let matching: Vec<String> = records
+            .iter()
+            .filter(|r| needles.iter().all(|n| r.contains(n)))
+            .cloned()
+            .collect();
+        if matching.len() >= count {
+            return matching;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "node{node}: no {count} record(s) matching {needles:?} in {records:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn all_records(state: &LabState) -> Vec<String> {
     (0..state.plan.nodes.len())
         .flat_map(|n| access_records(state, n))
@@ -125,29 +148,26 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         &[],
     )
     .expect("via pod IP");
-    let client_side = access_records(&lab.state, productpage.node);
-    assert!(
-        client_side
-            .iter()
-            .any(|r| r.contains(r#"direction="outbound""#)
-                && r.contains(&format!("dst={details_vip}:9080"))),
-        "{client_side:#?}"
+    let outbound = r#"direction="outbound""#;
+    let inbound = r#"direction="inbound""#;
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[outbound, &format!("dst={details_vip}:9080")],
+        1,
     );
-    assert!(
-        client_side
-            .iter()
-            .any(|r| r.contains(r#"direction="outbound""#)
-                && r.contains(&format!("dst={}:9080", details.ip))),
-        "{client_side:#?}"
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[outbound, &format!("dst={}:9080", details.ip)],
+        1,
     );
-    let server_side = access_records(&lab.state, details.node);
-    let inbound: Vec<_> = server_side
-        .iter()
-        .filter(|r| {
-            r.contains(r#"direction="inbound""#) && r.contains(&format!("dst={}:9080", details.ip))
-        })
-        .collect();
-    assert_eq!(inbound.len(), 2, "{server_side:#?}");
+    wait_for_records(
+        &lab.state,
+        details.node,
+        &[inbound, &format!("dst={}:9080", details.ip)],
+        2,
+    );
 
     // No packet-filter rule anywhere: capture is eBPF only.
     assert_no_packet_filter_rules(&lab.state);
@@ -183,13 +203,14 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
     )
     .expect("bulk via mesh");
     assert_eq!(bulk.trim(), "ok 4194304");
-    let records = access_records(&lab.state, productpage.node);
-    assert!(
-        records
-            .iter()
-            .any(|r| r.contains(&format!("dst={}:7", ratings.ip))
-                && r.contains("bytes_sent=4194304 bytes_received=4194304")),
-        "{records:#?}"
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[
+            &format!("dst={}:7", ratings.ip),
+            "bytes_sent=4194304 bytes_received=4194304",
+        ],
+        1,
     );
 
     // A pod that opts out is no longer captured on its way out.
@@ -262,7 +283,8 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         &["--send", "x"],
     )
     .expect_err("inbound while ztunnel is down");
-    // sk_lookup refuses the SYN; the client sees the RST as a refusal or reset.
+    // details is enrolled too: its own ztunnel accepts, productpage's
+    // sk_lookup refuses that ztunnel's SYN, and the client is reset.
     let message = err.to_string();
     assert!(
         message.contains("refused") || message.contains("reset"),
@@ -294,8 +316,22 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
     assert_eq!(echoed.trim_end(), "back");
 
     // Unlabel: released everywhere, traffic direct again.
-    let counts: Vec<usize> = (0..2)
-        .map(|n| access_records(&lab.state, n).len())
+    let log_count = |pod: &PodPlan, needle: &str| {
+        std::fs::read_to_string(lab.state.ztunnel_log(pod.node))
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    };
+    let releases: Vec<(PodPlan, String, usize)> = lab
+        .state
+        .plan
+        .pods
+        .iter()
+        .map(|pod| {
+            let marker = format!("released from the mesh pod={}", pod.qualified_name());
+            let seen = log_count(pod, &marker);
+            (pod.clone(), marker, seen)
+        })
         .collect();
     lab.state
         .set_label(
@@ -304,15 +340,20 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
             None,
         )
         .expect("unlabel");
-    for node in 0..2 {
-        wait_for_log(
+    for (pod, marker, seen) in &releases {
+        wait_for_log_n(
             &lab.state,
-            node,
-            "released from the mesh pod=default/",
+            pod.node,
+            marker,
+            seen + 1,
             Duration::from_secs(1),
         );
     }
+    // Records of connections closed earlier are flushed by now.
     std::thread::sleep(Duration::from_millis(300));
+    let counts: Vec<usize> = (0..2)
+        .map(|n| access_records(&lab.state, n).len())
+        .collect();
     probe::http_get(
         &lab.state,
         &productpage,
@@ -320,6 +361,7 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         &[],
     )
     .expect("direct again");
+    std::thread::sleep(Duration::from_millis(300));
     let now: Vec<usize> = (0..2)
         .map(|n| access_records(&lab.state, n).len())
         .collect();

@@ -55,11 +55,13 @@ pub async fn outbound(
         let destination = match original {
             Ok(Some(destination)) => SocketAddr::V4(destination),
             Ok(None) => {
-                warn!(%peer, "no original destination recorded for this connection; closing it");
+                warn!(%peer, "no original destination recorded for this connection; resetting it");
+                reset(client);
                 return;
             }
             Err(err) => {
-                warn!(%peer, %err, "reading the original destination failed; closing the connection");
+                warn!(%peer, %err, "reading the original destination failed; resetting the connection");
+                reset(client);
                 return;
             }
         };
@@ -103,6 +105,7 @@ async fn relay(
         Ok(upstream) => upstream,
         Err(err) => {
             info!(target: "ztunnel::access", conn = id, direction, pod = %pod.name, src = %source, dst = %destination, error = %err, "connection failed");
+            reset(client);
             return;
         }
     };
@@ -125,4 +128,14 @@ async fn relay(
         error = error.as_deref().unwrap_or(""),
         "connection closed"
     );
+}
+
+/// Closes `client` with a reset rather than a FIN, so a failed upstream
+/// reaches the caller as an error instead of an empty, successful exchange.
+fn reset(client: TcpStream) {
+    let socket = socket2::SockRef::from(&client);
+    if let Err(err) = socket.set_linger(Some(std::time::Duration::ZERO)) {
+        debug!(%err, "setting SO_LINGER 0 failed; closing normally");
+    }
+    drop(client);
 }
