@@ -54,6 +54,14 @@ pub struct Capture {
     stats: PerCpuArray<MapData, u64>,
 }
 
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A pod as capture needs it.
 #[derive(Clone, Debug)]
 pub struct PodTarget {

@@ -47,6 +47,39 @@ impl LabState {
             .join(format!("ztunnel-{}.log", self.plan.nodes[node].name))
     }
 
+    /// A command that runs on node `node`: in its network namespace and in
+    /// ztunnel's cgroup, so it is never captured.
+    pub fn command_on_node(
+        &self,
+        node: usize,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<std::process::Command> {
+        let mut command = std::process::Command::new(program);
+        process::enter(
+            &mut command,
+            &self.plan.nodes[node].netns,
+            &self.ztunnel_cgroup(node),
+        )?;
+        Ok(command)
+    }
+
+    /// Scrapes node `node`'s ztunnel metrics (Prometheus text).
+    pub fn ztunnel_metrics(&self, node: usize) -> Result<String> {
+        let output = self
+            .command_on_node(node, &self.app_binary)?
+            .args(["get", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .map_err(io_err("running lab-app get for metrics"))?;
+        if !output.status.success() {
+            return Err(Error::Invalid(format!(
+                "scraping ztunnel on {}: {}",
+                self.plan.nodes[node].name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Whether `pod` is enrolled under the current labels.
     pub fn is_enrolled(&self, pod: &crate::PodPlan) -> bool {
         let empty = Default::default();

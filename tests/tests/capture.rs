@@ -169,6 +169,29 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         2,
     );
 
+    // The per-program counters are on ztunnel's metrics endpoint.
+    let client_metrics = lab
+        .state
+        .ztunnel_metrics(productpage.node)
+        .expect("scrape client node");
+    assert!(
+        counter(&client_metrics, "capture_connect4", "captured") >= 2,
+        "{client_metrics}"
+    );
+    assert_eq!(
+        counter(&client_metrics, "capture", "error"),
+        0,
+        "{client_metrics}"
+    );
+    let server_metrics = lab
+        .state
+        .ztunnel_metrics(details.node)
+        .expect("scrape server node");
+    assert!(
+        counter(&server_metrics, "capture_sk_lookup", "captured") >= 2,
+        "{server_metrics}"
+    );
+
     // No packet-filter rule anywhere: capture is eBPF only.
     assert_no_packet_filter_rules(&lab.state);
 
@@ -420,4 +443,15 @@ fn assert_no_packet_filter_rules(state: &LabState) {
             assert!(rules.is_empty(), "{tool} in {netns:?} has rules: {rules:?}");
         }
     }
+}
+
+/// The value of `ztunnel_ebpf_connections_total{program, outcome}` in a scrape.
+fn counter(metrics: &str, program: &str, outcome: &str) -> u64 {
+    let prefix =
+        format!("ztunnel_ebpf_connections_total{{program=\"{program}\",outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
 }

@@ -158,6 +158,11 @@ impl Agent {
         })
     }
 
+    /// The shared capture state (for the metrics collector).
+    pub fn capture(&self) -> Arc<Mutex<Capture>> {
+        self.capture.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Capture> {
         // A panic while holding the lock leaves the maps as the kernel has
         // them, which is always consistent; keep going.

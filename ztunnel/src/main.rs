@@ -7,6 +7,7 @@
 
 mod agent;
 mod inpod;
+mod metrics;
 mod proxy;
 
 use std::{path::PathBuf, time::Duration};
@@ -55,6 +56,9 @@ struct RunArgs {
     /// they cost a ring-buffer write per captured connect).
     #[arg(long)]
     ebpf_debug_logs: bool,
+    /// Where Prometheus metrics are served (`/metrics`, `/stats/prometheus`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 /// How often the node pods file is checked for changes.
@@ -90,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut agent = agent::Agent::new(&args.pods_cgroup, &args.pin_dir, args.ebpf_debug_logs)?;
+    metrics::serve(args.metrics_addr, metrics::registry(agent.capture()))
+        .await
+        .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut last_seen = None;
