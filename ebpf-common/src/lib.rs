@@ -91,6 +91,10 @@ pub const CAPTURE_PENDING_MAP: &str = "CAPTURE_PENDING";
 pub const CAPTURE_ORIG_DST_MAP: &str = "CAPTURE_ORIG_DST";
 /// Name of the SOCKHASH of ztunnel's in-pod listeners, by [`ListenerKey`].
 pub const CAPTURE_LISTENERS_MAP: &str = "CAPTURE_LISTENERS";
+/// Name of the set of source addresses whose connections to enrolled pods
+/// are never captured (the node's health-probe address), key: IPv4 in
+/// network byte order, value: unused.
+pub const CAPTURE_PROBE_SOURCES_MAP: &str = "CAPTURE_PROBE_SOURCES";
 /// Name of the per-CPU capture counters, indexed by [`CaptureCounter`].
 pub const CAPTURE_STATS_MAP: &str = "CAPTURE_STATS";
 /// Program steering enrolled pods' outbound connects to ztunnel.
@@ -164,10 +168,12 @@ pub enum CaptureCounter {
     InboundRefused = 3,
     /// Map updates that failed (a full map); the connect was refused.
     Errors = 4,
+    /// Inbound connections from a health-probe source, left to the app.
+    InboundProbe = 5,
 }
 
 /// Number of capture counters.
-pub const CAPTURE_COUNTERS: u32 = 5;
+pub const CAPTURE_COUNTERS: u32 = 6;
 
 #[cfg(feature = "user")]
 mod user_capture {

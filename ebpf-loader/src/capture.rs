@@ -28,8 +28,9 @@ use aya::{
 };
 use mesh_ebpf_common::{
     CAPTURE_CONNECT4_PROG, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP, CAPTURE_ORIG_DST_MAP,
-    CAPTURE_PENDING_MAP, CAPTURE_SK_LOOKUP_PROG, CAPTURE_SOCKOPS_PROG, CAPTURE_STATS_MAP,
-    CaptureCounter, EnrolledPod, Ipv4Endpoint, ListenerKey, ListenerKind, OutboundKey,
+    CAPTURE_PENDING_MAP, CAPTURE_PROBE_SOURCES_MAP, CAPTURE_SK_LOOKUP_PROG, CAPTURE_SOCKOPS_PROG,
+    CAPTURE_STATS_MAP, CaptureCounter, EnrolledPod, Ipv4Endpoint, ListenerKey, ListenerKind,
+    OutboundKey,
 };
 
 use crate::{Error, OBJECT, Result};
@@ -51,6 +52,7 @@ pub struct Capture {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst: HashMap<MapData, OutboundKey, Ipv4Endpoint>,
     listeners: SockHash<MapData, ListenerKey>,
+    probe_sources: HashMap<MapData, u32, u8>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -86,6 +88,8 @@ pub struct CaptureStats {
     pub inbound_refused: u64,
     /// Failed map updates (connect refused).
     pub errors: u64,
+    /// Inbound connections from a health-probe source, left to the app.
+    pub inbound_probe: u64,
 }
 
 impl Capture {
@@ -110,6 +114,7 @@ impl Capture {
             CAPTURE_ORIG_DST_MAP,
             CAPTURE_LISTENERS_MAP,
             CAPTURE_STATS_MAP,
+            CAPTURE_PROBE_SOURCES_MAP,
         ];
         for name in maps.into_iter().chain([AYA_LOGS_MAP]) {
             loader.map_pin_path(name, pin_dir.join(name));
@@ -153,6 +158,7 @@ impl Capture {
             enrolled: take_map(&mut ebpf, CAPTURE_ENROLLED_MAP, HashMap::try_from)?,
             orig_dst: take_map(&mut ebpf, CAPTURE_ORIG_DST_MAP, HashMap::try_from)?,
             listeners: take_map(&mut ebpf, CAPTURE_LISTENERS_MAP, SockHash::try_from)?,
+            probe_sources: take_map(&mut ebpf, CAPTURE_PROBE_SOURCES_MAP, HashMap::try_from)?,
             stats: take_map(&mut ebpf, CAPTURE_STATS_MAP, PerCpuArray::try_from)?,
             pin_dir: pin_dir.to_path_buf(),
             ebpf,
@@ -212,6 +218,31 @@ impl Capture {
             remove_pin(&self.sk_lookup_pin(*ip))?;
         }
         Ok(stale.into_iter().map(|(_, ip)| ip).collect())
+    }
+
+    /// Makes `sources` the complete set of addresses (the node's health-probe
+    /// address, as the kubelet's) whose connections to enrolled pods go
+    /// straight to the app.
+    pub fn set_probe_sources(&mut self, sources: &[Ipv4Addr]) -> Result<()> {
+        let wanted: Vec<u32> = sources
+            .iter()
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .collect();
+        let stale: Vec<u32> = self
+            .probe_sources
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            let _ = self.probe_sources.remove(&key);
+        }
+        for key in wanted {
+            self.probe_sources
+                .insert(&key, &1, 0)
+                .map_err(map_err(CAPTURE_PROBE_SOURCES_MAP))?;
+        }
+        Ok(())
     }
 
     /// Registers ztunnel's listener `socket` of `kind` for `pod_ip`, replacing
@@ -281,6 +312,7 @@ impl Capture {
             inbound_captured: read(CaptureCounter::InboundCaptured)?,
             inbound_refused: read(CaptureCounter::InboundRefused)?,
             errors: read(CaptureCounter::Errors)?,
+            inbound_probe: read(CaptureCounter::InboundProbe)?,
         })
     }
 

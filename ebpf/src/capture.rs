@@ -13,7 +13,8 @@
 //!   15006 for everything else). Without that listener it is refused, never
 //!   handed to the app in plaintext. Connections from the pod's own address
 //!   (ztunnel delivering to the app from inside the pod, or the pod calling
-//!   itself, already captured on the way out) and to loopback are left alone.
+//!   itself, already captured on the way out), from the node's configured
+//!   health-probe address, and to loopback are left alone.
 
 use aya_ebpf::{
     EbpfContext,
@@ -50,6 +51,10 @@ static CAPTURE_ORIG_DST: LruHashMap<OutboundKey, Ipv4Endpoint> =
 /// ztunnel's in-pod listeners, by pod IP and kind.
 #[map]
 static CAPTURE_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(32768, 0);
+
+/// Source addresses (the node's health-probe address) never captured inbound.
+#[map]
+static CAPTURE_PROBE_SOURCES: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
 /// Per-CPU counters indexed by [`CaptureCounter`].
 #[map]
@@ -139,6 +144,13 @@ pub fn capture_sk_lookup(ctx: SkLookupContext) -> u32 {
         || lookup.remote_ip4 == lookup.local_ip4
         || u32::from_be(lookup.local_ip4) >> 24 == 127
     {
+        return sk_action::SK_PASS;
+    }
+    // Map keys must live on the stack, not in the context.
+    let remote = lookup.remote_ip4;
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { CAPTURE_PROBE_SOURCES.get(&remote) }.is_some() {
+        bump(CaptureCounter::InboundProbe);
         return sk_action::SK_PASS;
     }
     let kind = if lookup.local_port == u32::from(HBONE_PORT) {

@@ -177,6 +177,9 @@ impl LabState {
             .arg(self.node_cgroup(node))
             .arg("--pin-dir")
             .arg(self.node_pin_dir(node))
+            // The node's own address plays the kubelet's for health probes.
+            .arg("--probe-source")
+            .arg(self.plan.nodes[node].ip.to_string())
             .args(std::env::var_os("MESH_EBPF_DEBUG_LOGS").map(|_| "--ebpf-debug-logs"))
             .env(
                 "RUST_LOG",
@@ -196,9 +199,20 @@ impl LabState {
         while !ready.exists() {
             if Instant::now() > deadline || !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {
+                // A failed `up` removes the run directory, log included: carry
+                // the log's last lines in the error.
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .take(6)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 return Err(Error::App {
                     pod: format!("ztunnel on {name}"),
-                    message: "did not install capture".into(),
+                    message: format!("did not install capture:\n{}", tail.join("\n")),
                     log: log_path.display().to_string(),
                 });
             }

@@ -169,6 +169,28 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         2,
     );
 
+    // A health probe from the node's own address reaches the app directly.
+    let records_before = access_records(&lab.state, productpage.node).len();
+    let probe = lab
+        .state
+        .command_on_node(productpage.node, &lab.state.app_binary)
+        .expect("node command")
+        .args(["tcp", &format!("{}:7", productpage.ip), "--send", "probe"])
+        .output()
+        .expect("probe from the node");
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout),
+        "probe",
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        access_records(&lab.state, productpage.node).len(),
+        records_before,
+        "the probe bypassed ztunnel"
+    );
+
     // The per-program counters are on ztunnel's metrics endpoint.
     let client_metrics = lab
         .state

@@ -43,8 +43,14 @@ impl Drop for RunningPod {
 
 impl Agent {
     /// Loads (or adopts) the capture programs for the pods under `pods_cgroup`;
-    /// with `ebpf_debug_logs`, their debug records go to ztunnel's log.
-    pub fn new(pods_cgroup: &Path, pin_dir: &Path, ebpf_debug_logs: bool) -> anyhow::Result<Self> {
+    /// with `ebpf_debug_logs`, their debug records go to ztunnel's log;
+    /// connections from `probe_sources` (health probes) are never captured.
+    pub fn new(
+        pods_cgroup: &Path,
+        pin_dir: &Path,
+        ebpf_debug_logs: bool,
+        probe_sources: &[Ipv4Addr],
+    ) -> anyhow::Result<Self> {
         let mut capture =
             Capture::install(pods_cgroup, pin_dir, ebpf_debug_logs).with_context(|| {
                 format!(
@@ -53,6 +59,9 @@ impl Agent {
                     pin_dir.display()
                 )
             })?;
+        capture
+            .set_probe_sources(probe_sources)
+            .context("setting health-probe sources")?;
         if ebpf_debug_logs {
             match capture.take_logger() {
                 Some(Ok(logger)) => forward_ebpf_logs(logger)?,

@@ -56,6 +56,10 @@ struct RunArgs {
     /// they cost a ring-buffer write per captured connect).
     #[arg(long)]
     ebpf_debug_logs: bool,
+    /// Source address of the node's health probes (the kubelet's); its
+    /// connections to enrolled pods are not captured. Repeatable.
+    #[arg(long = "probe-source")]
+    probe_sources: Vec<std::net::Ipv4Addr>,
     /// Where Prometheus metrics are served (`/metrics`, `/stats/prometheus`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: std::net::SocketAddr,
@@ -93,7 +97,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut agent = agent::Agent::new(&args.pods_cgroup, &args.pin_dir, args.ebpf_debug_logs)?;
+    let mut agent = agent::Agent::new(
+        &args.pods_cgroup,
+        &args.pin_dir,
+        args.ebpf_debug_logs,
+        &args.probe_sources,
+    )?;
     metrics::serve(args.metrics_addr, metrics::registry(agent.capture()))
         .await
         .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;

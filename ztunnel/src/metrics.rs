@@ -52,6 +52,7 @@ impl Collector for CaptureCollector {
             ("capture_connect4", "bypassed", stats.outbound_bypassed),
             ("capture_sk_lookup", "captured", stats.inbound_captured),
             ("capture_sk_lookup", "refused", stats.inbound_refused),
+            ("capture_sk_lookup", "probe", stats.inbound_probe),
             ("capture", "error", stats.errors),
         ] {
             let labels = [("program", program), ("outcome", outcome)];
