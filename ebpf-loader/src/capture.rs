@@ -15,7 +15,7 @@
 //! maps and links instead of attaching twice, so capture never stops.
 
 use std::{
-    fs::{self, File},
+    fs,
     net::{Ipv4Addr, SocketAddrV4},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
@@ -24,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
 };
 use mesh_ebpf_common::{
     CAPTURE_CONNECT4_PROG, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP, CAPTURE_ORIG_DST_MAP,
@@ -33,7 +33,10 @@ use mesh_ebpf_common::{
     OutboundKey,
 };
 
-use crate::{Error, OBJECT, Result};
+use crate::{
+    Error, OBJECT, Result,
+    object::{fd_link, map_err, open, pin_link, prog_err, program, remove_pin, take_map},
+};
 
 const CONNECT4_LINK: &str = "connect4_link";
 /// aya-log's ring buffer, pinned so a restarted agent reads adopted programs' logs.
@@ -347,82 +350,6 @@ pub fn cgroup_id(cgroup: &Path) -> Result<u64> {
             path: cgroup.to_path_buf(),
             source,
         })
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(Error::Program {
-            name,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?
-        .try_into()
-        .map_err(prog_err(name))
-}
-
-fn take_map<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
-) -> Result<T> {
-    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
-        name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    })?;
-    convert(map).map_err(map_err(name))
-}
-
-/// Converts a cgroup link (created with `bpf_link_create` on any kernel we
-/// support) to a pinnable [`FdLink`].
-fn fd_link<L>(link: L, name: &'static str) -> Result<FdLink>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    FdLink::try_from(link).map_err(|source| Error::Program {
-        name,
-        source: source.into(),
-    })
-}
-
-fn pin_link(link: FdLink, path: &Path) -> Result<()> {
-    link.pin(path).map_err(|source| Error::Pin {
-        what: "link",
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(())
-}
-
-fn remove_pin(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io {
-            what: "removing pin",
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-fn open(path: &Path, what: &'static str) -> Result<File> {
-    File::open(path).map_err(|source| Error::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
-    move |source| Error::Program { name, source }
-}
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, source }
 }
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`,

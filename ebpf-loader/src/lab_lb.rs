@@ -5,22 +5,25 @@
 //! processes reopen the pinned service map with [`LabServiceLb::open`].
 
 use std::{
-    fs::{self, File},
+    fs,
     net::SocketAddrV4,
     path::{Path, PathBuf},
 };
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use mesh_ebpf_common::{
     Ipv4Endpoint, LAB_LB_STATS_MAP, LAB_SERVICE_LB_PROG, LAB_SERVICES_MAP, LabLbCounter,
     MAX_BACKENDS, ServiceBackends,
 };
 
-use crate::{Error, OBJECT, Result};
+use crate::{
+    Error, OBJECT, Result,
+    object::{fd_link, map_err, open, pin_link, prog_err, program},
+};
 
 /// File name of the pinned cgroup link inside the pin directory.
 const LINK_PIN: &str = "lab_service_lb_link";
@@ -49,41 +52,24 @@ impl LabServiceLb {
             source,
         })?;
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(LAB_SERVICE_LB_PROG)
-            .ok_or(Error::Program {
-                name: LAB_SERVICE_LB_PROG,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(program_err)?;
-        program.load().map_err(program_err)?;
-        let cgroup_file = File::open(cgroup).map_err(|source| Error::Io {
-            what: "opening cgroup",
-            path: cgroup.to_path_buf(),
-            source,
-        })?;
+        let program: &mut CgroupSockAddr = program(&mut ebpf, LAB_SERVICE_LB_PROG)?;
+        program.load().map_err(prog_err(LAB_SERVICE_LB_PROG))?;
+        let cgroup_file = open(cgroup, "opening cgroup")?;
+        // A cgroup bpf_link always coexists with other programs; the kernel
+        // refuses multi-attach flags on link creation, so pass none.
         let link_id = program
-            // A cgroup bpf_link always coexists with other programs; the kernel
-            // refuses multi-attach flags on link creation, so pass none.
             .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(program_err)?;
-        let link: FdLink = program
+            .map_err(prog_err(LAB_SERVICE_LB_PROG))?;
+        let link = program
             .take_link(link_id)
-            .map_err(program_err)?
-            .try_into()
-            .map_err(|source| Error::Program {
-                name: LAB_SERVICE_LB_PROG,
-                source: aya::programs::ProgramError::from(source),
-            })?;
-        let link_path = pin_dir.join(LINK_PIN);
-        link.pin(&link_path).map_err(|source| Error::Pin {
-            what: "lab_service_lb link",
-            path: link_path.clone(),
-            source,
-        })?;
+            .map_err(prog_err(LAB_SERVICE_LB_PROG))?;
+        pin_link(fd_link(link, LAB_SERVICE_LB_PROG)?, &pin_dir.join(LINK_PIN))?;
         for name in [LAB_SERVICES_MAP, LAB_LB_STATS_MAP] {
-            let map = ebpf.map(name).ok_or_else(|| missing_map(name))?;
+            let map = ebpf.map(name).ok_or_else(|| {
+                map_err(name)(MapError::InvalidName {
+                    name: name.to_owned(),
+                })
+            })?;
             let path = pin_dir.join(name);
             map.pin(&path).map_err(|source| Error::Pin {
                 what: "map",
@@ -160,23 +146,7 @@ fn open_pinned<T>(
     convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
 ) -> Result<T> {
     let path: PathBuf = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-    let map = Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
-    convert(map).map_err(|source| Error::Map { name, source })
-}
-
-fn program_err(source: aya::programs::ProgramError) -> Error {
-    Error::Program {
-        name: LAB_SERVICE_LB_PROG,
-        source,
-    }
-}
-
-fn missing_map(name: &'static str) -> Error {
-    Error::Map {
-        name,
-        source: aya::maps::MapError::InvalidName {
-            name: name.to_owned(),
-        },
-    }
+    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    convert(map).map_err(map_err(name))
 }

@@ -9,6 +9,7 @@
 pub mod bpffs;
 pub mod capture;
 pub mod lab_lb;
+mod object;
 pub mod verify;
 
 use std::path::PathBuf;
