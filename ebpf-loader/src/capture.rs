@@ -194,17 +194,17 @@ impl Capture {
     }
 
     /// Stops capturing `pod` for new connections; open ones are not touched.
+    ///
+    /// Works from the pod's IP alone, so a pod whose cgroup and namespace are
+    /// already gone is released all the same.
     pub fn release(&mut self, pod: &PodTarget) -> Result<()> {
-        match self.enrolled.remove(&cgroup_id(&pod.cgroup)?) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => return Err(map_err(CAPTURE_ENROLLED_MAP)(source)),
-        }
-        let link_pin = self.sk_lookup_pin(pod.ip);
-        remove_pin(&link_pin)
+        self.retain(|ip| ip != pod.ip)?;
+        remove_pin(&self.sk_lookup_pin(pod.ip))
     }
 
-    /// Releases every enrolled pod whose IP `keep` rejects, e.g. pods that
-    /// went away while the agent was restarting. Returns their IPs.
+    /// Releases every enrolled pod whose IP `keep` rejects (its enrolment
+    /// entries and its sk_lookup link), e.g. pods that went away while the
+    /// agent was restarting. Returns their IPs.
     pub fn retain(&mut self, keep: impl Fn(Ipv4Addr) -> bool) -> Result<Vec<Ipv4Addr>> {
         let stale: Vec<(u64, Ipv4Addr)> = self
             .enrolled

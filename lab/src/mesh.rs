@@ -153,6 +153,39 @@ impl LabState {
         self.write_node_pods()
     }
 
+    /// Deletes a pod as Kubernetes would: its processes, cgroup, namespace
+    /// (and veth and route) go, its Service endpoints are withdrawn, and its
+    /// node's ztunnel is told.
+    pub fn delete_pod(&mut self, query: &str) -> Result<()> {
+        let pod = self.pod(query)?.clone();
+        crate::cgroup::kill_and_remove(&self.pod_cgroup(&pod))?;
+        if let Some(pid) = self.app_pids.remove(&pod.qualified_name()) {
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(pid as i32),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        crate::netns::delete(&pod.netns)?;
+        self.plan
+            .pods
+            .retain(|p| p.qualified_name() != pod.qualified_name());
+        let mut lb = mesh_ebpf_loader::lab_lb::LabServiceLb::open(&pin_dir(&self.plan.name))?;
+        for svc in &mut self.plan.services {
+            for port in &mut svc.ports {
+                let before = port.endpoints.len();
+                port.endpoints.retain(|e| *e.ip() != pod.ip);
+                if port.endpoints.len() != before {
+                    lb.set_service(
+                        std::net::SocketAddrV4::new(svc.vip, port.port),
+                        &port.endpoints,
+                    )?;
+                }
+            }
+        }
+        self.save()?;
+        self.write_node_pods()
+    }
+
     /// Starts node `node`'s ztunnel and waits until its capture is installed.
     pub fn start_ztunnel(&mut self, node: usize) -> Result<u32> {
         let name = self.plan.nodes[node].name.clone();

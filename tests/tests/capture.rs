@@ -477,3 +477,74 @@ fn counter(metrics: &str, program: &str, outcome: &str) -> u64 {
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
 }
+
+#[test]
+fn deleted_pod_is_released_and_the_rest_keeps_working() {
+    let mut lab = Lab::bookinfo("tgone");
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            DATAPLANE_MODE_LABEL,
+            Some("ambient"),
+        )
+        .expect("label namespace");
+    for pod in &lab.state.plan.pods {
+        wait_for_log(
+            &lab.state,
+            pod.node,
+            &enrolled_marker(pod),
+            Duration::from_secs(1),
+        );
+    }
+    let gone = pod(&lab.state, "reviews-v1").clone();
+    let productpage = pod(&lab.state, "productpage").clone();
+    let [a, b, c, d] = gone.ip.octets();
+    let link_pin = lab
+        .state
+        .node_pin_dir(gone.node)
+        .join("sk_lookup")
+        .join(format!("{a}_{b}_{c}_{d}"));
+    assert!(link_pin.exists(), "sk_lookup is attached to the pod");
+
+    // The pod vanishes (namespace, cgroup and all) under ztunnel's feet.
+    lab.state.delete_pod(&gone.name).expect("delete pod");
+    wait_for_log(
+        &lab.state,
+        gone.node,
+        &format!("released from the mesh pod={}", gone.qualified_name()),
+        Duration::from_secs(1),
+    );
+    assert!(!link_pin.exists(), "its sk_lookup link is gone");
+    let log = std::fs::read_to_string(lab.state.ztunnel_log(gone.node)).expect("ztunnel log");
+    assert!(
+        !log.contains("failed"),
+        "ztunnel reported a failure:\n{log}"
+    );
+
+    // The remaining reviews pods answer through the mesh, as before.
+    let answers = probe::http_get(
+        &lab.state,
+        &productpage,
+        "http://reviews:9080/",
+        &["--count", "20", "--new-connection"],
+    )
+    .expect("reviews after the deletion");
+    assert!(answers.iter().all(|a| a.field("pod") != gone.name));
+    let reviews_vip = lab
+        .state
+        .plan
+        .services
+        .iter()
+        .find(|s| s.name == "reviews")
+        .expect("reviews")
+        .vip;
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[
+            r#"direction="outbound""#,
+            &format!("dst={reviews_vip}:9080"),
+        ],
+        20,
+    );
+}
