@@ -135,7 +135,11 @@ fn main() -> anyhow::Result<()> {
                     None => bail!("label {label:?} is neither key=value nor key-"),
                 },
             }
-            println!("{target:?}: {label}");
+            let (kind, object) = match &target {
+                LabelTarget::Namespace(name) => ("namespace", name),
+                LabelTarget::Pod(name) => ("pod", name),
+            };
+            println!("{kind}/{object} labeled {label}");
         }
         Command::Traffic => traffic::run(&LabState::load(&cli.name)?)?,
         Command::Exec { pod, command } => {

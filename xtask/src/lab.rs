@@ -33,6 +33,16 @@ enum LabCommand {
     Down,
     /// Print nodes, pods and services.
     Status,
+    /// Set (`key=value`) or remove (`key-`) a label on a namespace or pod,
+    /// e.g. `label namespace default istio.io/dataplane-mode=ambient`.
+    Label {
+        /// `namespace` or `pod`.
+        kind: String,
+        /// Namespace name, or pod name / unique prefix.
+        object: String,
+        /// `key=value` or `key-`.
+        label: String,
+    },
     /// Run a command in a pod's network namespace and cgroup.
     Exec {
         /// Pod name or unique prefix.
@@ -46,7 +56,7 @@ enum LabCommand {
 pub fn run(args: LabArgs) -> anyhow::Result<()> {
     let mut lab = match &args.command {
         LabCommand::Up { .. } | LabCommand::Exec { .. } => build()?,
-        LabCommand::Down | LabCommand::Status => built_or_build()?,
+        LabCommand::Down | LabCommand::Status | LabCommand::Label { .. } => built_or_build()?,
     };
     lab.args(["--name", &args.name]);
     match args.command {
@@ -67,6 +77,13 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         }
         LabCommand::Status => {
             lab.arg("status");
+        }
+        LabCommand::Label {
+            kind,
+            object,
+            label,
+        } => {
+            lab.args(["label", &kind, &object, &label]);
         }
         LabCommand::Exec { pod, command } => {
             lab.arg("exec").arg(pod).arg("--").args(command);
