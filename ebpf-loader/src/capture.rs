@@ -24,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps},
+    programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use mesh_ebpf_common::{
     CAPTURE_CONNECT4_PROG, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP, CAPTURE_ORIG_DST_MAP,
@@ -35,7 +35,9 @@ use mesh_ebpf_common::{
 
 use crate::{
     Error, OBJECT, Result,
-    object::{fd_link, map_err, open, pin_link, prog_err, program, remove_pin, take_map},
+    object::{
+        attach_cgroup_pinned, map_err, open, pin_link, prog_err, program, remove_pin, take_map,
+    },
 };
 
 const CONNECT4_LINK: &str = "connect4_link";
@@ -134,27 +136,26 @@ impl Capture {
         sk_lookup.load().map_err(prog_err(CAPTURE_SK_LOOKUP_PROG))?;
 
         let cgroup = open(pods_cgroup, "opening cgroup")?;
+        // Adopted from a previous run when pinned: never attach twice.
         let connect4_pin = pin_dir.join(CONNECT4_LINK);
         if !connect4_pin.exists() {
-            let connect4: &mut CgroupSockAddr = program(&mut ebpf, CAPTURE_CONNECT4_PROG)?;
-            let id = connect4
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(CAPTURE_CONNECT4_PROG))?;
-            let link = connect4
-                .take_link(id)
-                .map_err(prog_err(CAPTURE_CONNECT4_PROG))?;
-            pin_link(fd_link(link, CAPTURE_CONNECT4_PROG)?, &connect4_pin)?;
+            attach_cgroup_pinned!(
+                &mut ebpf,
+                CgroupSockAddr,
+                CAPTURE_CONNECT4_PROG,
+                &cgroup,
+                &connect4_pin
+            )?;
         }
         let sockops_pin = pin_dir.join(SOCKOPS_LINK);
         if !sockops_pin.exists() {
-            let sockops: &mut SockOps = program(&mut ebpf, CAPTURE_SOCKOPS_PROG)?;
-            let id = sockops
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err(CAPTURE_SOCKOPS_PROG))?;
-            let link = sockops
-                .take_link(id)
-                .map_err(prog_err(CAPTURE_SOCKOPS_PROG))?;
-            pin_link(fd_link(link, CAPTURE_SOCKOPS_PROG)?, &sockops_pin)?;
+            attach_cgroup_pinned!(
+                &mut ebpf,
+                SockOps,
+                CAPTURE_SOCKOPS_PROG,
+                &cgroup,
+                &sockops_pin
+            )?;
         }
 
         Ok(Self {

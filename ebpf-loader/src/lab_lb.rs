@@ -13,7 +13,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::CgroupSockAddr,
 };
 use mesh_ebpf_common::{
     Ipv4Endpoint, LAB_LB_STATS_MAP, LAB_SERVICE_LB_PROG, LAB_SERVICES_MAP, LabLbCounter,
@@ -22,7 +22,7 @@ use mesh_ebpf_common::{
 
 use crate::{
     Error, OBJECT, Result,
-    object::{fd_link, map_err, open, pin_link, prog_err, program},
+    object::{attach_cgroup_pinned, map_err, open, prog_err, program},
 };
 
 /// File name of the pinned cgroup link inside the pin directory.
@@ -55,15 +55,13 @@ impl LabServiceLb {
         let program: &mut CgroupSockAddr = program(&mut ebpf, LAB_SERVICE_LB_PROG)?;
         program.load().map_err(prog_err(LAB_SERVICE_LB_PROG))?;
         let cgroup_file = open(cgroup, "opening cgroup")?;
-        // A cgroup bpf_link always coexists with other programs; the kernel
-        // refuses multi-attach flags on link creation, so pass none.
-        let link_id = program
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(prog_err(LAB_SERVICE_LB_PROG))?;
-        let link = program
-            .take_link(link_id)
-            .map_err(prog_err(LAB_SERVICE_LB_PROG))?;
-        pin_link(fd_link(link, LAB_SERVICE_LB_PROG)?, &pin_dir.join(LINK_PIN))?;
+        attach_cgroup_pinned!(
+            &mut ebpf,
+            CgroupSockAddr,
+            LAB_SERVICE_LB_PROG,
+            &cgroup_file,
+            &pin_dir.join(LINK_PIN)
+        )?;
         for name in [LAB_SERVICES_MAP, LAB_LB_STATS_MAP] {
             let map = ebpf.map(name).ok_or_else(|| {
                 map_err(name)(MapError::InvalidName {

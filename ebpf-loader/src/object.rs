@@ -86,3 +86,22 @@ pub(crate) fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramErro
 pub(crate) fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, source }
 }
+
+/// Attaches the cgroup program `$name` of type `$ty` in `$ebpf` to `$cgroup`
+/// and pins the link at `$pin`. A macro because aya's cgroup program types
+/// share `attach`/`take_link` by convention, not through a trait.
+macro_rules! attach_cgroup_pinned {
+    ($ebpf:expr, $ty:ty, $name:expr, $cgroup:expr, $pin:expr) => {{
+        let program: &mut $ty = $crate::object::program($ebpf, $name)?;
+        // A cgroup bpf_link always coexists with other programs; the kernel
+        // refuses multi-attach flags on link creation, so pass none.
+        let id = program
+            .attach($cgroup, aya::programs::CgroupAttachMode::Single)
+            .map_err($crate::object::prog_err($name))?;
+        let link = program
+            .take_link(id)
+            .map_err($crate::object::prog_err($name))?;
+        $crate::object::pin_link($crate::object::fd_link(link, $name)?, $pin)
+    }};
+}
+pub(crate) use attach_cgroup_pinned;

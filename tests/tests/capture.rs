@@ -79,6 +79,26 @@ fn pod<'a>(state: &'a LabState, name: &str) -> &'a PodPlan {
     state.pod(name).unwrap_or_else(|err| panic!("{err}"))
 }
 
+/// Labels namespace `default` ambient and waits (at most 1 s, the promise)
+/// until every pod's ztunnel reports it enrolled.
+fn enrol_default_namespace(lab: &mut Lab) {
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            DATAPLANE_MODE_LABEL,
+            Some("ambient"),
+        )
+        .expect("label namespace");
+    for pod in &lab.state.plan.pods {
+        wait_for_log(
+            &lab.state,
+            pod.node,
+            &enrolled_marker(pod),
+            Duration::from_secs(1),
+        );
+    }
+}
+
 fn enrolled_marker(pod: &PodPlan) -> String {
     format!("enrolled in the mesh pod={}", pod.qualified_name())
 }
@@ -113,22 +133,7 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
 
     // Enrol the namespace: every pod is captured within 1 s, nothing restarts.
     let app_pids = lab.state.app_pids.clone();
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            DATAPLANE_MODE_LABEL,
-            Some("ambient"),
-        )
-        .expect("label namespace");
-    for pod in &lab.state.plan.pods {
-        let took = wait_for_log(
-            &lab.state,
-            pod.node,
-            &enrolled_marker(pod),
-            Duration::from_secs(1),
-        );
-        assert!(took < Duration::from_secs(1));
-    }
+    enrol_default_namespace(&mut lab);
     assert_eq!(lab.state.app_pids, app_pids, "no app was restarted");
 
     // Outbound to a VIP and to a pod IP, across nodes: ztunnel on the client's
@@ -481,21 +486,7 @@ fn counter(metrics: &str, program: &str, outcome: &str) -> u64 {
 #[test]
 fn deleted_pod_is_released_and_the_rest_keeps_working() {
     let mut lab = Lab::bookinfo("tgone");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            DATAPLANE_MODE_LABEL,
-            Some("ambient"),
-        )
-        .expect("label namespace");
-    for pod in &lab.state.plan.pods {
-        wait_for_log(
-            &lab.state,
-            pod.node,
-            &enrolled_marker(pod),
-            Duration::from_secs(1),
-        );
-    }
+    enrol_default_namespace(&mut lab);
     let gone = pod(&lab.state, "reviews-v1").clone();
     let productpage = pod(&lab.state, "productpage").clone();
     let [a, b, c, d] = gone.ip.octets();
