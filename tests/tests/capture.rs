@@ -538,4 +538,22 @@ fn deleted_pod_is_released_and_the_rest_keeps_working() {
         ],
         20,
     );
+
+    // A malformed pods file is reported and the last good set stays in force.
+    std::fs::write(lab.state.node_pods_file(productpage.node), "{ not json")
+        .expect("corrupt pods file");
+    wait_for_log(
+        &lab.state,
+        productpage.node,
+        "node pods file is malformed; keeping the last good set",
+        Duration::from_secs(1),
+    );
+    let outbound = r#"direction="outbound""#;
+    let before = access_records(&lab.state, productpage.node)
+        .iter()
+        .filter(|r| r.contains(outbound))
+        .count();
+    probe::http_get(&lab.state, &productpage, "http://reviews:9080/", &[])
+        .expect("still through the mesh");
+    wait_for_records(&lab.state, productpage.node, &[outbound], before + 1);
 }

@@ -24,6 +24,8 @@ use crate::{
 pub struct Agent {
     capture: Arc<Mutex<Capture>>,
     running: BTreeMap<String, RunningPod>,
+    /// Whether the last reconcile left a pod it could not enrol.
+    retry: bool,
 }
 
 struct RunningPod {
@@ -72,13 +74,22 @@ impl Agent {
         Ok(Self {
             capture: Arc::new(Mutex::new(capture)),
             running: BTreeMap::new(),
+            retry: false,
         })
     }
 
+    /// Whether a pod failed to enrol and [`reconcile`](Self::reconcile)
+    /// should run again even though nothing changed.
+    pub fn needs_retry(&self) -> bool {
+        self.retry
+    }
+
     /// Brings capture in line with `desired`: enrols new pods, releases those
-    /// that left or opted out. A pod that fails is logged and retried on the
-    /// next call; the others are not affected.
+    /// that left or opted out. A pod that fails is logged and left for the
+    /// next call (see [`needs_retry`](Self::needs_retry)); the others are not
+    /// affected.
     pub async fn reconcile(&mut self, desired: &NodePods) {
+        self.retry = false;
         let wanted: BTreeMap<String, &NodePod> = desired
             .pods
             .iter()
@@ -122,6 +133,7 @@ impl Agent {
                     self.running.insert(key, running);
                 }
                 Err(err) => {
+                    self.retry = true;
                     warn!(pod = %key, error = %format!("{err:#}"), "enrolling pod failed; will retry")
                 }
             }

@@ -109,6 +109,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut last_seen = None;
+    let mut last_good = None;
     let mut ticker = tokio::time::interval(WATCH_INTERVAL);
     info!(node_pods = %args.node_pods.display(), "ztunnel running");
     loop {
@@ -117,9 +118,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let modified = std::fs::metadata(&args.node_pods).and_then(|m| m.modified()).ok();
                 if modified.is_some() && modified != last_seen {
                     last_seen = modified;
+                    // A malformed file keeps the last good set in force.
                     if let Some(pods) = agent::read_node_pods(&args.node_pods) {
-                        agent.reconcile(&pods).await;
+                        last_good = Some(pods);
+                    } else {
+                        continue;
                     }
+                } else if !agent.needs_retry() {
+                    continue;
+                }
+                if let Some(pods) = &last_good {
+                    agent.reconcile(pods).await;
                 }
             }
             _ = terminate.recv() => break,
