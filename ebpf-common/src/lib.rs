@@ -95,6 +95,9 @@ pub const CAPTURE_LISTENERS_MAP: &str = "CAPTURE_LISTENERS";
 /// are never captured (the node's health-probe address), key: IPv4 in
 /// network byte order, value: unused.
 pub const CAPTURE_PROBE_SOURCES_MAP: &str = "CAPTURE_PROBE_SOURCES";
+/// Connections ztunnel is about to open to a pod's app with the original
+/// client's address as source: `capture_sk_lookup` lets them through.
+pub const CAPTURE_DELIVER_MAP: &str = "CAPTURE_DELIVER";
 /// Name of the per-CPU capture counters, indexed by [`CaptureCounter`].
 pub const CAPTURE_STATS_MAP: &str = "CAPTURE_STATS";
 /// Program steering enrolled pods' outbound connects to ztunnel.
@@ -132,6 +135,22 @@ pub struct OutboundKey {
     pub port: u32,
     /// Explicit padding; always zero.
     pub pad: u32,
+}
+
+/// Key of [`CAPTURE_DELIVER_MAP`]: a connection as `sk_lookup` sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliverKey {
+    /// Source address (the original client's), network byte order.
+    pub remote_ip4: u32,
+    /// Destination address (the pod's), network byte order.
+    pub local_ip4: u32,
+    /// Source port, network byte order (as `bpf_sk_lookup.remote_port`).
+    pub remote_port: u16,
+    /// Explicit padding; always zero.
+    pub pad: u16,
+    /// Destination port, host byte order (as `bpf_sk_lookup.local_port`).
+    pub local_port: u32,
 }
 
 /// Which of ztunnel's in-pod listeners a [`ListenerKey`] names.
@@ -183,4 +202,6 @@ mod user_capture {
     unsafe impl aya::Pod for super::OutboundKey {}
     // SAFETY: as above (u32, u32).
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above (u32, u32, u16, u16, u32).
+    unsafe impl aya::Pod for super::DeliverKey {}
 }

@@ -27,10 +27,10 @@ use aya::{
     programs::{CgroupSockAddr, SkLookup, SockOps},
 };
 use mesh_ebpf_common::{
-    CAPTURE_CONNECT4_PROG, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP, CAPTURE_ORIG_DST_MAP,
-    CAPTURE_PENDING_MAP, CAPTURE_PROBE_SOURCES_MAP, CAPTURE_SK_LOOKUP_PROG, CAPTURE_SOCKOPS_PROG,
-    CAPTURE_STATS_MAP, CaptureCounter, EnrolledPod, Ipv4Endpoint, ListenerKey, ListenerKind,
-    OutboundKey,
+    CAPTURE_CONNECT4_PROG, CAPTURE_DELIVER_MAP, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP,
+    CAPTURE_ORIG_DST_MAP, CAPTURE_PENDING_MAP, CAPTURE_PROBE_SOURCES_MAP, CAPTURE_SK_LOOKUP_PROG,
+    CAPTURE_SOCKOPS_PROG, CAPTURE_STATS_MAP, CaptureCounter, DeliverKey, EnrolledPod, Ipv4Endpoint,
+    ListenerKey, ListenerKind, OutboundKey,
 };
 
 use crate::{
@@ -58,6 +58,7 @@ pub struct Capture {
     orig_dst: HashMap<MapData, OutboundKey, Ipv4Endpoint>,
     listeners: SockHash<MapData, ListenerKey>,
     probe_sources: HashMap<MapData, u32, u8>,
+    deliver: HashMap<MapData, DeliverKey, u8>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -120,6 +121,7 @@ impl Capture {
             CAPTURE_LISTENERS_MAP,
             CAPTURE_STATS_MAP,
             CAPTURE_PROBE_SOURCES_MAP,
+            CAPTURE_DELIVER_MAP,
         ];
         for name in maps.into_iter().chain([AYA_LOGS_MAP]) {
             loader.map_pin_path(name, pin_dir.join(name));
@@ -163,6 +165,7 @@ impl Capture {
             orig_dst: take_map(&mut ebpf, CAPTURE_ORIG_DST_MAP, HashMap::try_from)?,
             listeners: take_map(&mut ebpf, CAPTURE_LISTENERS_MAP, SockHash::try_from)?,
             probe_sources: take_map(&mut ebpf, CAPTURE_PROBE_SOURCES_MAP, HashMap::try_from)?,
+            deliver: take_map(&mut ebpf, CAPTURE_DELIVER_MAP, HashMap::try_from)?,
             stats: take_map(&mut ebpf, CAPTURE_STATS_MAP, PerCpuArray::try_from)?,
             pin_dir: pin_dir.to_path_buf(),
             ebpf,
@@ -264,6 +267,27 @@ impl Capture {
         self.listeners
             .insert(&key, socket.as_raw_fd(), 0)
             .map_err(map_err(CAPTURE_LISTENERS_MAP))
+    }
+
+    /// Lets ztunnel's next connection from `source` to `destination` (a pod's
+    /// app) through `capture_sk_lookup`: it carries the original client's
+    /// address, so without this it would be captured again. Entries age out
+    /// of the LRU map; the 4-tuple is unique while the connection lives.
+    pub fn allow_delivery(
+        &mut self,
+        source: SocketAddrV4,
+        destination: SocketAddrV4,
+    ) -> Result<()> {
+        let key = DeliverKey {
+            remote_ip4: u32::from_ne_bytes(source.ip().octets()),
+            local_ip4: u32::from_ne_bytes(destination.ip().octets()),
+            remote_port: source.port().to_be(),
+            pad: 0,
+            local_port: u32::from(destination.port()),
+        };
+        self.deliver
+            .insert(&key, &1, 0)
+            .map_err(map_err(CAPTURE_DELIVER_MAP))
     }
 
     /// Takes the original destination of a captured connect, identified by

@@ -14,7 +14,9 @@
 //!   handed to the app in plaintext. Connections from the pod's own address
 //!   (ztunnel delivering to the app from inside the pod, or the pod calling
 //!   itself, already captured on the way out), from the node's configured
-//!   health-probe address, and to loopback are left alone.
+//!   health-probe address, and to loopback are left alone, as are those
+//!   ztunnel announced in `CAPTURE_DELIVER`: its own connections to the app
+//!   that carry the original client's address as their source.
 
 use aya_ebpf::{
     EbpfContext,
@@ -26,8 +28,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_ebpf_common::{
-    CAPTURE_COUNTERS, CaptureCounter, EnrolledPod, HBONE_PORT, Ipv4Endpoint, ListenerKey,
-    ListenerKind, OUTBOUND_PORT, OutboundKey,
+    CAPTURE_COUNTERS, CaptureCounter, DeliverKey, EnrolledPod, HBONE_PORT, Ipv4Endpoint,
+    ListenerKey, ListenerKind, OUTBOUND_PORT, OutboundKey,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -55,6 +57,10 @@ static CAPTURE_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(327
 /// Source addresses (the node's health-probe address) never captured inbound.
 #[map]
 static CAPTURE_PROBE_SOURCES: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
+
+/// ztunnel's transparent connections to apps, announced just before connect.
+#[map]
+static CAPTURE_DELIVER: LruHashMap<DeliverKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// Per-CPU counters indexed by [`CaptureCounter`].
 #[map]
@@ -151,6 +157,17 @@ pub fn capture_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: read-only lookup of a plain value.
     if unsafe { CAPTURE_PROBE_SOURCES.get(&remote) }.is_some() {
         bump(CaptureCounter::InboundProbe);
+        return sk_action::SK_PASS;
+    }
+    let deliver = DeliverKey {
+        remote_ip4: remote,
+        local_ip4: lookup.local_ip4,
+        remote_port: lookup.remote_port,
+        pad: 0,
+        local_port: lookup.local_port,
+    };
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { CAPTURE_DELIVER.get(&deliver) }.is_some() {
         return sk_action::SK_PASS;
     }
     let kind = if lookup.local_port == u32::from(HBONE_PORT) {

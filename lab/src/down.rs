@@ -35,6 +35,7 @@ pub fn down(lab: &str) -> Result<DownReport> {
                 .app_pids
                 .into_values()
                 .chain(state.ztunnel_pids.into_values())
+                .chain(state.control_pid)
                 .collect()
         })
         .unwrap_or_default();

@@ -14,6 +14,8 @@
 //! even after a crash or a half-finished [`up`].
 
 pub mod cgroup;
+pub mod cluster;
+pub mod control;
 mod down;
 pub mod mesh;
 pub mod netns;

@@ -61,6 +61,30 @@ enum Command {
         /// `key=value` or `key-`.
         label: String,
     },
+    /// Apply the Istio and Gateway API resources of a file or directory
+    /// (VirtualService, DestinationRule, AuthorizationPolicy, ...), kubectl
+    /// style: the control plane picks them up within a second.
+    Apply {
+        /// Manifest file or directory.
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+    },
+    /// Remove a file applied with `apply`, by its file name.
+    Unapply {
+        /// File name, e.g. `virtual-service-reviews-80-20.yaml`.
+        file_name: String,
+    },
+    /// Run `meshctl` on a node (default: the control plane's), pointed at
+    /// the lab's control plane, e.g. `meshctl proxy-status` or
+    /// `meshctl --node 1 ztunnel-config`.
+    Meshctl {
+        /// Node index to run on (its ztunnel answers `ztunnel-config`).
+        #[arg(long, default_value_t = 0)]
+        node: usize,
+        /// meshctl's arguments.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run a command as a pod: in its network namespace and cgroup.
     Exec {
         /// Pod name, `namespace/name`, or a unique prefix.
@@ -95,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 app_binary,
                 ztunnel_binary: sibling_binary("ztunnel")?,
+                control_binary: sibling_binary("mesh-control")?,
             })
             .with_context(|| format!("bringing lab {} up", cli.name))?;
             print_status(&state);
@@ -142,6 +167,33 @@ fn main() -> anyhow::Result<()> {
             println!("{kind}/{object} labeled {label}");
         }
         Command::Traffic => traffic::run(&LabState::load(&cli.name)?)?,
+        Command::Meshctl { node, args } => {
+            let state = LabState::load(&cli.name)?;
+            if node >= state.plan.nodes.len() {
+                bail!("lab {} has no node {node}", cli.name);
+            }
+            let mut command = state.command_on_node(node, sibling_binary("meshctl")?)?;
+            command
+                .env(
+                    "MESH_CONTROL_STATUS",
+                    format!("http://{}", state.control_status_addr()),
+                )
+                .args(args);
+            let err = command.exec();
+            bail!("exec meshctl: {err}");
+        }
+        Command::Apply { path } => {
+            LabState::load(&cli.name)?;
+            let applied = mesh_lab::cluster::apply(&cli.name, &path)?;
+            println!("{}: {applied} resource(s) applied", path.display());
+        }
+        Command::Unapply { file_name } => {
+            if mesh_lab::cluster::unapply(&cli.name, &file_name)? {
+                println!("{file_name} removed");
+            } else {
+                bail!("{file_name} was not applied to lab {}", cli.name);
+            }
+        }
         Command::Exec { pod, command } => {
             let state = LabState::load(&cli.name)?;
             let pod = state.pod(&pod)?;

@@ -65,14 +65,51 @@ impl LabState {
 
     /// Scrapes node `node`'s ztunnel metrics (Prometheus text).
     pub fn ztunnel_metrics(&self, node: usize) -> Result<String> {
+        self.get_on_node(node, "http://127.0.0.1:15020/metrics")
+    }
+
+    /// Node `node`'s ztunnel's `/config_dump` (JSON): the workloads and
+    /// services it learned from the control plane.
+    pub fn ztunnel_config_dump(&self, node: usize) -> Result<serde_json::Value> {
+        let text = self.get_on_node(node, "http://127.0.0.1:15000/config_dump")?;
+        serde_json::from_str(&text).map_err(|err| Error::Invalid(format!("config_dump: {err}")))
+    }
+
+    /// Waits until every ztunnel's view of workloads satisfies `done`
+    /// (called with the node and that node's `/config_dump`).
+    pub fn wait_for_ztunnels(
+        &self,
+        timeout: Duration,
+        done: impl Fn(usize, &serde_json::Value) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for node in 0..self.plan.nodes.len() {
+            loop {
+                let dump = self.ztunnel_config_dump(node)?;
+                if done(node, &dump) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Invalid(format!(
+                        "ztunnel on {} did not converge within {timeout:?}",
+                        self.plan.nodes[node].name
+                    )));
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn get_on_node(&self, node: usize, url: &str) -> Result<String> {
         let output = self
             .command_on_node(node, &self.app_binary)?
-            .args(["get", "http://127.0.0.1:15020/metrics"])
+            .args(["get", url])
             .output()
-            .map_err(io_err("running lab-app get for metrics"))?;
+            .map_err(io_err(format!("running lab-app get {url}")))?;
         if !output.status.success() {
             return Err(Error::Invalid(format!(
-                "scraping ztunnel on {}: {}",
+                "GET {url} on {}: {}",
                 self.plan.nodes[node].name,
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
@@ -150,6 +187,7 @@ impl LabState {
             None => labels.remove(key),
         };
         self.save()?;
+        self.write_cluster_state()?;
         self.write_node_pods()
     }
 
@@ -183,6 +221,7 @@ impl LabState {
             }
         }
         self.save()?;
+        self.write_cluster_state()?;
         self.write_node_pods()
     }
 
@@ -213,6 +252,12 @@ impl LabState {
             // The node's own address plays the kubelet's for health probes.
             .arg("--probe-source")
             .arg(self.plan.nodes[node].ip.to_string())
+            .arg("--node-name")
+            .arg(&name)
+            .arg("--xds-address")
+            .arg(format!("http://{}", self.control_grpc_addr()))
+            .arg("--xds-token-file")
+            .arg(self.node_token_file(node))
             .args(std::env::var_os("MESH_EBPF_DEBUG_LOGS").map(|_| "--ebpf-debug-logs"))
             .env(
                 "RUST_LOG",

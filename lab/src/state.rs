@@ -24,6 +24,10 @@ pub struct LabState {
     pub ztunnel_binary: PathBuf,
     /// PID of each node's ztunnel, by node name.
     pub ztunnel_pids: BTreeMap<String, u32>,
+    /// The control plane binary.
+    pub control_binary: PathBuf,
+    /// PID of the control plane.
+    pub control_pid: Option<u32>,
 }
 
 impl LabState {

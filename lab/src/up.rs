@@ -31,6 +31,8 @@ pub struct UpOptions {
     pub app_binary: PathBuf,
     /// The node agent every node runs.
     pub ztunnel_binary: PathBuf,
+    /// The control plane.
+    pub control_binary: PathBuf,
 }
 
 /// Builds the lab described by `options`, replacing any lab of the same name.
@@ -41,6 +43,7 @@ pub fn up(options: &UpOptions) -> Result<LabState> {
     for (binary, package) in [
         (&options.app_binary, "lab-app"),
         (&options.ztunnel_binary, "ztunnel"),
+        (&options.control_binary, "mesh-control"),
     ] {
         if !binary.is_file() {
             return Err(Error::Invalid(format!(
@@ -66,14 +69,18 @@ pub fn up(options: &UpOptions) -> Result<LabState> {
     }
     let plan = plan::plan(&options.name, options.nodes, &manifests)?;
     crate::down(&options.name)?;
-    build(plan, options).inspect_err(|_| {
+    build(plan, &manifests.services, options).inspect_err(|_| {
         if let Err(err) = crate::down(&options.name) {
             tracing::warn!(%err, "cleaning up after a failed lab up");
         }
     })
 }
 
-fn build(plan: LabPlan, options: &UpOptions) -> Result<LabState> {
+fn build(
+    plan: LabPlan,
+    services: &[k8s_openapi::api::core::v1::Service],
+    options: &UpOptions,
+) -> Result<LabState> {
     let run = run_dir(&plan.name);
     fs::create_dir_all(run.join("logs")).map_err(io_err(format!("creating {}", run.display())))?;
     let state = LabState {
@@ -89,6 +96,11 @@ fn build(plan: LabPlan, options: &UpOptions) -> Result<LabState> {
             .canonicalize()
             .map_err(io_err("resolving the ztunnel binary path"))?,
         ztunnel_pids: BTreeMap::new(),
+        control_binary: options
+            .control_binary
+            .canonicalize()
+            .map_err(io_err("resolving the control plane binary path"))?,
+        control_pid: None,
         plan,
     };
     // Save early so `status` and `down` see a half-built lab too.
@@ -108,6 +120,9 @@ fn build(plan: LabPlan, options: &UpOptions) -> Result<LabState> {
     for pod in &state.plan.pods {
         wait_listening(&state, pod)?;
     }
+    crate::cluster::write_initial(&state, services, &options.manifests)?;
+    state.write_tokens()?;
+    state.start_control()?;
     state.write_node_pods()?;
     for node in 0..state.plan.nodes.len() {
         state.start_ztunnel(node)?;

@@ -24,6 +24,7 @@ impl Lab {
             nodes,
             app_binary: workspace_binary("lab-app"),
             ztunnel_binary: workspace_binary("ztunnel"),
+            control_binary: workspace_binary("mesh-control"),
         })
         .unwrap_or_else(|err| panic!("lab {name} up: {err}"));
         Self { state }

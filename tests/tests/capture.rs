@@ -146,6 +146,13 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
     )
     .expect("via VIP");
     assert_eq!(answer[0].field("pod"), details.name);
+    // The app sees the real client: ztunnel delivers with the caller's address.
+    let caller = answer[0].field("caller");
+    assert!(
+        caller.starts_with(&format!("{}:", productpage.ip)),
+        "details saw {caller}, not productpage's {}",
+        productpage.ip
+    );
     probe::http_get(
         &lab.state,
         &productpage,
@@ -214,10 +221,41 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         .state
         .ztunnel_metrics(details.node)
         .expect("scrape server node");
+    // Both calls share one pooled HBONE connection: one inbound capture.
     assert!(
-        counter(&server_metrics, "capture_sk_lookup", "captured") >= 2,
+        counter(&server_metrics, "capture_sk_lookup", "captured") >= 1,
         "{server_metrics}"
     );
+
+    // Istio's TCP metrics, with Istio's labels, from both ends.
+    let istio_line = |metrics: &str, name: &str, needles: &[&str]| -> Option<u64> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find(|l| needles.iter().all(|n| l.contains(n)))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let outbound_opened = istio_line(
+        &client_metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            r#"reporter="source""#,
+            r#"source_workload="productpage-v1""#,
+            r#"source_principal="spiffe://cluster.local/ns/default/sa/bookinfo-productpage""#,
+            r#"destination_workload="details-v1""#,
+            r#"destination_service="details.default.svc.cluster.local""#,
+        ],
+    );
+    assert!(outbound_opened.is_some_and(|n| n >= 1), "{client_metrics}");
+    let inbound_bytes = istio_line(
+        &server_metrics,
+        "istio_tcp_received_bytes_total",
+        &[
+            r#"reporter="destination""#,
+            r#"destination_workload="details-v1""#,
+        ],
+    );
+    assert!(inbound_bytes.is_some_and(|n| n > 0), "{server_metrics}");
 
     // No packet-filter rule anywhere: capture is eBPF only.
     assert_no_packet_filter_rules(&lab.state);
@@ -512,6 +550,16 @@ fn deleted_pod_is_released_and_the_rest_keeps_working() {
         "ztunnel reported a failure:\n{log}"
     );
 
+    // The control plane withdraws it from every ztunnel within a second.
+    let gone_name = gone.name.clone();
+    lab.state
+        .wait_for_ztunnels(Duration::from_secs(2), |_, dump| {
+            !dump["workloads"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|w| w["name"] == gone_name.as_str()))
+        })
+        .expect("deleted pod withdrawn from ztunnels");
+
     // The remaining reviews pods answer through the mesh, as before.
     let answers = probe::http_get(
         &lab.state,
@@ -556,4 +604,78 @@ fn deleted_pod_is_released_and_the_rest_keeps_working() {
     probe::http_get(&lab.state, &productpage, "http://reviews:9080/", &[])
         .expect("still through the mesh");
     wait_for_records(&lab.state, productpage.node, &[outbound], before + 1);
+}
+
+#[test]
+fn pod_deleted_mid_connection_fails_that_connection_only() {
+    let mut lab = Lab::bookinfo("tmid");
+    enrol_default_namespace(&mut lab);
+    let details = pod(&lab.state, "details").clone();
+    let ratings = pod(&lab.state, "ratings").clone();
+    let productpage = pod(&lab.state, "productpage").clone();
+    assert_ne!(details.node, productpage.node, "the transfer crosses nodes");
+
+    // A long transfer through both ztunnels to details' echo port.
+    let mut transfer = lab
+        .state
+        .app_client(
+            &productpage,
+            &[
+                "tcp",
+                &format!("{}:7", details.ip),
+                "--bytes",
+                "17179869184",
+                "--timeout-ms",
+                "60000",
+            ],
+        )
+        .expect("client command")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start transfer");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        transfer.try_wait().expect("poll").is_none(),
+        "transfer still running"
+    );
+
+    // details vanishes under it: the transfer fails promptly, as a reset,
+    // not a hang and not a clean end.
+    let deleted = Instant::now();
+    lab.state.delete_pod(&details.name).expect("delete pod");
+    let status = loop {
+        if let Some(status) = transfer.try_wait().expect("poll") {
+            break status;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(5),
+            "the transfer did not notice the deletion within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "a cut transfer must not look successful");
+
+    // Both ztunnels are still up, recorded the cut connection, and carry
+    // other traffic as before.
+    for node in 0..lab.state.plan.nodes.len() {
+        let pid = lab.state.ztunnel_pids[&lab.state.plan.nodes[node].name];
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "ztunnel on node{node} died"
+        );
+    }
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[r#"direction="outbound""#, &format!("dst={}:7", details.ip)],
+        1,
+    );
+    probe::http_get(
+        &lab.state,
+        &productpage,
+        &format!("http://{}:9080/", ratings.ip),
+        &[],
+    )
+    .expect("other traffic unaffected");
 }

@@ -227,6 +227,7 @@ fn bad_manifests_are_refused_before_anything_is_built() {
         nodes: 2,
         app_binary: mesh_tests::workspace_binary("lab-app"),
         ztunnel_binary: mesh_tests::workspace_binary("ztunnel"),
+        control_binary: mesh_tests::workspace_binary("mesh-control"),
     })
     .expect_err("a malformed Service is refused");
     let message = err.to_string();

@@ -23,6 +23,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(command)
     };
     cmd::run(build()?.arg("up").arg("-f").arg(lab::bookinfo()?))?;
+    eprintln!("\n== the control plane and the ztunnels it feeds ==");
+    cmd::run(build()?.args(["meshctl", "--", "proxy-status"]))?;
     eprintln!("\n== bookinfo without the mesh ==");
     cmd::run(build()?.arg("traffic"))?;
     eprintln!("\n== enrolling namespace default (istio.io/dataplane-mode=ambient) ==");
@@ -32,8 +34,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "default",
         "istio.io/dataplane-mode=ambient",
     ]))?;
-    // ztunnel checks its node's pods every 200 ms.
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    // ztunnel checks its node's pods every 200 ms; the control plane pushes
+    // the change within a second.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    eprintln!("\n== what node1's ztunnel knows now (from the control plane) ==");
+    cmd::run(build()?.args(["meshctl", "--node", "1", "--", "ztunnel-config"]))?;
     let traffic = cmd::run(build()?.arg("traffic"));
     if args.down {
         cmd::run(build()?.arg("down"))?;

@@ -43,6 +43,27 @@ enum LabCommand {
         /// `key=value` or `key-`.
         label: String,
     },
+    /// Apply the Istio resources of a file or directory, kubectl style.
+    Apply {
+        /// Manifest file or directory.
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+    },
+    /// Remove a file applied with `apply`, by its file name.
+    Unapply {
+        /// File name.
+        file_name: String,
+    },
+    /// Run meshctl on a node, pointed at the lab's control plane
+    /// (e.g. `meshctl proxy-status`).
+    Meshctl {
+        /// Node index.
+        #[arg(long, default_value_t = 0)]
+        node: usize,
+        /// meshctl's arguments.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run a command in a pod's network namespace and cgroup.
     Exec {
         /// Pod name or unique prefix.
@@ -56,7 +77,12 @@ enum LabCommand {
 pub fn run(args: LabArgs) -> anyhow::Result<()> {
     let mut lab = match &args.command {
         LabCommand::Up { .. } | LabCommand::Exec { .. } => build()?,
-        LabCommand::Down | LabCommand::Status | LabCommand::Label { .. } => built_or_build()?,
+        LabCommand::Down
+        | LabCommand::Status
+        | LabCommand::Label { .. }
+        | LabCommand::Apply { .. }
+        | LabCommand::Unapply { .. } => built_or_build()?,
+        LabCommand::Meshctl { .. } => build()?,
     };
     lab.args(["--name", &args.name]);
     match args.command {
@@ -85,6 +111,16 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         } => {
             lab.args(["label", &kind, &object, &label]);
         }
+        LabCommand::Apply { path } => {
+            lab.arg("apply").arg("-f").arg(path);
+        }
+        LabCommand::Unapply { file_name } => {
+            lab.args(["unapply", &file_name]);
+        }
+        LabCommand::Meshctl { node, args } => {
+            lab.args(["meshctl", "--node", &node.to_string(), "--"])
+                .args(args);
+        }
         LabCommand::Exec { pod, command } => {
             lab.arg("exec").arg(pod).arg("--").args(command);
         }
@@ -92,10 +128,23 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     cmd::run(&mut lab)
 }
 
-/// Builds the eBPF object, `mesh-lab` and `lab-app`; returns a `mesh-lab` command.
+/// Builds the eBPF object and every binary the lab runs; returns a `mesh-lab` command.
 pub fn build() -> anyhow::Result<Command> {
     build_ebpf::run()?;
-    cmd::run(cmd::cargo().args(["build", "--quiet", "-p", "mesh-lab", "-p", "lab-app"]))?;
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "mesh-lab",
+        "-p",
+        "lab-app",
+        "-p",
+        "ztunnel",
+        "-p",
+        "mesh-control",
+        "-p",
+        "meshctl",
+    ]))?;
     Ok(mesh_lab())
 }
 

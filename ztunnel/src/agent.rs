@@ -10,19 +10,25 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_config::node::{NodePod, NodePods};
-use mesh_ebpf_common::{INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
+use mesh_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
 use mesh_ebpf_loader::capture::{Capture, PodTarget};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    discovery::Discovery,
+    identity::CertManager,
     inpod::PodNetns,
-    proxy::{self, PodContext},
+    policy::PolicyStore,
+    proxy::{InboundTunnels, PodContext, PodDialer, Proxy},
 };
 
 /// The agent: capture state plus one set of listeners per enrolled pod.
 pub struct Agent {
     capture: Arc<Mutex<Capture>>,
+    proxy: Arc<Proxy>,
+    certs: Arc<CertManager>,
+    trust_domain: String,
     running: BTreeMap<String, RunningPod>,
     /// Whether the last reconcile left a pod it could not enrol.
     retry: bool,
@@ -43,16 +49,52 @@ impl Drop for RunningPod {
     }
 }
 
+/// Where capture lives on this node.
+#[derive(Debug)]
+pub struct CaptureConfig<'a> {
+    /// The cgroup all pods of the node live under.
+    pub pods_cgroup: &'a Path,
+    /// bpffs directory of the node's pins.
+    pub pin_dir: &'a Path,
+    /// Forward the programs' debug records into ztunnel's log.
+    pub ebpf_debug_logs: bool,
+    /// Health-probe sources, never captured.
+    pub probe_sources: &'a [Ipv4Addr],
+}
+
+/// What the control plane feeds the agent.
+pub struct MeshState {
+    /// Workloads and services.
+    pub discovery: Arc<Discovery>,
+    /// L4 policies.
+    pub policy: Arc<PolicyStore>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Istio's TCP metrics, recorded per connection.
+    pub tcp_metrics: crate::metrics::TcpMetrics,
+}
+
 impl Agent {
-    /// Loads (or adopts) the capture programs for the pods under `pods_cgroup`;
-    /// with `ebpf_debug_logs`, their debug records go to ztunnel's log;
-    /// connections from `probe_sources` (health probes) are never captured.
-    pub fn new(
-        pods_cgroup: &Path,
-        pin_dir: &Path,
-        ebpf_debug_logs: bool,
-        probe_sources: &[Ipv4Addr],
-    ) -> anyhow::Result<Self> {
+    /// Loads (or adopts) the capture programs for the pods under
+    /// `pods_cgroup`; with `ebpf_debug_logs`, their debug records go to
+    /// ztunnel's log; connections from `probe_sources` (health probes) are
+    /// never captured.
+    pub fn new(config: CaptureConfig<'_>, mesh: MeshState) -> anyhow::Result<Self> {
+        let CaptureConfig {
+            pods_cgroup,
+            pin_dir,
+            ebpf_debug_logs,
+            probe_sources,
+        } = config;
+        let MeshState {
+            discovery,
+            policy,
+            certs,
+            trust_domain,
+            tcp_metrics,
+        } = mesh;
         let mut capture =
             Capture::install(pods_cgroup, pin_dir, ebpf_debug_logs).with_context(|| {
                 format!(
@@ -71,8 +113,18 @@ impl Agent {
                 None => warn!("the eBPF object has no log buffer"),
             }
         }
+        let capture = Arc::new(Mutex::new(capture));
         Ok(Self {
-            capture: Arc::new(Mutex::new(capture)),
+            proxy: Arc::new(Proxy {
+                capture: capture.clone(),
+                discovery,
+                policy,
+                metrics: tcp_metrics,
+                certs: certs.clone(),
+            }),
+            capture,
+            certs,
+            trust_domain,
             running: BTreeMap::new(),
             retry: false,
         })
@@ -123,6 +175,14 @@ impl Agent {
             Err(err) => warn!(error = %err, "releasing stale pods failed"),
         }
 
+        // Certificates for the identities that run here now; the others'
+        // renewals stop.
+        let identities: Vec<String> = wanted.values().map(|pod| self.identity(pod)).collect();
+        self.certs.retain(&identities);
+        for identity in &identities {
+            self.certs.prefetch(identity);
+        }
+
         for (key, pod) in wanted {
             if self.running.contains_key(&key) {
                 continue;
@@ -145,6 +205,10 @@ impl Agent {
     async fn start(&self, pod: &NodePod) -> anyhow::Result<RunningPod> {
         let netns = PodNetns::open(&pod.netns)
             .with_context(|| format!("opening netns {}", pod.netns.display()))?;
+        netns
+            .prepare_delivery()
+            .await
+            .context("preparing the pod for transparent delivery")?;
         let outbound = netns
             .listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))
             .await
@@ -156,27 +220,70 @@ impl Agent {
             )))
             .await
             .context("listening on 0.0.0.0:15006 in the pod")?;
-        {
-            let mut capture = self.lock();
-            capture.register_listener(pod.ip, ListenerKind::InboundPlaintext, &inbound)?;
-            capture.enroll(&target(pod))?;
-        }
+        let hbone = netns
+            .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
+            .await
+            .context("listening on 0.0.0.0:15008 in the pod")?;
+        let identity: mesh_hbone::Identity = self.identity(pod).parse().with_context(|| {
+            format!(
+                "service account {:?} is not a valid identity",
+                pod.service_account
+            )
+        })?;
         let context = Arc::new(PodContext {
             name: format!("{}/{}", pod.namespace, pod.name),
             ip: pod.ip,
+            pool: mesh_hbone::Pool::with_dialer(
+                self.certs.store().clone(),
+                mesh_hbone::PoolConfig::default(),
+                Arc::new(PodDialer(netns.clone())),
+            ),
+            identity: identity.clone(),
             netns,
         });
-        let capture = self.capture.clone();
+        let server = mesh_hbone::Server::new(
+            self.certs.store().clone(),
+            identity,
+            InboundTunnels {
+                proxy: self.proxy.clone(),
+                pod: context.clone(),
+            },
+        )
+        .context("building the pod's HBONE server")?;
+        {
+            let mut capture = self.lock();
+            capture.register_listener(pod.ip, ListenerKind::InboundPlaintext, &inbound)?;
+            capture.register_listener(pod.ip, ListenerKind::Hbone, &hbone)?;
+            capture.enroll(&target(pod))?;
+        }
+        let proxy = self.proxy.clone();
         let outbound_loop = accept_loop(outbound, context.clone(), move |ctx, stream, peer| {
-            tokio::spawn(proxy::outbound(ctx, capture.clone(), stream, peer));
+            tokio::spawn(proxy.clone().outbound(ctx, stream, peer));
         });
-        let inbound_loop = accept_loop(inbound, context, |ctx, stream, peer| {
-            tokio::spawn(proxy::inbound(ctx, stream, peer));
+        let proxy = self.proxy.clone();
+        let inbound_loop = accept_loop(inbound, context.clone(), move |ctx, stream, peer| {
+            tokio::spawn(proxy.clone().inbound_plaintext(ctx, stream, peer));
+        });
+        let hbone_loop = accept_loop(hbone, context, move |_, stream, peer| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                if let Err(err) = server.serve_connection(stream, peer).await {
+                    debug!(%peer, error = %err, "HBONE connection ended with an error");
+                }
+            });
         });
         Ok(RunningPod {
             spec: pod.clone(),
-            accept_loops: vec![outbound_loop, inbound_loop],
+            accept_loops: vec![outbound_loop, inbound_loop, hbone_loop],
         })
+    }
+
+    /// `pod`'s SPIFFE identity.
+    fn identity(&self, pod: &NodePod) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, pod.namespace, pod.service_account
+        )
     }
 
     /// The shared capture state (for the metrics collector).

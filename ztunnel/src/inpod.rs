@@ -5,11 +5,31 @@
 //! on a blocking thread that enters the pod's namespace for the `socket()`
 //! call only and returns to ztunnel's own namespace straight after.
 
-use std::{fs::File, io, net::SocketAddr, os::fd::AsFd, path::Path, sync::Arc};
+use std::{
+    fs::File,
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    path::Path,
+    sync::Arc,
+};
+
+use futures::TryStreamExt as _;
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Mark of ztunnel's transparent connections to a pod's app. With
+/// `tcp_fwmark_accept`, the app's side of such a connection inherits it, so
+/// its replies (addressed to the original client, which is not local) match
+/// the pod's [`DELIVERY_TABLE`] rule and come back to ztunnel's socket.
+pub const DELIVERY_MARK: u32 = 0x539;
+/// Policy routing table, in each enrolled pod, that delivers everything
+/// locally.
+pub const DELIVERY_TABLE: u32 = 133;
+/// Priority of the rule selecting [`DELIVERY_TABLE`] for marked packets.
+const DELIVERY_RULE_PRIORITY: u32 = 32000;
 
 /// A pod's network namespace, held open so it cannot vanish under us.
 #[derive(Clone, Debug)]
@@ -41,6 +61,97 @@ impl PodNetns {
         TcpSocket::from_std_stream(socket.into())
             .connect(addr)
             .await
+    }
+
+    /// Connects to the app at `destination` from inside the pod with the
+    /// original client's address `source_ip` as source, so the app sees who
+    /// really called. `announce` is told the exact source (with its port)
+    /// before the SYN leaves, to let it through the pod's inbound capture.
+    /// Needs [`prepare_delivery`](Self::prepare_delivery) once per pod.
+    pub async fn connect_transparent(
+        &self,
+        source_ip: Ipv4Addr,
+        destination: SocketAddrV4,
+        announce: impl FnOnce(SocketAddrV4) -> io::Result<()>,
+    ) -> io::Result<TcpStream> {
+        let socket = self.socket().await?;
+        socket.set_tcp_nodelay(true)?;
+        socket.set_ip_transparent_v4(true)?;
+        socket.set_mark(DELIVERY_MARK)?;
+        socket.bind(&SocketAddr::from((source_ip, 0)).into())?;
+        let bound = socket
+            .local_addr()?
+            .as_socket_ipv4()
+            .ok_or_else(|| io::Error::other("bound address is not IPv4"))?;
+        announce(bound)?;
+        TcpSocket::from_std_stream(socket.into())
+            .connect(destination.into())
+            .await
+    }
+
+    /// Sets the pod's namespace up for transparent delivery: marked replies
+    /// are routed locally (`ip rule fwmark DELIVERY_MARK lookup
+    /// DELIVERY_TABLE`, `local 0.0.0.0/0 dev lo table DELIVERY_TABLE`) and
+    /// accepted sockets inherit their SYN's mark (`tcp_fwmark_accept`).
+    /// Idempotent.
+    pub async fn prepare_delivery(&self) -> io::Result<()> {
+        let netns = self.netns.clone();
+        let (connection, handle) = tokio::task::spawn_blocking(move || {
+            in_netns(&netns, || {
+                std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+                let (connection, handle, _) = rtnetlink::new_connection()?;
+                Ok((connection, handle))
+            })
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let task = tokio::spawn(connection);
+        let result = async {
+            let lo = handle
+                .link()
+                .get()
+                .match_name("lo")
+                .execute()
+                .try_next()
+                .await
+                .map_err(io::Error::other)?
+                .ok_or_else(|| io::Error::other("the pod has no lo"))?
+                .header
+                .index;
+            let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .table_id(DELIVERY_TABLE)
+                .kind(rtnetlink::packet_route::route::RouteType::Local)
+                .scope(rtnetlink::packet_route::route::RouteScope::Host)
+                .output_interface(lo)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(io::Error::other)?;
+            let rule = handle
+                .rule()
+                .add()
+                .v4()
+                .fw_mark(DELIVERY_MARK)
+                .table_id(DELIVERY_TABLE)
+                .priority(DELIVERY_RULE_PRIORITY)
+                .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+                .execute()
+                .await;
+            match rule {
+                Ok(()) => Ok(()),
+                // Already there (a restarted ztunnel re-preparing the pod).
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+                Err(e) => Err(io::Error::other(e)),
+            }
+        }
+        .await;
+        task.abort();
+        result
     }
 
     async fn socket(&self) -> io::Result<Socket> {

@@ -5,9 +5,13 @@
 //! enrolled pod's network namespace, and relays what is captured. The HBONE
 //! mTLS tunnel replaces the plaintext relay in a later step.
 
+mod admin;
 mod agent;
+mod discovery;
+mod identity;
 mod inpod;
 mod metrics;
+mod policy;
 mod proxy;
 
 use std::{path::PathBuf, time::Duration};
@@ -28,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Load every eBPF program of the embedded object into the kernel (without
     /// attaching it) and report which ones the verifier accepted.
     EbpfCheck,
@@ -63,6 +67,28 @@ struct RunArgs {
     /// Where Prometheus metrics are served (`/metrics`, `/stats/prometheus`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: std::net::SocketAddr,
+    /// Where readiness is served (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: std::net::SocketAddr,
+    /// Where the admin endpoint is served (`/config_dump`); keep it local.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: std::net::SocketAddr,
+    /// The mesh's root namespace: policies there without a selector apply
+    /// to every workload.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// This node's name, as pods' `spec.nodeName` says.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The control plane's xDS address, e.g. `http://istiod:15010`.
+    #[arg(long)]
+    xds_address: Option<String>,
+    /// File holding this node agent's bearer token for the control plane.
+    #[arg(long)]
+    xds_token_file: Option<PathBuf>,
 }
 
 /// How often the node pods file is checked for changes.
@@ -78,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::EbpfCheck => {
             let verified = mesh_ebpf_loader::verify::verify_all()
                 .context("loading the embedded eBPF object")?;
@@ -97,15 +123,63 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let discovery = std::sync::Arc::new(discovery::Discovery::default());
+    let policy = std::sync::Arc::new(policy::PolicyStore::new(&args.root_namespace));
+    let synced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tcp_metrics = metrics::TcpMetrics::default();
+    let certs = identity::CertManager::new(args.xds_address.clone(), args.xds_token_file.clone());
     let mut agent = agent::Agent::new(
-        &args.pods_cgroup,
-        &args.pin_dir,
-        args.ebpf_debug_logs,
-        &args.probe_sources,
+        agent::CaptureConfig {
+            pods_cgroup: &args.pods_cgroup,
+            pin_dir: &args.pin_dir,
+            ebpf_debug_logs: args.ebpf_debug_logs,
+            probe_sources: &args.probe_sources,
+        },
+        agent::MeshState {
+            discovery: discovery.clone(),
+            policy: policy.clone(),
+            certs: certs.clone(),
+            trust_domain: args.trust_domain.clone(),
+            tcp_metrics: tcp_metrics.clone(),
+        },
     )?;
-    metrics::serve(args.metrics_addr, metrics::registry(agent.capture()))
+    if let Some(address) = &args.xds_address {
+        tokio::spawn(mesh_xds::run(
+            mesh_xds::ClientConfig {
+                address: address.clone(),
+                token_file: args.xds_token_file.clone(),
+                node_id: format!("ztunnel~{}", args.node_name),
+                types: vec![
+                    mesh_api::type_url::ADDRESS,
+                    mesh_api::type_url::AUTHORIZATION,
+                ],
+            },
+            discovery::XdsHandler {
+                discovery: discovery.clone(),
+                policy: policy.clone(),
+                synced: synced.clone(),
+            },
+        ));
+    }
+    if args.xds_address.is_none() {
+        // No control plane: ready as soon as capture is in place.
+        synced.store(true, std::sync::atomic::Ordering::Release);
+    }
+    admin::serve(
+        args.metrics_addr,
+        metrics::responder(metrics::registry(agent.capture(), &tcp_metrics)),
+    )
+    .await
+    .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
+    admin::serve(args.readiness_addr, admin::readiness(synced.clone()))
         .await
-        .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
+        .with_context(|| format!("serving readiness on {}", args.readiness_addr))?;
+    admin::serve(
+        args.admin_addr,
+        admin::config_dump(discovery.clone(), policy.clone(), certs.clone()),
+    )
+    .await
+    .with_context(|| format!("serving admin on {}", args.admin_addr))?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut last_seen = None;

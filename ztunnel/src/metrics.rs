@@ -1,26 +1,74 @@
 //! Prometheus metrics on `:15020` (`/metrics` and `/stats/prometheus`, as
 //! Istio serves them). Kernel counters are read from the pinned eBPF maps at
 //! scrape time, so they survive ztunnel restarts and cost nothing between
-//! scrapes.
+//! scrapes. Connection metrics carry Istio's names and labels
+//! (`istio_tcp_*`), so existing dashboards work unchanged.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Response, StatusCode};
 use mesh_ebpf_loader::capture::Capture;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+    },
     registry::Registry,
 };
-use tokio::net::TcpListener;
-use tracing::{debug, warn};
+
+/// Istio's labels of the `istio_tcp_*` metrics.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (the client's ztunnel) or `destination` (the server's).
+    pub reporter: &'static str,
+    /// Client workload (Deployment) name.
+    pub source_workload: String,
+    /// Client namespace.
+    pub source_workload_namespace: String,
+    /// Client SPIFFE identity.
+    pub source_principal: String,
+    /// Client canonical service (`app` label).
+    pub source_canonical_service: String,
+    /// Client canonical revision (`version` label).
+    pub source_canonical_revision: String,
+    /// Server workload name.
+    pub destination_workload: String,
+    /// Server namespace.
+    pub destination_workload_namespace: String,
+    /// Server SPIFFE identity.
+    pub destination_principal: String,
+    /// Server canonical service.
+    pub destination_canonical_service: String,
+    /// Server canonical revision.
+    pub destination_canonical_revision: String,
+    /// Service host name the client addressed, when it addressed one.
+    pub destination_service: String,
+    /// Always `tcp` here.
+    pub request_protocol: &'static str,
+    /// `-`, or why the connection failed (e.g. `UF` upstream failure, `DENY`).
+    pub response_flags: &'static str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+/// Istio's TCP connection metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TcpMetrics {
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (bytes from the client).
+    pub received_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (bytes to the client).
+    pub sent_bytes: Family<TcpLabels, Counter>,
+}
+use tracing::warn;
 
 /// The eBPF capture counters, as `ztunnel_ebpf_connections_total{program,outcome}`.
 #[derive(Debug)]
@@ -63,66 +111,51 @@ impl Collector for CaptureCollector {
 }
 
 /// Builds the registry every scrape encodes.
-pub fn registry(capture: Arc<Mutex<Capture>>) -> Arc<Registry> {
+pub fn registry(capture: Arc<Mutex<Capture>>, tcp: &TcpMetrics) -> Arc<Registry> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(CaptureCollector { capture }));
+    let istio = registry.sub_registry_with_prefix("istio");
+    istio.register(
+        "tcp_connections_opened",
+        "TCP connections opened",
+        tcp.opened.clone(),
+    );
+    istio.register(
+        "tcp_connections_closed",
+        "TCP connections closed",
+        tcp.closed.clone(),
+    );
+    istio.register(
+        "tcp_received_bytes",
+        "Bytes received from clients",
+        tcp.received_bytes.clone(),
+    );
+    istio.register(
+        "tcp_sent_bytes",
+        "Bytes sent to clients",
+        tcp.sent_bytes.clone(),
+    );
     Arc::new(registry)
 }
 
-/// Serves `registry` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(error = %err, "metrics accept failed");
-                    continue;
-                }
-            };
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&registry, &request)) }
-                });
-                if let Err(err) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!(%peer, error = %err, "metrics connection ended");
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
-fn respond(registry: &Registry, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let response = |status, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match request.uri().path() {
+/// The metrics endpoint's responder (`/metrics`, `/stats/prometheus`).
+pub fn responder(registry: Arc<Registry>) -> impl Fn(&str) -> Response<Full<Bytes>> {
+    move |path| match path {
         "/metrics" | "/stats/prometheus" => {
             let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => response(
+            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                Ok(()) => crate::admin::response(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     body,
                 ),
-                Err(_) => response(
+                Err(_) => crate::admin::response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",
                     "encoding failed\n".into(),
                 ),
             }
         }
-        _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => crate::admin::not_found(),
     }
 }

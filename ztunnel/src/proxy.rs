@@ -1,7 +1,18 @@
-//! Relaying captured connections. Until the HBONE tunnel lands, captured
-//! connections are forwarded in plaintext to their original destination;
-//! every one leaves an access record, so tests can prove its bytes went
-//! through ztunnel.
+//! Relaying captured connections.
+//!
+//! Outbound: the original destination comes from the capture maps, a service
+//! VIP is load balanced over its healthy endpoints (from xDS), and the
+//! connection goes to the chosen endpoint: over HBONE (mutual TLS, the
+//! pod's own certificate, the destination's identity checked) when the
+//! destination is in the mesh, in plaintext otherwise, always from inside
+//! the pod so its own address is the source.
+//! Inbound: HBONE tunnels (15008) and plaintext (15006) alike go through L4
+//! policy, then are delivered to the app with the client's own address as
+//! source.
+//!
+//! Every connection leaves one access record (`ztunnel::access`): direction,
+//! pod, source, destination, endpoint, bytes each way, duration, and the
+//! reason when it failed or was denied.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +27,13 @@ use mesh_ebpf_loader::capture::{Capture, netns_cookie};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::inpod::PodNetns;
+use crate::{
+    discovery::{Discovery, Resolved, WorkloadInfo},
+    identity::CertManager,
+    inpod::PodNetns,
+    metrics::{TcpLabels, TcpMetrics},
+    policy::{Connection, Decision, PolicyStore, Target},
+};
 
 /// What the proxy knows of the pod a connection belongs to.
 #[derive(Debug)]
@@ -27,6 +44,24 @@ pub struct PodContext {
     pub ip: std::net::Ipv4Addr,
     /// Its network namespace, where upstream sockets are created.
     pub netns: PodNetns,
+    /// Its SPIFFE identity.
+    pub identity: mesh_hbone::Identity,
+    /// Its HBONE connections (dialled from inside the pod).
+    pub pool: mesh_hbone::Pool,
+}
+
+/// State shared by every connection of the node.
+pub struct Proxy {
+    /// The capture maps (original destinations, delivery announcements).
+    pub capture: Arc<Mutex<Capture>>,
+    /// Workloads and services.
+    pub discovery: Arc<Discovery>,
+    /// L4 authorization policies.
+    pub policy: Arc<PolicyStore>,
+    /// Istio's TCP metrics.
+    pub metrics: TcpMetrics,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -35,99 +70,466 @@ fn connection_id() -> u64 {
     NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Handles a connection the pod opened, accepted on its 15001 listener.
-pub async fn outbound(
-    pod: Arc<PodContext>,
-    capture: Arc<Mutex<Capture>>,
-    client: TcpStream,
-    peer: SocketAddr,
-) {
-    let id = connection_id();
-    let span = info_span!("outbound", conn = id, pod = %pod.name);
-    async move {
-        let original = netns_cookie(&client).map_err(|err| err.to_string()).and_then(|cookie| {
-            capture
-                .lock()
-                .map_err(|_| "capture state poisoned".to_owned())?
-                .take_original_destination(cookie, peer.port())
-                .map_err(|err| err.to_string())
-        });
-        let destination = match original {
-            Ok(Some(destination)) => SocketAddr::V4(destination),
-            Ok(None) => {
-                warn!(%peer, "no original destination recorded for this connection; resetting it");
+/// One connection's access record, written when it ends, and its metrics.
+struct Access<'a> {
+    id: u64,
+    direction: &'static str,
+    pod: &'a str,
+    source: SocketAddr,
+    destination: SocketAddr,
+    endpoint: SocketAddr,
+    started: Instant,
+    metrics: &'a TcpMetrics,
+    labels: TcpLabels,
+}
+
+/// Istio's labels for a connection between two (possibly unknown) workloads.
+fn tcp_labels(
+    reporter: &'static str,
+    source: Option<&WorkloadInfo>,
+    source_principal: Option<String>,
+    destination: Option<&WorkloadInfo>,
+    service: Option<&str>,
+    security: &'static str,
+) -> TcpLabels {
+    let unknown = || "unknown".to_owned();
+    let field = |w: Option<&WorkloadInfo>, f: fn(&WorkloadInfo) -> &str| {
+        w.map(f)
+            .filter(|s| !s.is_empty())
+            .map_or_else(unknown, str::to_owned)
+    };
+    TcpLabels {
+        reporter,
+        source_workload: field(source, |w| &w.workload_name),
+        source_workload_namespace: field(source, |w| &w.namespace),
+        source_principal: source_principal.unwrap_or_else(unknown),
+        source_canonical_service: field(source, |w| &w.canonical_name),
+        source_canonical_revision: field(source, |w| &w.canonical_revision),
+        destination_workload: field(destination, |w| &w.workload_name),
+        destination_workload_namespace: field(destination, |w| &w.namespace),
+        destination_principal: destination.map_or_else(unknown, WorkloadInfo::identity),
+        destination_canonical_service: field(destination, |w| &w.canonical_name),
+        destination_canonical_revision: field(destination, |w| &w.canonical_revision),
+        destination_service: service.map_or_else(unknown, str::to_owned),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: security,
+    }
+}
+
+impl Access<'_> {
+    fn failed(&mut self, flags: &'static str, error: &str) {
+        self.labels.response_flags = flags;
+        self.metrics.opened.get_or_create(&self.labels).inc();
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        info!(
+            target: "ztunnel::access",
+            conn = self.id,
+            direction = self.direction,
+            pod = %self.pod,
+            src = %self.source,
+            dst = %self.destination,
+            endpoint = %self.endpoint,
+            security = self.labels.connection_security_policy,
+            error,
+            "connection failed"
+        );
+    }
+
+    fn opened(&self) {
+        self.metrics.opened.get_or_create(&self.labels).inc();
+    }
+
+    fn closed(&self, sent: u64, received: u64, error: Option<&str>) {
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        // From the client: what it sent us; to the client: what we sent it.
+        self.metrics
+            .received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(sent);
+        self.metrics
+            .sent_bytes
+            .get_or_create(&self.labels)
+            .inc_by(received);
+        info!(
+            target: "ztunnel::access",
+            conn = self.id,
+            direction = self.direction,
+            pod = %self.pod,
+            src = %self.source,
+            dst = %self.destination,
+            endpoint = %self.endpoint,
+            security = self.labels.connection_security_policy,
+            src_identity = %self.labels.source_principal,
+            dst_identity = %self.labels.destination_principal,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or(""),
+            "connection closed"
+        );
+    }
+}
+
+impl Proxy {
+    /// Handles a connection the pod opened, accepted on its 15001 listener.
+    pub async fn outbound(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let id = connection_id();
+        let span = info_span!("outbound", conn = id, pod = %pod.name);
+        async move {
+            let Some(destination) = self.original_destination(&client, peer) else {
                 reset(client);
                 return;
+            };
+            let source = SocketAddr::new(pod.ip.into(), peer.port());
+            let me = self.discovery.workload_by_ip(source.ip());
+            let resolved = self.discovery.resolve(destination);
+            let (endpoint, target, service) = match &resolved {
+                Resolved::Workload {
+                    addr,
+                    workload,
+                    service,
+                } => (*addr, Some(&**workload), service.as_deref()),
+                Resolved::NoHealthyEndpoint { service } => (destination, None, Some(&**service)),
+                Resolved::Passthrough => (destination, None, None),
+            };
+            let mut access = Access {
+                id,
+                direction: "outbound",
+                pod: &pod.name,
+                source,
+                destination,
+                endpoint,
+                started: Instant::now(),
+                metrics: &self.metrics,
+                labels: tcp_labels(
+                    "source",
+                    me.as_deref(),
+                    me.as_deref().map(WorkloadInfo::identity),
+                    target,
+                    service,
+                    "none",
+                ),
+            };
+            // Services are load balanced here, from what the control plane
+            // says; anything the mesh does not know goes where it was dialled.
+            if let Resolved::NoHealthyEndpoint { service } = &resolved {
+                access.failed("UH", &format!("no healthy endpoint of {service}"));
+                reset(client);
+                return;
+            }
+            match target.filter(|w| w.hbone) {
+                Some(workload) => {
+                    access.labels.connection_security_policy = "mutual_tls";
+                    let tunnel = self
+                        .tunnel(&pod, workload, source, access.endpoint, service)
+                        .await;
+                    relay(&mut access, client, tunnel).await;
+                }
+                None => {
+                    let upstream = pod.netns.connect(access.endpoint).await;
+                    relay(&mut access, client, upstream).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles a plaintext connection to the pod, accepted on its 15006
+    /// listener: policy first, then delivery with the client's address.
+    pub async fn inbound_plaintext(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let id = connection_id();
+        let span = info_span!("inbound", conn = id, pod = %pod.name);
+        async move {
+            // sk_lookup handed us the connection unchanged: our local address
+            // is the destination the client dialled.
+            let destination = match client.local_addr() {
+                Ok(addr) => addr,
+                Err(err) => {
+                    warn!(%peer, %err, "reading the destination failed; closing the connection");
+                    return;
+                }
+            };
+            let caller = self.discovery.workload_by_ip(peer.ip());
+            let me = self.discovery.workload_by_ip(destination.ip());
+            let mut access = Access {
+                id,
+                direction: "inbound",
+                pod: &pod.name,
+                source: peer,
+                destination,
+                endpoint: destination,
+                started: Instant::now(),
+                metrics: &self.metrics,
+                labels: tcp_labels(
+                    "destination",
+                    caller.as_deref(),
+                    None,
+                    me.as_deref(),
+                    None,
+                    "none",
+                ),
+            };
+            let decision = self.authorize(&Connection {
+                source_identity: None,
+                source_ip: peer.ip(),
+                destination_ip: destination.ip(),
+                destination_port: destination.port(),
+            });
+            if decision != Decision::Allow {
+                access.failed("DENY", &format!("denied: {decision:?}"));
+                reset(client);
+                return;
+            }
+            let upstream = self.deliver(&pod, peer, destination).await;
+            relay(&mut access, client, upstream).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Opens an HBONE tunnel from `pod` to `endpoint` of `workload`, through
+    /// the destination pod's 15008, proving `pod`'s identity and checking
+    /// the destination's.
+    async fn tunnel(
+        &self,
+        pod: &PodContext,
+        workload: &WorkloadInfo,
+        source: SocketAddr,
+        endpoint: SocketAddr,
+        service: Option<&str>,
+    ) -> std::io::Result<mesh_hbone::Tunnel> {
+        let expected: mesh_hbone::Identity = workload
+            .identity()
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("destination identity: {e}")))?;
+        self.certs
+            .get(&pod.identity.to_string())
+            .await
+            .map_err(|e| {
+                std::io::Error::other(format!("no certificate for {}: {e}", pod.identity))
+            })?;
+        pod.pool
+            .connect(mesh_hbone::ConnectRequest {
+                local: pod.identity.clone(),
+                peer_addr: SocketAddr::new(endpoint.ip(), mesh_hbone::HBONE_PORT),
+                expected: vec![expected],
+                authority: endpoint,
+                forwarded_for: source,
+                host: service.map(str::to_owned),
+                baggage: None,
+                traceparent: None,
+            })
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    /// The policy decision for a connection to a local workload.
+    fn authorize(&self, connection: &Connection<'_>) -> Decision {
+        match self.discovery.workload_by_ip(connection.destination_ip) {
+            Some(workload) => self.policy.check(
+                Target {
+                    namespace: &workload.namespace,
+                    selected_by: &workload.authorization_policies,
+                },
+                connection,
+            ),
+            // Not known yet (xDS still syncing): no policy can select it.
+            None => Decision::Allow,
+        }
+    }
+
+    /// Connects to the pod's app at `destination` on behalf of `source`,
+    /// with `source` as the connection's source address when it is a remote
+    /// IPv4 client (the pod calling itself goes plainly).
+    pub async fn deliver(
+        &self,
+        pod: &PodContext,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> std::io::Result<TcpStream> {
+        match (source, destination) {
+            (SocketAddr::V4(source), SocketAddr::V4(destination)) if *source.ip() != pod.ip => {
+                pod.netns
+                    .connect_transparent(*source.ip(), destination, |bound| {
+                        self.capture
+                            .lock()
+                            .map_err(|_| std::io::Error::other("capture state poisoned"))?
+                            .allow_delivery(bound, destination)
+                            .map_err(std::io::Error::other)
+                    })
+                    .await
+            }
+            _ => pod.netns.connect(destination).await,
+        }
+    }
+
+    fn original_destination(&self, client: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let original = netns_cookie(client)
+            .map_err(|err| err.to_string())
+            .and_then(|cookie| {
+                self.capture
+                    .lock()
+                    .map_err(|_| "capture state poisoned".to_owned())?
+                    .take_original_destination(cookie, peer.port())
+                    .map_err(|err| err.to_string())
+            });
+        match original {
+            Ok(Some(destination)) => Some(SocketAddr::V4(destination)),
+            Ok(None) => {
+                warn!(%peer, "no original destination recorded for this connection; resetting it");
+                None
             }
             Err(err) => {
                 warn!(%peer, %err, "reading the original destination failed; resetting the connection");
-                reset(client);
-                return;
+                None
             }
-        };
-        let source = SocketAddr::new(pod.ip.into(), peer.port());
-        relay(id, "outbound", &pod, client, source, destination).await;
+        }
     }
-    .instrument(span)
-    .await
 }
 
-/// Handles a plaintext connection to the pod, accepted on its 15006 listener.
-pub async fn inbound(pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
-    let id = connection_id();
-    let span = info_span!("inbound", conn = id, pod = %pod.name);
-    async move {
-        // sk_lookup handed us the connection unchanged: our local address is
-        // the destination the client dialled.
-        let destination = match client.local_addr() {
-            Ok(addr) => addr,
+/// Serves HBONE tunnels arriving at one pod's 15008: checks the target is
+/// this pod, applies L4 policy with the peer's proven identity, and connects
+/// to the app with the original client's address.
+pub struct InboundTunnels {
+    /// Shared state.
+    pub proxy: Arc<Proxy>,
+    /// The pod the tunnels are for.
+    pub pod: Arc<PodContext>,
+}
+
+impl InboundTunnels {
+    fn labels(&self, request: &mesh_hbone::InboundRequest) -> TcpLabels {
+        let source_ip = request.forwarded_for.unwrap_or(request.peer_addr).ip();
+        let caller = self.proxy.discovery.workload_by_ip(source_ip);
+        let me = self.proxy.discovery.workload_by_ip(self.pod.ip.into());
+        tcp_labels(
+            "destination",
+            caller.as_deref(),
+            Some(request.peer_identity.to_string()),
+            me.as_deref(),
+            request.host.as_deref(),
+            "mutual_tls",
+        )
+    }
+
+    fn access<'a>(&'a self, request: &mesh_hbone::InboundRequest) -> Access<'a> {
+        Access {
+            id: connection_id(),
+            direction: "inbound",
+            pod: &self.pod.name,
+            source: request.forwarded_for.unwrap_or(request.peer_addr),
+            destination: request.authority,
+            endpoint: request.authority,
+            started: Instant::now(),
+            metrics: &self.proxy.metrics,
+            labels: self.labels(request),
+        }
+    }
+}
+
+impl mesh_hbone::Handler for InboundTunnels {
+    type Upstream = TcpStream;
+
+    async fn connect(
+        &self,
+        request: mesh_hbone::InboundRequest,
+    ) -> Result<TcpStream, mesh_hbone::Refusal> {
+        // A tunnel may only lead to the pod whose 15008 it reached.
+        if request.authority.ip() != std::net::IpAddr::V4(self.pod.ip) {
+            self.access(&request)
+                .failed("BAD", "CONNECT to another pod's address");
+            return Err(mesh_hbone::Refusal::BadRequest(format!(
+                "{} is not this pod's address",
+                request.authority.ip()
+            )));
+        }
+        let source = request.forwarded_for.unwrap_or(request.peer_addr);
+        let identity = request.peer_identity.to_string();
+        let decision = self.proxy.authorize(&Connection {
+            source_identity: Some(&identity),
+            source_ip: source.ip(),
+            destination_ip: request.authority.ip(),
+            destination_port: request.authority.port(),
+        });
+        if decision != Decision::Allow {
+            self.access(&request)
+                .failed("DENY", &format!("denied: {decision:?}"));
+            return Err(mesh_hbone::Refusal::Denied(format!("{decision:?}")));
+        }
+        match self
+            .proxy
+            .deliver(&self.pod, source, request.authority)
+            .await
+        {
+            Ok(upstream) => {
+                self.access(&request).opened();
+                Ok(upstream)
+            }
             Err(err) => {
-                warn!(%peer, %err, "reading the destination failed; closing the connection");
-                return;
+                self.access(&request).failed("UF", &err.to_string());
+                Err(mesh_hbone::Refusal::Unavailable(err.to_string()))
             }
-        };
-        relay(id, "inbound", &pod, client, peer, destination).await;
+        }
     }
-    .instrument(span)
-    .await
+
+    fn on_complete(&self, request: &mesh_hbone::InboundRequest, stats: &mesh_hbone::StreamStats) {
+        let mut access = self.access(request);
+        access.started = Instant::now() - stats.duration;
+        access.closed(
+            stats.bytes_from_client,
+            stats.bytes_to_client,
+            stats.error.as_deref(),
+        );
+    }
 }
 
-async fn relay(
-    id: u64,
-    direction: &str,
-    pod: &PodContext,
+/// Dials a pod's HBONE connections from inside its network namespace, so
+/// they leave with the pod's own address.
+#[derive(Debug)]
+pub struct PodDialer(pub PodNetns);
+
+impl mesh_hbone::Dialer for PodDialer {
+    fn dial(
+        &self,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send + '_>>
+    {
+        Box::pin(self.0.connect(peer))
+    }
+}
+
+/// Relays `client` to `upstream` and writes the access record.
+async fn relay<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    access: &mut Access<'_>,
     mut client: TcpStream,
-    source: SocketAddr,
-    destination: SocketAddr,
+    upstream: std::io::Result<U>,
 ) {
-    let started = Instant::now();
-    let mut upstream = match pod.netns.connect(destination).await {
+    let mut upstream = match upstream {
         Ok(upstream) => upstream,
         Err(err) => {
-            info!(target: "ztunnel::access", conn = id, direction, pod = %pod.name, src = %source, dst = %destination, error = %err, "connection failed");
+            access.failed("UF", &err.to_string());
             reset(client);
             return;
         }
     };
-    debug!(%destination, "upstream connected");
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    let (sent, received, error) = match result {
-        Ok((sent, received)) => (sent, received, None),
-        Err(err) => (0, 0, Some(err.to_string())),
-    };
-    info!(
-        target: "ztunnel::access",
-        conn = id,
-        direction,
-        pod = %pod.name,
-        src = %source,
-        dst = %destination,
-        bytes_sent = sent,
-        bytes_received = received,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = error.as_deref().unwrap_or(""),
-        "connection closed"
-    );
+    access.opened();
+    debug!(endpoint = %access.endpoint, "upstream connected");
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((sent, received)) => access.closed(sent, received, None),
+        Err(err) => access.closed(0, 0, Some(&err.to_string())),
+    }
 }
 
 /// Closes `client` with a reset rather than a FIN, so a failed upstream

@@ -1,0 +1,117 @@
+//! Who is calling: every xDS stream and certificate request carries a bearer
+//! token (`authorization: Bearer <token>`), mapped to the caller's node.
+//!
+//! The lab hands each node agent its own token through a tokens file; on
+//! Kubernetes the same role is played by service-account tokens checked with
+//! TokenReview. Either way the CA signs only identities of pods scheduled on
+//! the caller's node.
+
+use std::{collections::HashMap, path::Path};
+
+use serde::Deserialize;
+use tonic::{Status, metadata::MetadataMap};
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The node the caller runs on: the only node whose workloads it may get
+    /// certificates for.
+    pub node: String,
+}
+
+/// The tokens file: `{"tokens": {"<token>": {"node": "<node>"}}}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    /// Token to caller.
+    pub tokens: HashMap<String, TokenEntry>,
+}
+
+/// What a token stands for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// The node agent's node.
+    pub node: String,
+}
+
+/// Authenticates callers by static bearer tokens.
+#[derive(Debug, Default)]
+pub struct TokenAuthenticator {
+    tokens: HashMap<String, Caller>,
+}
+
+/// The tokens file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("tokens file {path}: {message}")]
+pub struct TokensError {
+    path: String,
+    message: String,
+}
+
+impl TokenAuthenticator {
+    /// Reads a tokens file.
+    pub fn from_file(path: &Path) -> Result<Self, TokensError> {
+        let err = |message: String| TokensError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file: TokensFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if let Some(short) = file.tokens.keys().find(|t| t.len() < 16) {
+            return Err(err(format!(
+                "token for node {} is shorter than 16 characters",
+                file.tokens[short].node
+            )));
+        }
+        Ok(Self::new(file.tokens.into_iter().map(|(t, e)| (t, e.node))))
+    }
+
+    /// From `(token, node)` pairs.
+    pub fn new(tokens: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            tokens: tokens
+                .into_iter()
+                .map(|(token, node)| (token, Caller { node }))
+                .collect(),
+        }
+    }
+
+    /// The caller a request's metadata identifies, or `Unauthenticated`.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization is not a bearer token"))?;
+        self.tokens
+            .get(token.trim())
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_token_maps_to_its_node_and_others_are_refused() {
+        let auth = TokenAuthenticator::new([("t0-0123456789abcdef".into(), "node0".into())]);
+        let mut md = MetadataMap::new();
+        assert_eq!(
+            auth.authenticate(&md).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        md.insert(
+            "authorization",
+            "Bearer t0-0123456789abcdef".parse().unwrap(),
+        );
+        assert_eq!(auth.authenticate(&md).unwrap().node, "node0");
+        md.insert("authorization", "Bearer nope".parse().unwrap());
+        assert!(auth.authenticate(&md).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! The mesh's control plane: reads Kubernetes and Istio config, serves it to
+//! the data plane over delta ADS, and signs workload certificates.
+//!
+//! Data flow: [`source`] (directories, watched) → [`mesh_config`] (typed,
+//! validated) → [`model`] (workloads and services) → [`xds::Snapshot`] (one
+//! immutable version) → every connected proxy's [`xds`] stream, which sends
+//! only what changed. [`ca_service`] signs certificates for identities that
+//! run on the caller's node; [`status`] reports sync state and rejected
+//! config on 15014.
+
+pub mod auth;
+pub mod ca;
+pub mod ca_service;
+pub mod metrics;
+pub mod model;
+pub mod source;
+pub mod status;
+pub mod xds;
+
+mod server;
+
+pub use server::{ControlPlane, Options, Ports};

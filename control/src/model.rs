@@ -1,0 +1,537 @@
+//! The cluster as the control plane sees it, and its translation into Istio's
+//! workload API (`istio.workload.Address`) for ztunnels.
+//!
+//! Input is the typed [`Manifests`] of a config source: namespaces (labels
+//! decide enrolment), pods (with `status.podIP` and `spec.nodeName`, as the
+//! API server reports them), services (with their `clusterIP`) and service
+//! accounts. Pure computation: no I/O.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use mesh_api::workload::{
+    self as wl, Address, NetworkAddress, PortList, TunnelProtocol, WorkloadStatus, WorkloadType,
+    address,
+};
+use mesh_config::{Manifests, node::is_enrolled};
+
+/// Cluster id stamped into workload uids, as Istio's default single cluster.
+pub const CLUSTER_ID: &str = "Kubernetes";
+
+/// Settings that shape the translation.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    /// SPIFFE trust domain, e.g. `cluster.local`.
+    pub trust_domain: String,
+    /// DNS suffix of Service host names, e.g. `cluster.local`.
+    pub cluster_domain: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+        }
+    }
+}
+
+/// A pod the mesh knows: where it runs and who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Node it is scheduled on.
+    pub node: String,
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Service account.
+    pub service_account: String,
+    /// Whether it is in the mesh (namespace and pod labels).
+    pub enrolled: bool,
+}
+
+/// Everything computed from one version of the config.
+#[derive(Clone, Debug, Default)]
+pub struct Model {
+    /// Pods with an IP, by `namespace/name`.
+    pub pods: BTreeMap<String, PodInfo>,
+    /// Workload API resources by xDS resource name (workload uid, or
+    /// `namespace/hostname` for services).
+    pub addresses: BTreeMap<String, Address>,
+}
+
+impl Model {
+    /// Translates `manifests`.
+    pub fn build(manifests: &Manifests, settings: &MeshSettings) -> Model {
+        let namespace_labels: HashMap<&str, BTreeMap<String, String>> = manifests
+            .namespaces
+            .iter()
+            .filter_map(|ns| {
+                Some((
+                    ns.metadata.name.as_deref()?,
+                    ns.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let no_labels = BTreeMap::new();
+
+        let mut model = Model::default();
+        let services: Vec<ServiceView<'_>> = manifests
+            .services
+            .iter()
+            .filter_map(|svc| ServiceView::new(svc, settings))
+            .collect();
+        let selectors = SelectorIndex::new(&services);
+
+        for pod in &manifests.pods {
+            let Some(info) = pod_info(pod, |ns| namespace_labels.get(ns).unwrap_or(&no_labels))
+            else {
+                continue;
+            };
+            let workload = workload(pod, &info, &selectors, settings);
+            let uid = workload.uid.clone();
+            model.addresses.insert(
+                uid,
+                Address {
+                    r#type: Some(address::Type::Workload(workload)),
+                },
+            );
+            model
+                .pods
+                .insert(format!("{}/{}", info.namespace, info.name), info);
+        }
+        for svc in &services {
+            model.addresses.insert(
+                format!("{}/{}", svc.namespace, svc.hostname),
+                Address {
+                    r#type: Some(address::Type::Service(svc.to_proto())),
+                },
+            );
+        }
+        model
+    }
+
+    /// Whether a pod of node `node` runs as `namespace`/`service_account`:
+    /// what a node may ask the CA to sign.
+    pub fn node_runs_identity(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.pods.values().any(|pod| {
+            pod.node == node && pod.namespace == namespace && pod.service_account == service_account
+        })
+    }
+}
+
+/// Reads what the mesh needs of a pod; `None` until it has an IP and a node.
+fn pod_info<'a>(
+    pod: &Pod,
+    namespace_labels: impl Fn(&str) -> &'a BTreeMap<String, String>,
+) -> Option<PodInfo> {
+    let namespace = pod.metadata.namespace.clone()?;
+    let name = pod.metadata.name.clone()?;
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    let node = spec.node_name.clone()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    Some(PodInfo {
+        enrolled: is_enrolled(namespace_labels(&namespace), &labels)
+            && !spec.host_network.unwrap_or(false),
+        namespace,
+        name,
+        node,
+        ip,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+    })
+}
+
+fn workload(
+    pod: &Pod,
+    info: &PodInfo,
+    services: &SelectorIndex<'_, '_>,
+    settings: &MeshSettings,
+) -> wl::Workload {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+        .unwrap_or(false);
+    let canonical_name = labels
+        .get("service.istio.io/canonical-name")
+        .or_else(|| labels.get("app.kubernetes.io/name"))
+        .or_else(|| labels.get("app"))
+        .cloned()
+        .unwrap_or_else(|| workload_name(pod));
+    let canonical_revision = labels
+        .get("service.istio.io/canonical-revision")
+        .or_else(|| labels.get("app.kubernetes.io/version"))
+        .or_else(|| labels.get("version"))
+        .cloned()
+        .unwrap_or_else(|| "latest".to_owned());
+
+    let mut service_ports = HashMap::new();
+    for svc in services.selecting(&info.namespace, &labels) {
+        let ports = svc
+            .ports
+            .iter()
+            .filter_map(|port| {
+                Some(wl::Port {
+                    service_port: port.port,
+                    target_port: resolve_target_port(pod, port.target.as_ref(), port.port)?,
+                    app_protocol: port.app_protocol as i32,
+                })
+            })
+            .collect();
+        service_ports.insert(
+            format!("{}/{}", svc.namespace, svc.hostname),
+            PortList { ports },
+        );
+    }
+
+    wl::Workload {
+        uid: format!("{CLUSTER_ID}//Pod/{}/{}", info.namespace, info.name),
+        name: info.name.clone(),
+        namespace: info.namespace.clone(),
+        addresses: vec![ip_bytes(info.ip)],
+        tunnel_protocol: if info.enrolled {
+            TunnelProtocol::Hbone
+        } else {
+            TunnelProtocol::None
+        } as i32,
+        trust_domain: settings.trust_domain.clone(),
+        service_account: info.service_account.clone(),
+        node: info.node.clone(),
+        canonical_name,
+        canonical_revision,
+        workload_type: WorkloadType::Pod as i32,
+        workload_name: workload_name(pod),
+        services: service_ports,
+        status: if ready {
+            WorkloadStatus::Healthy
+        } else {
+            WorkloadStatus::Unhealthy
+        } as i32,
+        cluster_id: CLUSTER_ID.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// The owning Deployment's name when the pod says (owner reference to a
+/// ReplicaSet `<deployment>-<hash>` or to a Deployment), else the pod's name.
+fn workload_name(pod: &Pod) -> String {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .as_ref()
+        .and_then(|owners| owners.iter().find(|o| o.controller == Some(true)))
+    else {
+        return name;
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => owner
+            .name
+            .rsplit_once('-')
+            .map_or(owner.name.clone(), |(deployment, _)| deployment.to_owned()),
+        _ => owner.name.clone(),
+    }
+}
+
+/// A Service's numeric target port for `pod`: a number as is, a name looked
+/// up among the pod's container ports, none given → the service port.
+fn resolve_target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u32) -> Option<u32> {
+    match target {
+        None => Some(service_port),
+        Some(IntOrString::Int(port)) => u32::try_from(*port).ok(),
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u32::try_from(p.container_port).ok()),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Services by namespace and by one of their selector's labels, so finding
+/// the services of a pod costs a few lookups instead of a scan of them all.
+struct SelectorIndex<'s, 'a> {
+    by_label: HashMap<(&'a str, &'a str, &'a str), Vec<&'s ServiceView<'a>>>,
+}
+
+impl<'s, 'a> SelectorIndex<'s, 'a> {
+    fn new(services: &'s [ServiceView<'a>]) -> Self {
+        let mut by_label: HashMap<_, Vec<_>> = HashMap::new();
+        for svc in services {
+            // Any one pair will do: every selecting service has all of them.
+            if let Some((key, value)) = svc.selector.and_then(|s| s.iter().next()) {
+                by_label
+                    .entry((svc.namespace, key.as_str(), value.as_str()))
+                    .or_default()
+                    .push(svc);
+            }
+        }
+        Self { by_label }
+    }
+
+    /// The services in `namespace` whose selector matches `labels`.
+    fn selecting<'q>(
+        &'q self,
+        namespace: &'q str,
+        labels: &'q BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'s ServiceView<'a>> + 'q {
+        labels
+            .iter()
+            .filter_map(move |(k, v)| self.by_label.get(&(namespace, k.as_str(), v.as_str())))
+            .flatten()
+            .copied()
+            .filter(move |svc| svc.selects(labels))
+    }
+}
+
+/// The parts of a Service the translation uses.
+struct ServiceView<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    hostname: String,
+    vips: Vec<IpAddr>,
+    selector: Option<&'a BTreeMap<String, String>>,
+    ports: Vec<ServicePortView>,
+}
+
+struct ServicePortView {
+    port: u32,
+    target: Option<IntOrString>,
+    app_protocol: wl::AppProtocol,
+}
+
+impl<'a> ServiceView<'a> {
+    fn new(svc: &'a Service, settings: &MeshSettings) -> Option<Self> {
+        let name = svc.metadata.name.as_deref()?;
+        let namespace = svc.metadata.namespace.as_deref()?;
+        let spec = svc.spec.as_ref()?;
+        let vips = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .fold(Vec::new(), |mut acc: Vec<IpAddr>, ip| {
+                if !acc.contains(&ip) {
+                    acc.push(ip);
+                }
+                acc
+            });
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                Some(ServicePortView {
+                    port: u32::try_from(p.port).ok()?,
+                    target: p.target_port.clone(),
+                    app_protocol: app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+                })
+            })
+            .collect();
+        Some(Self {
+            name,
+            namespace,
+            hostname: format!("{name}.{namespace}.svc.{}", settings.cluster_domain),
+            vips,
+            selector: spec.selector.as_ref().filter(|s| !s.is_empty()),
+            ports,
+        })
+    }
+
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector
+            .is_some_and(|selector| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+
+    fn to_proto(&self) -> wl::Service {
+        wl::Service {
+            name: self.name.to_owned(),
+            namespace: self.namespace.to_owned(),
+            hostname: self.hostname.clone(),
+            addresses: self
+                .vips
+                .iter()
+                .map(|ip| NetworkAddress {
+                    network: String::new(),
+                    address: ip_bytes(*ip),
+                    length: None,
+                })
+                .collect(),
+            ports: self
+                .ports
+                .iter()
+                .map(|port| wl::Port {
+                    service_port: port.port,
+                    target_port: match port.target {
+                        Some(IntOrString::Int(n)) => u32::try_from(n).unwrap_or(0),
+                        None => port.port,
+                        // Named: each workload says which number it is.
+                        Some(IntOrString::String(_)) => 0,
+                    },
+                    app_protocol: port.app_protocol as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Istio's protocol selection: `appProtocol`, then the port name's prefix.
+fn app_protocol(app_protocol: Option<&str>, port_name: Option<&str>) -> wl::AppProtocol {
+    let hint = app_protocol
+        .or_else(|| port_name.map(|n| n.split('-').next().unwrap_or(n)))
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match hint.as_str() {
+        "http" | "http1" => wl::AppProtocol::Http11,
+        "http2" | "h2c" | "kubernetes.io/h2c" => wl::AppProtocol::Http2,
+        "grpc" | "grpc-web" => wl::AppProtocol::Grpc,
+        "tcp" => wl::AppProtocol::Tcp,
+        "tls" | "https" => wl::AppProtocol::Tls,
+        _ => wl::AppProtocol::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: web}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v2-0
+  namespace: shop
+  labels: {app: reviews, version: v2}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v2-5d8f, uid: x, controller: true}]
+spec:
+  nodeName: node1
+  serviceAccountName: bookinfo-reviews
+  containers: [{name: app, ports: [{name: web, containerPort: 9081}]}]
+status:
+  podIP: 10.244.1.10
+  phase: Running
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop}
+spec: {containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: plain}
+spec: {nodeName: node0, containers: [{name: app}]}
+status: {podIP: 10.244.0.10}
+"#;
+
+    fn model() -> Model {
+        let loaded = mesh_config::load_str("cluster.yaml", CLUSTER);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        Model::build(&loaded.manifests, &MeshSettings::default())
+    }
+
+    fn workload<'a>(model: &'a Model, uid: &str) -> &'a wl::Workload {
+        match &model.addresses[uid].r#type {
+            Some(address::Type::Workload(w)) => w,
+            other => panic!("{uid}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn enrolled_pod_becomes_an_hbone_workload_with_its_service_ports() {
+        let model = model();
+        let w = workload(&model, "Kubernetes//Pod/shop/reviews-v2-0");
+        assert_eq!(w.addresses, vec![vec![10, 244, 1, 10]]);
+        assert_eq!(w.tunnel_protocol, TunnelProtocol::Hbone as i32);
+        assert_eq!(w.service_account, "bookinfo-reviews");
+        assert_eq!(w.node, "node1");
+        assert_eq!(w.workload_name, "reviews-v2");
+        assert_eq!(
+            (w.canonical_name.as_str(), w.canonical_revision.as_str()),
+            ("reviews", "v2")
+        );
+        assert_eq!(w.status, WorkloadStatus::Healthy as i32);
+        let ports = &w.services["shop/reviews.shop.svc.cluster.local"].ports;
+        assert_eq!((ports[0].service_port, ports[0].target_port), (9080, 9081));
+        assert_eq!(ports[0].app_protocol, wl::AppProtocol::Http11 as i32);
+    }
+
+    #[test]
+    fn pods_without_ip_are_skipped_and_unlabelled_namespaces_are_plaintext() {
+        let model = model();
+        assert!(!model.addresses.keys().any(|k| k.contains("pending")));
+        let w = workload(&model, "Kubernetes//Pod/plain/outside");
+        assert_eq!(w.tunnel_protocol, TunnelProtocol::None as i32);
+        assert_eq!(w.status, WorkloadStatus::Unhealthy as i32);
+    }
+
+    #[test]
+    fn service_carries_vip_and_ports() {
+        let model = model();
+        let Some(address::Type::Service(svc)) =
+            &model.addresses["shop/reviews.shop.svc.cluster.local"].r#type
+        else {
+            panic!("service missing");
+        };
+        assert_eq!(svc.addresses[0].address, vec![10, 96, 0, 12]);
+        assert_eq!(
+            (svc.ports[0].service_port, svc.ports[0].target_port),
+            (9080, 0)
+        );
+    }
+
+    #[test]
+    fn node_identity_check_is_per_node() {
+        let model = model();
+        assert!(model.node_runs_identity("node1", "shop", "bookinfo-reviews"));
+        assert!(!model.node_runs_identity("node0", "shop", "bookinfo-reviews"));
+        assert!(!model.node_runs_identity("node1", "shop", "default"));
+    }
+}

@@ -1,0 +1,192 @@
+//! Wiring: the config loop, the gRPC server (ADS + CA) and the status
+//! endpoint.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use mesh_api::{
+    ads::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
+    ca::istio_certificate_service_server::IstioCertificateServiceServer, type_url,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    auth::TokenAuthenticator,
+    ca::CertificateAuthority,
+    ca_service::CaService,
+    metrics::Metrics,
+    model::{MeshSettings, Model},
+    source::DirSource,
+    status::{self, ConfigStatus, StatusState},
+    xds::{AdsService, ProxyRegistry, Snapshot, SnapshotBuilder},
+};
+
+/// How the control plane runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Config directories, loaded in order.
+    pub config_dirs: Vec<PathBuf>,
+    /// Where the CA root lives (created on first start).
+    pub ca_dir: PathBuf,
+    /// Bearer tokens of the node agents.
+    pub tokens_file: PathBuf,
+    /// gRPC (ADS and CA) listen address; Istio's plaintext xDS port is 15010.
+    pub grpc_addr: SocketAddr,
+    /// Monitoring listen address (15014).
+    pub status_addr: SocketAddr,
+    /// Trust domain and cluster domain.
+    pub settings: MeshSettings,
+}
+
+/// Where a running control plane listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// Monitoring.
+    pub status: SocketAddr,
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    ports: Ports,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ControlPlane {
+    /// Loads the CA and the first config version, binds both ports and
+    /// starts serving.
+    pub async fn start(options: Options) -> anyhow::Result<Self> {
+        let ca =
+            CertificateAuthority::load_or_create(&options.ca_dir, &options.settings.trust_domain)
+                .context("starting the CA")?;
+        let auth = TokenAuthenticator::from_file(&options.tokens_file)?;
+        let auth = Arc::new(auth);
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(ProxyRegistry::default());
+        let source = DirSource::new(options.config_dirs.clone());
+
+        let model = Arc::new(ArcSwap::from_pointee(Model::default()));
+        let config = Arc::new(ArcSwap::from_pointee(ConfigStatus::default()));
+        let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let mut config_loop = ConfigLoop {
+            source,
+            settings: options.settings.clone(),
+            model: model.clone(),
+            config: config.clone(),
+            snapshots: snapshots_tx,
+            metrics: metrics.clone(),
+            version: 0,
+        };
+        // Fingerprint before loading: a change racing the first load is
+        // then seen as a change, never lost.
+        let seen = config_loop.source.fingerprint();
+        config_loop.reload();
+        tokio::spawn(config_loop.run(seen));
+
+        let status = status::spawn(
+            options.status_addr,
+            StatusState {
+                config,
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+            },
+        )
+        .await
+        .with_context(|| format!("binding the status endpoint on {}", options.status_addr))?;
+
+        let listener = TcpListener::bind(options.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC on {}", options.grpc_addr))?;
+        let grpc = listener.local_addr()?;
+        let ads = AdsService::new(snapshots, auth.clone(), registry, metrics.clone());
+        let ca = CaService::new(
+            Arc::new(ca),
+            auth,
+            model,
+            options.settings.trust_domain.clone(),
+            metrics,
+        );
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .add_service(AggregatedDiscoveryServiceServer::new(ads))
+                .add_service(IstioCertificateServiceServer::new(ca))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        tracing::info!(%grpc, %status, "control plane serving");
+        Ok(Self {
+            ports: Ports { grpc, status },
+            server,
+        })
+    }
+
+    /// Where it listens.
+    pub fn ports(&self) -> Ports {
+        self.ports
+    }
+
+    /// Runs until the gRPC server fails.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.server.await?.context("gRPC server")
+    }
+}
+
+/// Turns each config change into a model and a snapshot.
+struct ConfigLoop {
+    source: DirSource,
+    settings: MeshSettings,
+    model: Arc<ArcSwap<Model>>,
+    config: Arc<ArcSwap<ConfigStatus>>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    version: u64,
+}
+
+impl ConfigLoop {
+    async fn run(mut self, mut seen: crate::source::Fingerprint) {
+        loop {
+            seen = self.source.changed(&seen).await;
+            self.reload();
+        }
+    }
+
+    fn reload(&mut self) {
+        let started = std::time::Instant::now();
+        let loaded = self.source.load();
+        let load_ms = started.elapsed().as_millis() as u64;
+        for error in &loaded.errors {
+            tracing::warn!(%error, "config rejected; the rest stays in force");
+        }
+        let model = Model::build(&loaded.manifests, &self.settings);
+        self.version += 1;
+        let previous = self.snapshots.borrow().clone();
+        let mut snapshot = SnapshotBuilder::new(&previous);
+        for (name, address) in &model.addresses {
+            snapshot.insert(type_url::ADDRESS, name, address);
+        }
+        let snapshot = snapshot.build(self.version);
+        let translate_ms = started.elapsed().as_millis() as u64 - load_ms;
+        tracing::info!(
+            version = self.version,
+            addresses = model.addresses.len(),
+            errors = loaded.errors.len(),
+            load_ms,
+            translate_ms,
+            "config version computed"
+        );
+        self.metrics.config_versions.inc();
+        self.metrics.config_errors.set(loaded.errors.len() as i64);
+        self.config.store(Arc::new(ConfigStatus {
+            version: self.version,
+            errors: loaded.errors.iter().map(ToString::to_string).collect(),
+            warnings: Vec::new(),
+            load_ms,
+            translate_ms,
+        }));
+        self.model.store(Arc::new(model));
+        self.snapshots.send_replace(Arc::new(snapshot));
+    }
+}

@@ -1,0 +1,332 @@
+//! `meshctl`: look at the mesh the way `istioctl` looks at Istio.
+//!
+//! - `analyze PATH...`: load Kubernetes and Istio YAML as the control plane
+//!   would and report every problem with file, resource and field; exit 1 if
+//!   any.
+//! - `proxy-status`: every proxy connected to the control plane, per
+//!   resource type: synced, stale (sent but not yet ACKed) or NACKed (with
+//!   the proxy's reason).
+//! - `config-errors`: what the running control plane rejected.
+//! - `ztunnel-config`: the workloads, services, policies and certificates a
+//!   ztunnel holds (its admin `/config_dump`).
+
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+mod http_get;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Inspect the mesh: analyze config, proxy status, ztunnel state"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load YAML files or directories as the control plane would and report
+    /// every problem; exits 1 when there is any.
+    Analyze {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Sync status of every proxy connected to the control plane.
+    ProxyStatus {
+        /// The control plane's monitoring address.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:15014",
+            env = "MESH_CONTROL_STATUS"
+        )]
+        control: String,
+    },
+    /// Config the running control plane rejected.
+    ConfigErrors {
+        /// The control plane's monitoring address.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:15014",
+            env = "MESH_CONTROL_STATUS"
+        )]
+        control: String,
+    },
+    /// What a ztunnel holds: workloads, services, policies, certificates.
+    ZtunnelConfig {
+        /// The ztunnel's admin address.
+        #[arg(long, default_value = "http://127.0.0.1:15000")]
+        admin: String,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse().command).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("meshctl: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Analyze { paths } => Ok(analyze(&paths)),
+        Command::ProxyStatus { control } => {
+            let syncz = http_get::json(&format!("{control}/debug/syncz")).await?;
+            print!("{}", proxy_status(&syncz)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ConfigErrors { control } => {
+            let status = http_get::json(&format!("{control}/debug/config_errors")).await?;
+            let errors = status["errors"].as_array().cloned().unwrap_or_default();
+            println!(
+                "config version {}: {} error(s)",
+                status["version"],
+                errors.len()
+            );
+            for error in &errors {
+                println!("  {}", error.as_str().unwrap_or_default());
+            }
+            Ok(if errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::ZtunnelConfig { admin } => {
+            let dump = http_get::json(&format!("{admin}/config_dump")).await?;
+            print!("{}", ztunnel_config(&dump));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn analyze(paths: &[PathBuf]) -> ExitCode {
+    let mut problems = Vec::new();
+    let mut resources = 0;
+    for path in paths {
+        let loaded = if path.is_dir() {
+            mesh_config::load_dir(path)
+        } else {
+            mesh_config::load_file(path)
+        };
+        let m = &loaded.manifests;
+        resources += m.namespaces.len()
+            + m.services.len()
+            + m.service_accounts.len()
+            + m.deployments.len()
+            + m.pods.len()
+            + m.others.len();
+        problems.extend(loaded.errors.iter().map(ToString::to_string));
+    }
+    for problem in &problems {
+        println!("Error: {problem}");
+    }
+    if problems.is_empty() {
+        println!("✔ No validation issues found ({resources} resource(s) analyzed).");
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{} problem(s) in {resources} valid resource(s).",
+            problems.len()
+        );
+        ExitCode::FAILURE
+    }
+}
+
+/// Short type names for the table's columns.
+const TYPES: [(&str, &str); 2] = [
+    ("type.googleapis.com/istio.workload.Address", "ADDRESS"),
+    (
+        "type.googleapis.com/istio.security.Authorization",
+        "AUTHORIZATION",
+    ),
+];
+
+fn proxy_status(syncz: &Value) -> anyhow::Result<String> {
+    let Some(proxies) = syncz.as_array() else {
+        bail!("unexpected /debug/syncz answer: {syncz}");
+    };
+    let mut out = String::new();
+    let _ = write!(out, "{:<28} {:<12}", "NAME", "NODE");
+    for (_, short) in TYPES {
+        let _ = write!(out, " {short:<28}");
+    }
+    out.push('\n');
+    for proxy in proxies {
+        let _ = write!(
+            out,
+            "{:<28} {:<12}",
+            proxy["proxy"].as_str().unwrap_or("?"),
+            proxy["node"].as_str().unwrap_or("?")
+        );
+        for (url, _) in TYPES {
+            let _ = write!(out, " {:<28}", sync_state(&proxy["types"][url]));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `SYNCED (v3)`, `STALE (sent v4, acked v3)`, `NACK v4: reason`, or `-`.
+fn sync_state(status: &Value) -> String {
+    if status.is_null() {
+        return "-".to_owned();
+    }
+    let sent = status["sent_version"].as_u64().unwrap_or(0);
+    let acked = status["acked_version"].as_u64();
+    if let Some(nack) = status["last_nack"].as_array()
+        && nack.first().and_then(Value::as_u64) == Some(sent)
+    {
+        return format!(
+            "NACK v{sent}: {}",
+            nack.get(1).and_then(Value::as_str).unwrap_or("")
+        );
+    }
+    match acked {
+        Some(acked) if acked == sent => format!("SYNCED (v{sent})"),
+        Some(acked) => format!("STALE (sent v{sent}, acked v{acked})"),
+        None => format!("STALE (sent v{sent})"),
+    }
+}
+
+fn ztunnel_config(dump: &Value) -> String {
+    let mut out = String::new();
+    let empty = Vec::new();
+    let list = |key: &str| dump[key].as_array().unwrap_or(&empty).clone();
+    let _ = writeln!(out, "WORKLOADS");
+    let _ = writeln!(
+        out,
+        "{:<36} {:<16} {:<10} {:<8} IDENTITY",
+        "NAME", "IP", "NODE", "PROTOCOL"
+    );
+    for w in list("workloads") {
+        let _ = writeln!(
+            out,
+            "{:<36} {:<16} {:<10} {:<8} spiffe://{}/ns/{}/sa/{}",
+            format!(
+                "{}/{}",
+                w["namespace"].as_str().unwrap_or(""),
+                w["name"].as_str().unwrap_or("")
+            ),
+            w["ips"][0].as_str().unwrap_or("-"),
+            w["node"].as_str().unwrap_or("-"),
+            if w["hbone"] == true { "HBONE" } else { "TCP" },
+            w["trust_domain"].as_str().unwrap_or(""),
+            w["namespace"].as_str().unwrap_or(""),
+            w["service_account"].as_str().unwrap_or(""),
+        );
+    }
+    let _ = writeln!(out, "\nSERVICES");
+    let _ = writeln!(out, "{:<48} VIPS", "HOST");
+    for s in list("services") {
+        let vips: Vec<&str> = s["vips"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<48} {}",
+            s["hostname"].as_str().unwrap_or(""),
+            vips.join(",")
+        );
+    }
+    let _ = writeln!(out, "\nPOLICIES");
+    for p in list("policies") {
+        let _ = writeln!(
+            out,
+            "{} {} ({} scope, {} rule(s))",
+            p["action"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or(""),
+            p["scope"].as_str().unwrap_or(""),
+            p["rules"]
+        );
+    }
+    let _ = writeln!(out, "\nCERTIFICATES");
+    for c in list("certificates") {
+        let _ = writeln!(
+            out,
+            "{:<56} {:<8} {}",
+            c["identity"].as_str().unwrap_or(""),
+            c["state"].as_str().unwrap_or(""),
+            c["expires_in_seconds"]
+                .as_u64()
+                .map(|s| format!("expires in {}h{:02}m", s / 3600, s % 3600 / 60))
+                .unwrap_or_else(|| c["error"].as_str().unwrap_or("").to_owned())
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_states() {
+        let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
+        assert_eq!(
+            sync_state(&v(
+                r#"{"sent_version":3,"acked_version":3,"last_nack":null}"#
+            )),
+            "SYNCED (v3)"
+        );
+        assert_eq!(
+            sync_state(&v(
+                r#"{"sent_version":4,"acked_version":3,"last_nack":null}"#
+            )),
+            "STALE (sent v4, acked v3)"
+        );
+        assert_eq!(
+            sync_state(&v(
+                r#"{"sent_version":4,"acked_version":3,"last_nack":[4,"bad CIDR"]}"#
+            )),
+            "NACK v4: bad CIDR"
+        );
+        assert_eq!(sync_state(&Value::Null), "-");
+    }
+
+    #[test]
+    fn proxy_status_table() {
+        let syncz: Value = serde_json::from_str(
+            r#"[{"proxy":"ztunnel~node0","node":"node0","types":{"type.googleapis.com/istio.workload.Address":{"sent_version":2,"acked_version":2}}}]"#,
+        )
+        .unwrap();
+        let table = proxy_status(&syncz).unwrap();
+        assert!(
+            table.lines().nth(1).unwrap().starts_with("ztunnel~node0"),
+            "{table}"
+        );
+        assert!(table.contains("SYNCED (v2)"));
+    }
+
+    #[test]
+    fn analyze_reports_problems_with_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("meshctl-analyze-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ok.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        assert_eq!(analyze(std::slice::from_ref(&dir)), ExitCode::SUCCESS);
+        std::fs::write(
+            dir.join("bad.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: x}]}\n",
+        )
+        .unwrap();
+        assert_eq!(analyze(std::slice::from_ref(&dir)), ExitCode::FAILURE);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! A delta ADS client: one gRPC stream to the control plane carrying every
+//! subscribed type, each response applied by a [`Handler`] and answered with
+//! an ACK, or a NACK naming what was rejected.
+//!
+//! The handler's state is the proxy's config: it survives disconnects, so a
+//! proxy keeps serving its last good config while the control plane is away.
+//! On reconnect the client announces the versions it holds
+//! (`initial_resource_versions`) so only differences come back. Reconnects
+//! back off exponentially (with jitter) up to [`MAX_BACKOFF`].
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use mesh_api::envoy::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        },
+    },
+    google::rpc::Status as RpcStatus,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, metadata::MetadataValue, transport::Endpoint};
+
+/// First reconnect delay.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Control plane address, e.g. `http://10.255.0.254:15010`.
+    pub address: String,
+    /// File holding the bearer token (read at every connect, so it can be
+    /// rotated); none sends no token.
+    pub token_file: Option<PathBuf>,
+    /// `node.id` announced to the control plane.
+    pub node_id: String,
+    /// Type URLs to subscribe to (wildcard).
+    pub types: Vec<&'static str>,
+}
+
+/// One resource of a response.
+#[derive(Debug)]
+pub struct Resource {
+    /// Resource name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Encoded message (the `Any`'s value).
+    pub value: Vec<u8>,
+}
+
+/// A response for one type: resources added or changed, names removed.
+#[derive(Debug)]
+pub struct Update {
+    /// Type URL.
+    pub type_url: String,
+    /// Added or changed resources.
+    pub resources: Vec<Resource>,
+    /// Names of removed resources.
+    pub removed: Vec<String>,
+}
+
+/// Resources a handler refused, with why; the rest of the update applied.
+#[derive(Debug, Default)]
+pub struct Rejected(pub Vec<(String, String)>);
+
+/// Applies updates to the proxy's config.
+pub trait Handler: Send + 'static {
+    /// Applies `update`. Resources that cannot be decoded or honoured are
+    /// returned in `Rejected` (the client NACKs with their reasons) and must
+    /// leave the previous version of that resource in force.
+    fn apply(&mut self, update: Update) -> Result<(), Rejected>;
+
+    /// Called once every subscribed type has had its first response on a
+    /// stream (the proxy is in sync).
+    fn synced(&mut self) {}
+}
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Could not connect.
+    #[error("connecting to {address}: {source}")]
+    Connect {
+        /// Control plane address.
+        address: String,
+        /// Transport error.
+        source: tonic::transport::Error,
+    },
+    /// The token file could not be read.
+    #[error("reading token {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The server refused or ended the stream.
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    /// The stream ended cleanly.
+    #[error("control plane closed the stream")]
+    Closed,
+}
+
+/// Runs forever: connect, sync, apply; reconnect with backoff on failure.
+pub async fn run(config: ClientConfig, mut handler: impl Handler) {
+    let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let error = stream_once(&config, &mut handler, &mut known).await;
+        // A stream that lived a while was healthy: start over from the floor.
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = MIN_BACKOFF;
+        }
+        let delay = jitter(backoff);
+        tracing::warn!(%error, retry_in = ?delay, "xDS stream down; keeping the last good config");
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// 50–100 % of `base`, so many proxies do not reconnect in lockstep.
+fn jitter(base: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base / 2 + base.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+async fn stream_once(
+    config: &ClientConfig,
+    handler: &mut impl Handler,
+    known: &mut HashMap<String, HashMap<String, String>>,
+) -> StreamError {
+    match stream_inner(config, handler, known).await {
+        Ok(()) => StreamError::Closed,
+        Err(error) => error,
+    }
+}
+
+async fn stream_inner(
+    config: &ClientConfig,
+    handler: &mut impl Handler,
+    known: &mut HashMap<String, HashMap<String, String>>,
+) -> Result<(), StreamError> {
+    let token = match &config.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| StreamError::Token {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let connect_error = |source| StreamError::Connect {
+        address: config.address.clone(),
+        source,
+    };
+    let channel = Endpoint::from_shared(config.address.clone())
+        .map_err(connect_error)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(connect_error)?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+
+    let (tx, rx) = mpsc::channel(16);
+    let node = Node {
+        id: config.node_id.clone(),
+        ..Default::default()
+    };
+    for type_url in &config.types {
+        let initial_resource_versions = known.get(*type_url).cloned().unwrap_or_default();
+        let _ = tx
+            .send(DeltaDiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: (*type_url).to_owned(),
+                resource_names_subscribe: vec!["*".to_owned()],
+                initial_resource_versions,
+                ..Default::default()
+            })
+            .await;
+    }
+    let mut request = Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token
+        && let Ok(value) = MetadataValue::try_from(format!("Bearer {token}"))
+    {
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    tracing::info!(address = %config.address, "xDS stream open");
+
+    let mut unsynced: Vec<&str> = config.types.clone();
+    while let Some(response) = responses.next().await {
+        let response = response?;
+        let reply = apply(handler, known, response);
+        let type_url = reply.type_url.clone();
+        if tx.send(reply).await.is_err() {
+            return Err(StreamError::Closed);
+        }
+        if !unsynced.is_empty() {
+            unsynced.retain(|t| *t != type_url);
+            if unsynced.is_empty() {
+                tracing::info!("xDS in sync");
+                handler.synced();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies one response and builds its ACK or NACK.
+fn apply(
+    handler: &mut impl Handler,
+    known: &mut HashMap<String, HashMap<String, String>>,
+    response: DeltaDiscoveryResponse,
+) -> DeltaDiscoveryRequest {
+    let versions: Vec<(String, String)> = response
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    let update = Update {
+        type_url: response.type_url.clone(),
+        resources: response
+            .resources
+            .into_iter()
+            .map(|r| Resource {
+                name: r.name,
+                version: r.version,
+                value: r.resource.map(|any| any.value).unwrap_or_default(),
+            })
+            .collect(),
+        removed: response.removed_resources.clone(),
+    };
+    let outcome = handler.apply(update);
+    let rejected = match &outcome {
+        Ok(()) => Vec::new(),
+        Err(Rejected(list)) => list.clone(),
+    };
+    let held = known.entry(response.type_url.clone()).or_default();
+    for name in &response.removed_resources {
+        held.remove(name);
+    }
+    for (name, version) in versions {
+        if !rejected.iter().any(|(n, _)| *n == name) {
+            held.insert(name, version);
+        }
+    }
+    let error_detail = (!rejected.is_empty()).then(|| {
+        let message = rejected
+            .iter()
+            .map(|(name, why)| format!("{name}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::warn!(r#type = %response.type_url, %message, "rejecting config (NACK)");
+        RpcStatus {
+            code: tonic::Code::InvalidArgument as i32,
+            message,
+            ..Default::default()
+        }
+    });
+    DeltaDiscoveryRequest {
+        type_url: response.type_url,
+        response_nonce: response.nonce,
+        error_detail,
+        ..Default::default()
+    }
+}
