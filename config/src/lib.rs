@@ -5,14 +5,19 @@
 //! document is reported with its file, position, resource name and the field
 //! path that failed, while every other document still loads.
 
+pub mod istio;
 mod load;
 pub mod node;
+pub mod validate;
 
-pub use load::{LoadError, LoadErrorKind, Loaded, load_dir, load_file, load_str};
+pub use load::{LoadError, LoadErrorKind, LoadWarning, Loaded, load_dir, load_file, load_str};
 
-use k8s_openapi::api::{
-    apps::v1::Deployment,
-    core::v1::{Namespace, Pod, Service, ServiceAccount},
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Namespace, Pod, Service, ServiceAccount},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 /// Namespace given to namespaced resources that do not name one, as `kubectl apply` does.
@@ -31,6 +36,20 @@ pub enum Resource {
     Deployment(Box<Deployment>),
     /// `v1/Pod`.
     Pod(Box<Pod>),
+    /// `networking.istio.io` VirtualService.
+    VirtualService(Box<istio::VirtualService>),
+    /// `networking.istio.io` DestinationRule.
+    DestinationRule(Box<istio::DestinationRule>),
+    /// `networking.istio.io` Gateway.
+    IstioGateway(Box<istio::IstioGateway>),
+    /// `networking.istio.io` ServiceEntry.
+    ServiceEntry(Box<istio::ServiceEntry>),
+    /// `security.istio.io` AuthorizationPolicy.
+    AuthorizationPolicy(Box<istio::AuthorizationPolicy>),
+    /// `security.istio.io` PeerAuthentication.
+    PeerAuthentication(Box<istio::PeerAuthentication>),
+    /// `gateway.networking.k8s.io` Gateway.
+    KubeGateway(Box<istio::KubeGateway>),
     /// A kind this crate does not model (yet): kept by identity only.
     Other(ResourceId),
 }
@@ -71,8 +90,24 @@ pub struct Manifests {
     pub deployments: Vec<Deployment>,
     /// Bare pods.
     pub pods: Vec<Pod>,
+    /// VirtualServices.
+    pub virtual_services: Vec<istio::VirtualService>,
+    /// DestinationRules.
+    pub destination_rules: Vec<istio::DestinationRule>,
+    /// Istio Gateways.
+    pub istio_gateways: Vec<istio::IstioGateway>,
+    /// ServiceEntries.
+    pub service_entries: Vec<istio::ServiceEntry>,
+    /// AuthorizationPolicies.
+    pub authorization_policies: Vec<istio::AuthorizationPolicy>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<istio::PeerAuthentication>,
+    /// Gateway API Gateways.
+    pub kube_gateways: Vec<istio::KubeGateway>,
     /// Resources of kinds not modelled here.
     pub others: Vec<ResourceId>,
+    /// Where each resource came from (file name), for error messages.
+    pub sources: std::collections::BTreeMap<ResourceId, String>,
 }
 
 impl Manifests {
@@ -84,6 +119,13 @@ impl Manifests {
             Resource::ServiceAccount(r) => self.service_accounts.push(*r),
             Resource::Deployment(r) => self.deployments.push(*r),
             Resource::Pod(r) => self.pods.push(*r),
+            Resource::VirtualService(r) => self.virtual_services.push(*r),
+            Resource::DestinationRule(r) => self.destination_rules.push(*r),
+            Resource::IstioGateway(r) => self.istio_gateways.push(*r),
+            Resource::ServiceEntry(r) => self.service_entries.push(*r),
+            Resource::AuthorizationPolicy(r) => self.authorization_policies.push(*r),
+            Resource::PeerAuthentication(r) => self.peer_authentications.push(*r),
+            Resource::KubeGateway(r) => self.kube_gateways.push(*r),
             Resource::Other(id) => self.others.push(id),
         }
     }
@@ -95,6 +137,92 @@ impl Manifests {
         self.service_accounts.extend(other.service_accounts);
         self.deployments.extend(other.deployments);
         self.pods.extend(other.pods);
+        self.virtual_services.extend(other.virtual_services);
+        self.destination_rules.extend(other.destination_rules);
+        self.istio_gateways.extend(other.istio_gateways);
+        self.service_entries.extend(other.service_entries);
+        self.authorization_policies
+            .extend(other.authorization_policies);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.kube_gateways.extend(other.kube_gateways);
         self.others.extend(other.others);
+        self.sources.extend(other.sources);
+    }
+
+    /// Number of resources held.
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+            + self.services.len()
+            + self.service_accounts.len()
+            + self.deployments.len()
+            + self.pods.len()
+            + self.virtual_services.len()
+            + self.destination_rules.len()
+            + self.istio_gateways.len()
+            + self.service_entries.len()
+            + self.authorization_policies.len()
+            + self.peer_authentications.len()
+            + self.kube_gateways.len()
+            + self.others.len()
+    }
+
+    /// Whether there are no resources.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The resource with `id`'s kind, namespace and name (any API version),
+    /// as a [`Resource`] that can be [`push`](Self::push)ed elsewhere.
+    pub fn find(&self, id: &ResourceId) -> Option<Resource> {
+        fn named<'a, T: 'a>(
+            list: &'a [T],
+            id: &ResourceId,
+            meta: impl Fn(&T) -> &ObjectMeta,
+        ) -> Option<&'a T> {
+            list.iter().find(|r| {
+                let m = meta(r);
+                m.name.as_deref() == Some(id.name.as_str())
+                    && m.namespace.as_deref().unwrap_or_default() == id.namespace
+            })
+        }
+        let kind = id.kind.as_str();
+        let istio_gateway = id.api_version.starts_with("networking.istio.io/");
+        Some(match kind {
+            "Namespace" => Resource::Namespace(Box::new(
+                named(&self.namespaces, id, |r| &r.metadata)?.clone(),
+            )),
+            "Service" => Resource::Service(Box::new(
+                named(&self.services, id, |r| &r.metadata)?.clone(),
+            )),
+            "ServiceAccount" => Resource::ServiceAccount(Box::new(
+                named(&self.service_accounts, id, |r| &r.metadata)?.clone(),
+            )),
+            "Deployment" => Resource::Deployment(Box::new(
+                named(&self.deployments, id, |r| &r.metadata)?.clone(),
+            )),
+            "Pod" => Resource::Pod(Box::new(named(&self.pods, id, |r| &r.metadata)?.clone())),
+            "VirtualService" => Resource::VirtualService(Box::new(
+                named(&self.virtual_services, id, |r| &r.metadata)?.clone(),
+            )),
+            "DestinationRule" => Resource::DestinationRule(Box::new(
+                named(&self.destination_rules, id, |r| &r.metadata)?.clone(),
+            )),
+            "Gateway" if istio_gateway => Resource::IstioGateway(Box::new(
+                named(&self.istio_gateways, id, |r| &r.metadata)?.clone(),
+            )),
+            "Gateway" => Resource::KubeGateway(Box::new(
+                named(&self.kube_gateways, id, |r| &r.metadata)?.clone(),
+            )),
+            "ServiceEntry" => Resource::ServiceEntry(Box::new(
+                named(&self.service_entries, id, |r| &r.metadata)?.clone(),
+            )),
+            "AuthorizationPolicy" => Resource::AuthorizationPolicy(Box::new(
+                named(&self.authorization_policies, id, |r| &r.metadata)?.clone(),
+            )),
+            "PeerAuthentication" => Resource::PeerAuthentication(Box::new(
+                named(&self.peer_authentications, id, |r| &r.metadata)?.clone(),
+            )),
+            _ => return None,
+        })
     }
 }

@@ -8,7 +8,10 @@ use std::{
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_yaml::Value;
 
-use crate::{DEFAULT_NAMESPACE, Manifests, Resource, ResourceId};
+use crate::{
+    DEFAULT_NAMESPACE, Manifests, Resource, ResourceId,
+    istio::{Crd, GATEWAY_API_VERSIONS, NETWORKING_VERSIONS, SECURITY_VERSIONS},
+};
 
 /// Largest manifest file accepted; bigger ones are refused unread.
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -52,6 +55,21 @@ pub enum LoadErrorKind {
     },
 }
 
+/// Something in a document that loaded but was not understood: an unknown
+/// field or kind. Reported, never a reason to reject the resource.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: document {document} ({resource}): {message}")]
+pub struct LoadWarning {
+    /// File (or other source) the document came from.
+    pub source_name: String,
+    /// 1-based position of the document in its file.
+    pub document: usize,
+    /// The resource.
+    pub resource: ResourceId,
+    /// What was not understood.
+    pub message: String,
+}
+
 /// The outcome of loading a source: what loaded, and each document that did not.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -59,12 +77,15 @@ pub struct Loaded {
     pub manifests: Manifests,
     /// Documents that were rejected; the rest still loaded.
     pub errors: Vec<LoadError>,
+    /// Unknown fields and kinds in documents that loaded.
+    pub warnings: Vec<LoadWarning>,
 }
 
 impl Loaded {
     fn merge(&mut self, other: Loaded) {
         self.manifests.extend(other.manifests);
         self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
     }
 }
 
@@ -86,13 +107,13 @@ pub fn load_dir(dir: &Path) -> Loaded {
 pub fn load_file(path: &Path) -> Loaded {
     let source_name = path.display().to_string();
     let fail = |kind| Loaded {
-        manifests: Manifests::default(),
         errors: vec![LoadError {
             source_name: source_name.clone(),
             document: 0,
             resource: None,
             kind,
         }],
+        ..Loaded::default()
     };
     match std::fs::metadata(path) {
         Ok(meta) if meta.len() > MAX_FILE_BYTES => {
@@ -129,8 +150,26 @@ pub fn load_str(source_name: &str, text: &str) -> Loaded {
                 break;
             }
         };
-        match parse_resource(value) {
-            Ok(resource) => loaded.manifests.push(resource),
+        let mut unknown = Vec::new();
+        match parse_resource(value, &mut unknown) {
+            Ok((id, resource)) => {
+                if let Resource::Other(_) = resource {
+                    unknown.push(format!(
+                        "kind `{}` of `{}` is not supported; ignored",
+                        id.kind, id.api_version
+                    ));
+                }
+                loaded
+                    .warnings
+                    .extend(unknown.into_iter().map(|message| LoadWarning {
+                        source_name: source_name.to_owned(),
+                        document: document_no,
+                        resource: id.clone(),
+                        message,
+                    }));
+                loaded.manifests.sources.insert(id, source_name.to_owned());
+                loaded.manifests.push(resource);
+            }
             Err(failed) => {
                 let (resource, kind) = *failed;
                 loaded.errors.push(error(resource, kind));
@@ -142,13 +181,17 @@ pub fn load_str(source_name: &str, text: &str) -> Loaded {
 
 type ParseError = Box<(Option<ResourceId>, LoadErrorKind)>;
 
-fn parse_resource(value: Value) -> Result<Resource, ParseError> {
+/// Parses one document; unknown fields are appended to `unknown` as messages.
+fn parse_resource(
+    value: Value,
+    unknown: &mut Vec<String>,
+) -> Result<(ResourceId, Resource), ParseError> {
     let api_version = string_field(&value, &["apiVersion"])
         .ok_or_else(|| Box::new((None, LoadErrorKind::MissingField("apiVersion"))))?;
     let kind = string_field(&value, &["kind"])
         .ok_or_else(|| Box::new((None, LoadErrorKind::MissingField("kind"))))?;
     let name = string_field(&value, &["metadata", "name"]);
-    let cluster_scoped = kind == "Namespace";
+    let cluster_scoped = matches!(kind.as_str(), "Namespace" | "GatewayClass");
     let namespace = match string_field(&value, &["metadata", "namespace"]) {
         Some(ns) => ns,
         None if cluster_scoped => String::new(),
@@ -167,21 +210,31 @@ fn parse_resource(value: Value) -> Result<Resource, ParseError> {
         )));
     }
     let with_id = |kind| Box::new((Some(id.clone()), kind));
-    let resource = match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => Resource::Namespace(typed(value).map_err(with_id)?),
-        ("v1", "Service") => {
-            Resource::Service(namespaced(typed(value), &namespace).map_err(with_id)?)
-        }
-        ("v1", "ServiceAccount") => {
-            Resource::ServiceAccount(namespaced(typed(value), &namespace).map_err(with_id)?)
-        }
-        ("v1", "Pod") => Resource::Pod(namespaced(typed(value), &namespace).map_err(with_id)?),
-        ("apps/v1", "Deployment") => {
-            Resource::Deployment(namespaced(typed(value), &namespace).map_err(with_id)?)
-        }
-        _ => Resource::Other(id),
+    let api = api_version.as_str();
+    let networking = NETWORKING_VERSIONS.contains(&api);
+    let security = SECURITY_VERSIONS.contains(&api);
+    let gateway_api = GATEWAY_API_VERSIONS.contains(&api);
+    macro_rules! parse {
+        ($variant:ident) => {
+            Resource::$variant(namespaced(typed(value, unknown), &namespace).map_err(with_id)?)
+        };
+    }
+    let resource = match kind.as_str() {
+        "Namespace" if api == "v1" => Resource::Namespace(typed(value, unknown).map_err(with_id)?),
+        "Service" if api == "v1" => parse!(Service),
+        "ServiceAccount" if api == "v1" => parse!(ServiceAccount),
+        "Pod" if api == "v1" => parse!(Pod),
+        "Deployment" if api == "apps/v1" => parse!(Deployment),
+        "VirtualService" if networking => parse!(VirtualService),
+        "DestinationRule" if networking => parse!(DestinationRule),
+        "Gateway" if networking => parse!(IstioGateway),
+        "ServiceEntry" if networking => parse!(ServiceEntry),
+        "AuthorizationPolicy" if security => parse!(AuthorizationPolicy),
+        "PeerAuthentication" if security => parse!(PeerAuthentication),
+        "Gateway" if gateway_api => parse!(KubeGateway),
+        _ => Resource::Other(id.clone()),
     };
-    Ok(resource)
+    Ok((id, resource))
 }
 
 /// Types whose `metadata.namespace` we default.
@@ -206,6 +259,12 @@ has_metadata!(
     k8s_openapi::api::apps::v1::Deployment
 );
 
+impl<S> HasMetadata for Crd<S> {
+    fn namespace_mut(&mut self) -> &mut Option<String> {
+        &mut self.metadata.namespace
+    }
+}
+
 fn namespaced<T: HasMetadata>(
     parsed: Result<Box<T>, LoadErrorKind>,
     namespace: &str,
@@ -215,13 +274,21 @@ fn namespaced<T: HasMetadata>(
     Ok(resource)
 }
 
-fn typed<T: DeserializeOwned>(value: Value) -> Result<Box<T>, LoadErrorKind> {
-    serde_path_to_error::deserialize(value)
-        .map(Box::new)
-        .map_err(|err| LoadErrorKind::Field {
-            path: FieldPath(err.path()).to_string(),
-            message: err.into_inner().to_string(),
-        })
+/// Deserialises `value` as `T`, naming the failing field's path on error
+/// and appending a message per field `T` does not know to `unknown`.
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    unknown: &mut Vec<String>,
+) -> Result<Box<T>, LoadErrorKind> {
+    let mut track = serde_path_to_error::Track::new();
+    let tracked = serde_path_to_error::Deserializer::new(value, &mut track);
+    let result = serde_ignored::deserialize(tracked, |path| {
+        unknown.push(format!("unknown field `{path}` ignored"));
+    });
+    result.map(Box::new).map_err(|err| LoadErrorKind::Field {
+        path: FieldPath(&track.path()).to_string(),
+        message: err.to_string(),
+    })
 }
 
 /// Renders a serde path as `spec.ports[0].port`.
@@ -340,14 +407,63 @@ mod tests {
     }
 
     #[test]
-    fn unknown_kinds_are_kept_by_identity() {
+    fn unknown_kinds_are_kept_by_identity_with_a_warning() {
         let loaded = load_str(
             "z",
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {}\n",
+            "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: r}\nspec: {}\n",
         );
+        assert!(loaded.errors.is_empty());
+        assert_eq!(loaded.manifests.others[0].to_string(), "Widget default/r");
         assert_eq!(
-            loaded.manifests.others[0].to_string(),
-            "VirtualService default/r"
+            loaded.warnings[0].to_string(),
+            "z: document 1 (Widget default/r): kind `Widget` of `example.com/v1` is not supported; ignored"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_warn_without_rejecting() {
+        let loaded = load_str(
+            "w.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: shop}\nspec:\n  hosts: [r]\n  htp: []\n  http:\n  - route: [{destination: {host: r}}]\n    retrys: {}\n",
+        );
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.manifests.virtual_services.len(), 1);
+        let warnings: Vec<_> = loaded.warnings.iter().map(|w| w.message.as_str()).collect();
+        assert_eq!(
+            warnings,
+            [
+                "unknown field `spec.htp` ignored",
+                "unknown field `spec.http.0.retrys` ignored"
+            ]
+        );
+    }
+
+    #[test]
+    fn istio_kinds_in_every_api_version_load_with_their_namespace() {
+        for version in ["v1alpha3", "v1beta1", "v1"] {
+            let loaded = load_str(
+                "v",
+                &format!(
+                    "apiVersion: networking.istio.io/{version}\nkind: DestinationRule\nmetadata: {{name: d}}\nspec: {{host: d, subsets: [{{name: v1, labels: {{version: v1}}}}]}}\n"
+                ),
+            );
+            assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+            let rule = &loaded.manifests.destination_rules[0];
+            assert_eq!(rule.metadata.namespace.as_deref(), Some("default"));
+            assert_eq!(rule.spec.subsets[0].name, "v1");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_enum_value_names_its_field() {
+        let loaded = load_str(
+            "e",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: a}\nspec: {action: ALLOWED}\n",
+        );
+        let err = loaded.errors[0].to_string();
+        assert!(
+            err.starts_with("e: document 1 (AuthorizationPolicy a/p): field `spec.action`"),
+            "{err}"
         );
     }
 }

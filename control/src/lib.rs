@@ -9,6 +9,7 @@
 //! config on 15014.
 
 pub mod auth;
+pub mod authz;
 pub mod ca;
 pub mod ca_service;
 pub mod metrics;

@@ -33,6 +33,9 @@ struct Args {
     /// DNS suffix of Service host names.
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// Root namespace: its selector-less policies apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
 }
 
 #[tokio::main]
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         settings: MeshSettings {
             trust_domain: args.trust_domain,
             cluster_domain: args.cluster_domain,
+            root_namespace: args.root_namespace,
         },
     })
     .await?;

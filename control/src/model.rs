@@ -15,11 +15,14 @@ use k8s_openapi::{
     api::core::v1::{Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use mesh_api::security::Authorization;
 use mesh_api::workload::{
     self as wl, Address, NetworkAddress, PortList, TunnelProtocol, WorkloadStatus, WorkloadType,
     address,
 };
 use mesh_config::{Manifests, node::is_enrolled};
+
+use crate::authz::Policies;
 
 /// Cluster id stamped into workload uids, as Istio's default single cluster.
 pub const CLUSTER_ID: &str = "Kubernetes";
@@ -31,6 +34,8 @@ pub struct MeshSettings {
     pub trust_domain: String,
     /// DNS suffix of Service host names, e.g. `cluster.local`.
     pub cluster_domain: String,
+    /// Namespace whose selector-less policies apply mesh-wide.
+    pub root_namespace: String,
 }
 
 impl Default for MeshSettings {
@@ -38,6 +43,7 @@ impl Default for MeshSettings {
         Self {
             trust_domain: "cluster.local".to_owned(),
             cluster_domain: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
         }
     }
 }
@@ -67,6 +73,10 @@ pub struct Model {
     /// Workload API resources by xDS resource name (workload uid, or
     /// `namespace/hostname` for services).
     pub addresses: BTreeMap<String, Address>,
+    /// L4 policies (`istio.security.Authorization`) by `namespace/name`.
+    pub authorizations: BTreeMap<String, Authorization>,
+    /// What the translation could not honour (e.g. L7 rules at L4).
+    pub warnings: Vec<String>,
 }
 
 impl Model {
@@ -91,13 +101,19 @@ impl Model {
             .filter_map(|svc| ServiceView::new(svc, settings))
             .collect();
         let selectors = SelectorIndex::new(&services);
+        let mut policies =
+            Policies::build(manifests, &settings.root_namespace, &mut model.warnings);
 
         for pod in &manifests.pods {
             let Some(info) = pod_info(pod, |ns| namespace_labels.get(ns).unwrap_or(&no_labels))
             else {
                 continue;
             };
-            let workload = workload(pod, &info, &selectors, settings);
+            let mut workload = workload(pod, &info, &selectors, settings);
+            if info.enrolled {
+                let labels = pod.metadata.labels.clone().unwrap_or_default();
+                workload.authorization_policies = policies.for_workload(&info.namespace, &labels);
+            }
             let uid = workload.uid.clone();
             model.addresses.insert(
                 uid,
@@ -117,6 +133,7 @@ impl Model {
                 },
             );
         }
+        model.authorizations = policies.authorizations;
         model
     }
 

@@ -1,13 +1,17 @@
 //! Wiring: the config loop, the gRPC server (ADS + CA) and the status
 //! endpoint.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use mesh_api::{
     ads::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
     ca::istio_certificate_service_server::IstioCertificateServiceServer, type_url,
+};
+use mesh_config::{
+    Manifests, ResourceId,
+    validate::{self, ValidationError},
 };
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -79,6 +83,7 @@ impl ControlPlane {
             snapshots: snapshots_tx,
             metrics: metrics.clone(),
             version: 0,
+            last_good: Arc::default(),
         };
         // Fingerprint before loading: a change racing the first load is
         // then seen as a change, never lost.
@@ -143,6 +148,8 @@ struct ConfigLoop {
     snapshots: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     version: u64,
+    /// The config behind the snapshot being served.
+    last_good: Arc<Manifests>,
 }
 
 impl ConfigLoop {
@@ -157,36 +164,108 @@ impl ConfigLoop {
         let started = std::time::Instant::now();
         let loaded = self.source.load();
         let load_ms = started.elapsed().as_millis() as u64;
-        for error in &loaded.errors {
+        let (manifests, mut invalid) = validate::partition(loaded.manifests);
+        let (manifests, kept) = self.keep_last_good(manifests, &loaded.errors, &mut invalid);
+        let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        errors.extend(invalid.iter().map(|error| {
+            if kept.contains(&error.resource) {
+                format!("{error} (last good version kept)")
+            } else {
+                error.to_string()
+            }
+        }));
+        for error in &errors {
             tracing::warn!(%error, "config rejected; the rest stays in force");
         }
-        let model = Model::build(&loaded.manifests, &self.settings);
+        let model = Model::build(&manifests, &self.settings);
+        let mut warnings: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+        warnings.extend(model.warnings.iter().cloned());
+        for warning in &warnings {
+            tracing::debug!(%warning, "config warning");
+        }
         self.version += 1;
         let previous = self.snapshots.borrow().clone();
         let mut snapshot = SnapshotBuilder::new(&previous);
         for (name, address) in &model.addresses {
             snapshot.insert(type_url::ADDRESS, name, address);
         }
+        for (name, policy) in &model.authorizations {
+            snapshot.insert(type_url::AUTHORIZATION, name, policy);
+        }
         let snapshot = snapshot.build(self.version);
         let translate_ms = started.elapsed().as_millis() as u64 - load_ms;
         tracing::info!(
             version = self.version,
             addresses = model.addresses.len(),
-            errors = loaded.errors.len(),
+            authorizations = model.authorizations.len(),
+            errors = errors.len(),
+            warnings = warnings.len(),
             load_ms,
             translate_ms,
             "config version computed"
         );
         self.metrics.config_versions.inc();
-        self.metrics.config_errors.set(loaded.errors.len() as i64);
+        self.metrics.config_errors.set(errors.len() as i64);
         self.config.store(Arc::new(ConfigStatus {
             version: self.version,
-            errors: loaded.errors.iter().map(ToString::to_string).collect(),
-            warnings: Vec::new(),
+            errors,
+            warnings,
             load_ms,
             translate_ms,
         }));
         self.model.store(Arc::new(model));
         self.snapshots.send_replace(Arc::new(snapshot));
+        self.last_good = Arc::new(manifests);
+    }
+
+    /// Puts back the last good version of every resource rejected this time
+    /// (a document that no longer parses, or a resource that no longer
+    /// validates), so one bad edit never removes config that was working.
+    /// Returns the result and the ids that were put back.
+    fn keep_last_good(
+        &self,
+        mut manifests: Manifests,
+        load_errors: &[mesh_config::LoadError],
+        invalid: &mut Vec<ValidationError>,
+    ) -> (Manifests, BTreeSet<ResourceId>) {
+        // A file that failed as a whole (unreadable, YAML syntax) rejects
+        // every resource it held.
+        let broken_files: BTreeSet<&str> = load_errors
+            .iter()
+            .filter(|e| e.resource.is_none())
+            .map(|e| e.source_name.as_str())
+            .collect();
+        let rejected: BTreeSet<&ResourceId> = load_errors
+            .iter()
+            .filter_map(|e| e.resource.as_ref())
+            .chain(invalid.iter().map(|e| &e.resource))
+            .chain(
+                self.last_good
+                    .sources
+                    .iter()
+                    .filter(|(_, file)| broken_files.contains(file.as_str()))
+                    .map(|(id, _)| id),
+            )
+            .collect();
+        let mut kept = BTreeSet::new();
+        for id in rejected {
+            if manifests.find(id).is_none()
+                && let Some(previous) = self.last_good.find(id)
+            {
+                manifests.push(previous);
+                kept.insert(id.clone());
+            }
+        }
+        if kept.is_empty() {
+            return (manifests, kept);
+        }
+        // What was valid may no longer be, next to today's config.
+        let (manifests, again) = validate::partition(manifests);
+        for error in again {
+            if kept.remove(&error.resource) || !invalid.contains(&error) {
+                invalid.push(error);
+            }
+        }
+        (manifests, kept)
     }
 }

@@ -13,6 +13,7 @@ use mesh_api::{
     ca::{
         IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
     },
+    security::Authorization,
     type_url,
     workload::{Address, address},
 };
@@ -88,8 +89,12 @@ async fn start() -> Fixture {
 /// What a proxy holds: address resource names to decoded addresses.
 type Held = BTreeMap<String, Address>;
 
+/// L4 policies a proxy holds, by resource name.
+type Policies = BTreeMap<String, Authorization>;
+
 struct Recorder {
     held: Arc<Mutex<Held>>,
+    policies: Arc<Mutex<Policies>>,
     changes: watch::Sender<usize>,
     /// Names whose resources this proxy refuses (to provoke NACKs).
     refuse: Option<&'static str>,
@@ -98,6 +103,19 @@ struct Recorder {
 impl Handler for Recorder {
     fn apply(&mut self, update: Update) -> Result<(), Rejected> {
         let mut rejected = Rejected::default();
+        if update.type_url == type_url::AUTHORIZATION {
+            let mut policies = self.policies.lock().unwrap();
+            for name in update.removed {
+                policies.remove(&name);
+            }
+            for resource in update.resources {
+                let policy = Authorization::decode(resource.value.as_slice()).unwrap();
+                policies.insert(resource.name, policy);
+            }
+            drop(policies);
+            self.changes.send_modify(|n| *n += 1);
+            return Ok(());
+        }
         let mut held = self.held.lock().unwrap();
         for name in update.removed {
             held.remove(&name);
@@ -133,10 +151,25 @@ fn proxy(
     token: std::path::PathBuf,
     refuse: Option<&'static str>,
 ) -> (Arc<Mutex<Held>>, watch::Receiver<usize>) {
+    let (held, _, rx) = proxy_with_policies(grpc, token, refuse);
+    (held, rx)
+}
+
+fn proxy_with_policies(
+    grpc: SocketAddr,
+    token: std::path::PathBuf,
+    refuse: Option<&'static str>,
+) -> (
+    Arc<Mutex<Held>>,
+    Arc<Mutex<Policies>>,
+    watch::Receiver<usize>,
+) {
     let held = Arc::new(Mutex::new(Held::new()));
+    let policies = Arc::new(Mutex::new(Policies::new()));
     let (changes, rx) = watch::channel(0);
     let recorder = Recorder {
         held: held.clone(),
+        policies: policies.clone(),
         changes,
         refuse,
     };
@@ -145,11 +178,11 @@ fn proxy(
             address: format!("http://{grpc}"),
             token_file: Some(token),
             node_id: "test~proxy".into(),
-            types: vec![type_url::ADDRESS],
+            types: vec![type_url::ADDRESS, type_url::AUTHORIZATION],
         },
         recorder,
     ));
-    (held, rx)
+    (held, policies, rx)
 }
 
 async fn wait_for(
@@ -246,6 +279,98 @@ async fn broken_config_keeps_the_rest_and_is_reported() {
         errors.contains("broken.yaml: document 1 (Service shop/bad): field `spec.ports[0].port`"),
         "{errors}"
     );
+}
+
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-allow, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules: [{from: [{source: {namespaces: [shop]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+/// Polls `f` over what the proxy holds until it holds, for up to 1 s.
+async fn wait_policies(policies: &Arc<Mutex<Policies>>, what: &str, f: impl Fn(&Policies) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !f(&policies.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "within 1 s: {what}; held {:?}",
+            policies.lock().unwrap().keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn policies_of(held: &Held, uid: &str) -> Vec<String> {
+    match held.get(uid).and_then(|a| a.r#type.as_ref()) {
+        Some(address::Type::Workload(w)) => w.authorization_policies.clone(),
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn policies_are_pushed_and_a_broken_edit_keeps_the_last_good_version() {
+    let fixture = start().await;
+    let ports = fixture.control.ports();
+    let file = fixture.config.join("policy.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+    let (held, policies, rx) =
+        proxy_with_policies(ports.grpc, token_file(fixture._dir.path(), TOKEN0), None);
+    wait_policies(&policies, "policy and converted STRICT pushed", |p| {
+        p.contains_key("shop/web-allow")
+            && p.contains_key("shop/converted_peer_authentication_default")
+    })
+    .await;
+    wait_for(&held, rx.clone(), "workload names its policies", |h| {
+        policies_of(h, "Kubernetes//Pod/shop/web-0")
+            == [
+                "shop/web-allow",
+                "shop/converted_peer_authentication_default",
+            ]
+    })
+    .await;
+
+    // An invalid edit: rejected with its field, the previous version stays.
+    std::fs::write(
+        &file,
+        POLICY.replace("namespaces: [shop]", "ipBlocks: [nope]"),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let errors = loop {
+        let errors = get(ports.status, "/debug/config_errors").await;
+        if errors.contains("ipBlocks") || tokio::time::Instant::now() > deadline {
+            break errors;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        errors.contains("AuthorizationPolicy shop/web-allow: field `spec.rules[0].from[0].source.ipBlocks[0]`: `nope` is not an IP address or CIDR (last good version kept)"),
+        "{errors}"
+    );
+    // A YAML syntax error in the file: everything it held stays too.
+    std::fs::write(&file, "apiVersion: [\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let kept = policies
+        .lock()
+        .unwrap()
+        .get("shop/web-allow")
+        .cloned()
+        .unwrap();
+    let namespaces = &kept.rules[0].clauses[0].matches[0].namespaces;
+    assert_eq!(namespaces.len(), 1, "the last good version is still served");
+    assert!(policies_of(&held.lock().unwrap(), "Kubernetes//Pod/shop/web-0").len() == 2);
+
+    // Deleting the file removes them.
+    std::fs::remove_file(&file).unwrap();
+    wait_policies(&policies, "policies removed", |p| p.is_empty()).await;
 }
 
 #[tokio::test]

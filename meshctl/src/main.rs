@@ -111,36 +111,60 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn analyze(paths: &[PathBuf]) -> ExitCode {
-    let mut problems = Vec::new();
-    let mut resources = 0;
+    let (report, clean) = analyze_report(paths);
+    print!("{report}");
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Loads every path as one configuration (so references across files
+/// resolve), validates it with the control plane's rules, and reports
+/// errors and warnings; `true` when there is no error.
+fn analyze_report(paths: &[PathBuf]) -> (String, bool) {
+    let mut manifests = mesh_config::Manifests::default();
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     for path in paths {
         let loaded = if path.is_dir() {
             mesh_config::load_dir(path)
         } else {
             mesh_config::load_file(path)
         };
-        let m = &loaded.manifests;
-        resources += m.namespaces.len()
-            + m.services.len()
-            + m.service_accounts.len()
-            + m.deployments.len()
-            + m.pods.len()
-            + m.others.len();
-        problems.extend(loaded.errors.iter().map(ToString::to_string));
+        manifests.extend(loaded.manifests);
+        errors.extend(loaded.errors.iter().map(ToString::to_string));
+        warnings.extend(loaded.warnings.iter().map(ToString::to_string));
     }
-    for problem in &problems {
-        println!("Error: {problem}");
+    errors.extend(
+        mesh_config::validate::validate(&manifests)
+            .iter()
+            .map(ToString::to_string),
+    );
+    let mut out = String::new();
+    for error in &errors {
+        let _ = writeln!(out, "Error: {error}");
     }
-    if problems.is_empty() {
-        println!("✔ No validation issues found ({resources} resource(s) analyzed).");
-        ExitCode::SUCCESS
-    } else {
-        println!(
-            "{} problem(s) in {resources} valid resource(s).",
-            problems.len()
+    for warning in &warnings {
+        let _ = writeln!(out, "Warning: {warning}");
+    }
+    let resources = manifests.len();
+    if errors.is_empty() {
+        let _ = writeln!(
+            out,
+            "✔ No validation issues found ({resources} resource(s) analyzed, {} warning(s)).",
+            warnings.len()
         );
-        ExitCode::FAILURE
+    } else {
+        let _ = writeln!(
+            out,
+            "{} error(s), {} warning(s) in {resources} loaded resource(s).",
+            errors.len(),
+            warnings.len()
+        );
     }
+    (out, errors.is_empty())
 }
 
 /// Short type names for the table's columns.
@@ -326,7 +350,24 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: x}]}\n",
         )
         .unwrap();
-        assert_eq!(analyze(std::slice::from_ref(&dir)), ExitCode::FAILURE);
+        let (report, clean) = analyze_report(std::slice::from_ref(&dir));
+        assert!(!clean);
+        assert!(
+            report.contains("bad.yaml: document 1 (Service default/s): field `spec.ports[0].port`"),
+            "{report}"
+        );
+        std::fs::write(
+            dir.join("bad.yaml"),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec: {hosts: [r], http: [{route: [{destination: {host: r, subset: v9}}]}], tcpp: []}\n",
+        )
+        .unwrap();
+        let (report, clean) = analyze_report(std::slice::from_ref(&dir));
+        assert!(!clean);
+        assert!(report.contains("VirtualService default/r: field `spec.http[0].route[0].destination.subset`: subset `v9` of host `r` is not defined by any DestinationRule"), "{report}");
+        assert!(
+            report.contains("Warning: ") && report.contains("unknown field `spec.tcpp` ignored"),
+            "{report}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

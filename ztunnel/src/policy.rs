@@ -46,6 +46,16 @@ pub enum Decision {
     NotAllowed,
 }
 
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Allow => f.write_str("allowed"),
+            Decision::DeniedBy(policy) => write!(f, "denied by DENY policy {policy}"),
+            Decision::NotAllowed => f.write_str("denied: no ALLOW policy matched"),
+        }
+    }
+}
+
 /// The destination workload as policy sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {

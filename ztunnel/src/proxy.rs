@@ -288,7 +288,7 @@ impl Proxy {
                 destination_port: destination.port(),
             });
             if decision != Decision::Allow {
-                access.failed("DENY", &format!("denied: {decision:?}"));
+                access.failed("DENY", &decision.to_string());
                 reset(client);
                 return;
             }
@@ -464,9 +464,8 @@ impl mesh_hbone::Handler for InboundTunnels {
             destination_port: request.authority.port(),
         });
         if decision != Decision::Allow {
-            self.access(&request)
-                .failed("DENY", &format!("denied: {decision:?}"));
-            return Err(mesh_hbone::Refusal::Denied(format!("{decision:?}")));
+            self.access(&request).failed("DENY", &decision.to_string());
+            return Err(mesh_hbone::Refusal::Denied(decision.to_string()));
         }
         match self
             .proxy

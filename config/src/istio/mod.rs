@@ -1,0 +1,118 @@
+//! Typed Istio and Gateway API resources.
+//!
+//! Every custom resource is a [`Crd`]: the standard `metadata` plus a typed
+//! `spec`. Field names and meanings are Istio's; enum-like strings are Rust
+//! enums, so a misspelt value is an error at its field path; durations
+//! (`"1.5s"`, `"100ms"`) are parsed into [`IstioDuration`].
+
+mod duration;
+pub mod networking;
+pub mod security;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
+
+pub use duration::IstioDuration;
+
+/// A custom resource: metadata and a typed spec.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Crd<S> {
+    /// `apiVersion` as written.
+    #[serde(default)]
+    pub api_version: String,
+    /// `kind` as written.
+    #[serde(default)]
+    pub kind: String,
+    /// Standard metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The spec.
+    #[serde(default)]
+    pub spec: S,
+    /// Status, as a controller wrote it (ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+/// Workloads selected by labels.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Labels every selected workload has.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// `networking.istio.io` VirtualService.
+pub type VirtualService = Crd<networking::VirtualServiceSpec>;
+/// `networking.istio.io` DestinationRule.
+pub type DestinationRule = Crd<networking::DestinationRuleSpec>;
+/// `networking.istio.io` Gateway.
+pub type IstioGateway = Crd<networking::GatewaySpec>;
+/// `networking.istio.io` ServiceEntry.
+pub type ServiceEntry = Crd<networking::ServiceEntrySpec>;
+/// `security.istio.io` AuthorizationPolicy.
+pub type AuthorizationPolicy = Crd<security::AuthorizationPolicySpec>;
+/// `security.istio.io` PeerAuthentication.
+pub type PeerAuthentication = Crd<security::PeerAuthenticationSpec>;
+/// Gateway API `gateway.networking.k8s.io` Gateway (waypoints and ingress).
+pub type KubeGateway = Crd<KubeGatewaySpec>;
+
+/// Gateway API `Gateway.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeGatewaySpec {
+    /// `istio-waypoint` for waypoints.
+    #[serde(default)]
+    pub gateway_class_name: String,
+    /// Listeners.
+    #[serde(default)]
+    pub listeners: Vec<KubeListener>,
+    /// Requested addresses (kept as given).
+    #[serde(default)]
+    pub addresses: Vec<serde_json::Value>,
+    /// Infrastructure labels and annotations (kept as given).
+    #[serde(default)]
+    pub infrastructure: Option<serde_json::Value>,
+}
+
+/// A Gateway API listener.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeListener {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Port.
+    #[serde(default)]
+    pub port: u32,
+    /// `HTTP`, `HTTPS`, `TCP`, `TLS`, `HBONE`...
+    #[serde(default)]
+    pub protocol: String,
+    /// TLS (kept as given).
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+    /// Which routes may attach (kept as given).
+    #[serde(default)]
+    pub allowed_routes: Option<serde_json::Value>,
+}
+
+/// API versions accepted for `networking.istio.io` kinds.
+pub const NETWORKING_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1alpha3",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1",
+];
+/// API versions accepted for `security.istio.io` kinds.
+pub const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1beta1", "security.istio.io/v1"];
+/// API versions accepted for Gateway API kinds.
+pub const GATEWAY_API_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1beta1",
+    "gateway.networking.k8s.io/v1",
+];
