@@ -16,6 +16,7 @@
 pub mod cgroup;
 pub mod cluster;
 pub mod control;
+pub mod deploy;
 mod down;
 pub mod mesh;
 pub mod netns;

@@ -7,6 +7,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod lab;
+mod render_deploy;
 mod test;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run every check: fmt, clippy, unit tests and the lab end-to-end tests.
     Test(test::TestArgs),
+    /// Render the Helm chart in deploy/chart into deploy/rendered/mesh.yaml (no helm needed).
+    RenderDeploy(render_deploy::RenderDeployArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(args) => lab::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Test(args) => test::run(args),
+        Command::RenderDeploy(args) => render_deploy::run(args),
     }
 }
 

@@ -1,0 +1,331 @@
+//! The Kubernetes install: the checked-in `deploy/rendered/mesh.yaml` is a
+//! fresh render of `deploy/chart`, every document is a well-formed object of
+//! a known kind, and each component's ServiceAccount is bound to the access it
+//! needs. Pure file checks: no cluster, no root.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+    },
+    serde::{Deserialize as _, Serialize, de::DeserializeOwned},
+};
+use mesh_lab::deploy::{RELEASE_NAMESPACE, RENDERED_PATH, render_workspace};
+
+/// What the control plane reads and does: (apiGroup, resource, verb).
+const CONTROL_NEEDS: &[(&str, &str, &str)] = &[
+    ("", "namespaces", "get"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("", "pods", "get"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "services", "get"),
+    ("", "services", "list"),
+    ("", "services", "watch"),
+    ("", "serviceaccounts", "get"),
+    ("", "serviceaccounts", "list"),
+    ("", "serviceaccounts", "watch"),
+    ("discovery.k8s.io", "endpointslices", "get"),
+    ("discovery.k8s.io", "endpointslices", "list"),
+    ("discovery.k8s.io", "endpointslices", "watch"),
+    ("networking.istio.io", "virtualservices", "list"),
+    ("networking.istio.io", "virtualservices", "watch"),
+    ("networking.istio.io", "destinationrules", "list"),
+    ("networking.istio.io", "destinationrules", "watch"),
+    ("networking.istio.io", "gateways", "list"),
+    ("networking.istio.io", "gateways", "watch"),
+    ("networking.istio.io", "serviceentries", "list"),
+    ("networking.istio.io", "serviceentries", "watch"),
+    ("security.istio.io", "authorizationpolicies", "list"),
+    ("security.istio.io", "authorizationpolicies", "watch"),
+    ("security.istio.io", "peerauthentications", "list"),
+    ("security.istio.io", "peerauthentications", "watch"),
+    ("gateway.networking.k8s.io", "gateways", "list"),
+    ("gateway.networking.k8s.io", "gateways", "watch"),
+    ("authentication.k8s.io", "tokenreviews", "create"),
+];
+
+/// What the node agent reads: (apiGroup, resource, verb).
+const ZTUNNEL_NEEDS: &[(&str, &str, &str)] = &[
+    ("", "pods", "get"),
+    ("", "pods", "list"),
+    ("", "pods", "watch"),
+    ("", "namespaces", "get"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+];
+
+/// Every document of the rendered file, typed by kind.
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    deployments: Vec<Deployment>,
+    daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
+    /// Kinds in document order.
+    kinds: Vec<String>,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn rendered_text() -> String {
+    let path = root().join(RENDERED_PATH);
+    std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+/// Deserialises `doc` as `T`, and checks that serialising it back gives the
+/// same document: a misspelt or misplaced field (which k8s-openapi would
+/// silently drop) fails here.
+fn typed<T: DeserializeOwned + Serialize>(index: usize, kind: &str, doc: serde_yaml::Value) -> T {
+    let original: serde_json::Value = serde_json::to_value(&doc)
+        .unwrap_or_else(|err| panic!("document {index} ({kind}) is not JSON-like: {err}"));
+    let object: T = serde_json::from_value(original.clone())
+        .unwrap_or_else(|err| panic!("document {index} is not a valid {kind}: {err}"));
+    let back = serde_json::to_value(&object).expect("serialise");
+    assert_eq!(
+        back, original,
+        "document {index} ({kind}) has fields the {kind} type does not know"
+    );
+    object
+}
+
+fn parse(text: &str) -> Manifests {
+    let mut manifests = Manifests::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = serde_yaml::Value::deserialize(document)
+            .unwrap_or_else(|err| panic!("document {index} is not YAML: {err}"));
+        if doc.is_null() {
+            continue;
+        }
+        let kind = doc
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_else(|| panic!("document {index} has no kind"))
+            .to_owned();
+        match kind.as_str() {
+            "Namespace" => manifests.namespaces.push(typed(index, &kind, doc)),
+            "ServiceAccount" => manifests.service_accounts.push(typed(index, &kind, doc)),
+            "ClusterRole" => manifests.cluster_roles.push(typed(index, &kind, doc)),
+            "ClusterRoleBinding" => manifests
+                .cluster_role_bindings
+                .push(typed(index, &kind, doc)),
+            "ConfigMap" => manifests.config_maps.push(typed(index, &kind, doc)),
+            "Deployment" => manifests.deployments.push(typed(index, &kind, doc)),
+            "DaemonSet" => manifests.daemon_sets.push(typed(index, &kind, doc)),
+            "Service" => manifests.services.push(typed(index, &kind, doc)),
+            other => panic!("document {index}: unexpected kind {other}"),
+        }
+        manifests.kinds.push(kind);
+    }
+    manifests
+}
+
+fn rule_covers(rule: &PolicyRule, group: &str, resource: &str, verb: &str) -> bool {
+    let has = |list: &Option<Vec<String>>, want: &str| {
+        list.iter()
+            .flatten()
+            .any(|item| item == want || item == "*")
+    };
+    has(&rule.api_groups, group)
+        && has(&rule.resources, resource)
+        && rule.verbs.iter().any(|v| v == verb || v == "*")
+}
+
+/// The rules bound cluster-wide to ServiceAccount `name` of the release
+/// namespace.
+fn rules_of(manifests: &Manifests, name: &str) -> Vec<PolicyRule> {
+    let mut rules = Vec::new();
+    for binding in &manifests.cluster_role_bindings {
+        let bound = binding.subjects.iter().flatten().any(|subject| {
+            subject.kind == "ServiceAccount"
+                && subject.name == name
+                && subject.namespace.as_deref() == Some(RELEASE_NAMESPACE)
+        });
+        if !bound {
+            continue;
+        }
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        assert_eq!(
+            binding.role_ref.api_group.as_deref(),
+            Some("rbac.authorization.k8s.io")
+        );
+        let role = manifests
+            .cluster_roles
+            .iter()
+            .find(|role| role.metadata.name.as_deref() == Some(binding.role_ref.name.as_str()))
+            .unwrap_or_else(|| panic!("binding refers to missing {}", binding.role_ref.name));
+        rules.extend(role.rules.iter().flatten().cloned());
+    }
+    rules
+}
+
+fn assert_access(manifests: &Manifests, service_account: &str, needs: &[(&str, &str, &str)]) {
+    assert!(
+        manifests.service_accounts.iter().any(|sa| {
+            sa.metadata.name.as_deref() == Some(service_account)
+                && sa.metadata.namespace.as_deref() == Some(RELEASE_NAMESPACE)
+        }),
+        "no ServiceAccount {RELEASE_NAMESPACE}/{service_account}"
+    );
+    let rules = rules_of(manifests, service_account);
+    let missing: Vec<_> = needs
+        .iter()
+        .filter(|(group, resource, verb)| {
+            !rules
+                .iter()
+                .any(|rule| rule_covers(rule, group, resource, verb))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ServiceAccount {service_account} lacks (apiGroup, resource, verb): {missing:?}"
+    );
+}
+
+fn pod_spec<'a>(spec: Option<&'a PodSpec>, what: &str) -> &'a PodSpec {
+    spec.unwrap_or_else(|| panic!("{what} has no pod spec"))
+}
+
+#[test]
+fn rendered_file_is_a_fresh_render_of_the_chart() {
+    let fresh = render_workspace(&root()).unwrap_or_else(|err| panic!("render: {err}"));
+    assert!(
+        fresh == rendered_text(),
+        "{RENDERED_PATH} is out of date: run `cargo xtask render-deploy`"
+    );
+}
+
+#[test]
+fn every_document_is_a_typed_kubernetes_object() {
+    let manifests = parse(&rendered_text());
+    assert_eq!(
+        manifests.kinds.first().map(String::as_str),
+        Some("Namespace"),
+        "the namespace comes first, so `kubectl apply -f` creates it before its contents"
+    );
+    assert_eq!(manifests.namespaces.len(), 1);
+    assert_eq!(
+        manifests.namespaces[0].metadata.name.as_deref(),
+        Some(RELEASE_NAMESPACE)
+    );
+    assert_eq!(manifests.deployments.len(), 1);
+    assert_eq!(manifests.daemon_sets.len(), 1);
+    assert_eq!(manifests.services.len(), 1);
+}
+
+#[test]
+fn control_plane_and_ztunnel_have_the_access_they_need() {
+    let manifests = parse(&rendered_text());
+    assert_access(&manifests, "mesh-control", CONTROL_NEEDS);
+    assert_access(&manifests, "ztunnel", ZTUNNEL_NEEDS);
+    // The node agent gets no more than it needs: no writes anywhere.
+    for rule in rules_of(&manifests, "ztunnel") {
+        assert!(
+            rule.verbs
+                .iter()
+                .all(|verb| ["get", "list", "watch"].contains(&verb.as_str())),
+            "ztunnel may only read: {rule:?}"
+        );
+    }
+
+    let control = &manifests.deployments[0];
+    let spec = pod_spec(control.spec.template.spec.as_ref(), "Deployment");
+    assert_eq!(spec.service_account_name.as_deref(), Some("mesh-control"));
+    let ztunnel = &manifests.daemon_sets[0];
+    let spec = pod_spec(ztunnel.spec.template.spec.as_ref(), "DaemonSet");
+    assert_eq!(spec.service_account_name.as_deref(), Some("ztunnel"));
+}
+
+#[test]
+fn ztunnel_daemonset_runs_on_every_node_with_what_ebpf_needs() {
+    let manifests = parse(&rendered_text());
+    let ds = &manifests.daemon_sets[0];
+    let spec = pod_spec(ds.spec.template.spec.as_ref(), "DaemonSet");
+    assert_eq!(spec.host_network, Some(true));
+    assert!(
+        spec.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
+    let host_paths: Vec<_> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
+        .collect();
+    for path in ["/sys/fs/bpf", "/sys/fs/cgroup", "/var/run/netns"] {
+        assert!(
+            host_paths.contains(&path),
+            "hostPath {path}: {host_paths:?}"
+        );
+    }
+    let container = &spec.containers[0];
+    let caps = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    for cap in ["BPF", "NET_ADMIN", "SYS_ADMIN", "NET_RAW"] {
+        assert!(caps.iter().any(|c| c == cap), "capability {cap}: {caps:?}");
+    }
+    let node_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(node_name, Some("spec.nodeName"));
+    let probe = container
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("HTTP readiness probe");
+    assert_eq!(probe.path.as_deref(), Some("/healthz/ready"));
+    assert_eq!(
+        probe.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15021)
+    );
+    let ports: Vec<i32> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port)
+        .collect();
+    for port in [15008, 15020, 15000] {
+        assert!(ports.contains(&port), "port {port}: {ports:?}");
+    }
+
+    let service = &manifests.services[0];
+    let ports: Vec<(Option<&str>, i32)> = service
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| (p.name.as_deref(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Some("grpc-xds"), 15010),
+            (Some("https-ca"), 15012),
+            (Some("http-monitoring"), 15014)
+        ]
+    );
+}
