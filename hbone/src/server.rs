@@ -355,6 +355,21 @@ impl<H: Handler> Server<H> {
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned());
+        let peer = Peer {
+            identity: peer_identity,
+            addr: peer_addr,
+            cert: peer_cert,
+            conn_id,
+        };
+        self.serve_h2(tls, peer).await
+    }
+
+    /// The HTTP/2 part of a connection whose peer TLS authenticated.
+    async fn serve_h2<IO>(&self, io: IO, peer: Peer) -> Result<(), Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.inner.config;
         let mut conn = tokio::time::timeout(
             cfg.handshake_timeout,
             h2::server::Builder::new()
@@ -363,7 +378,7 @@ impl<H: Handler> Server<H> {
                 .max_frame_size(cfg.max_frame_size)
                 .max_concurrent_streams(cfg.max_concurrent_streams)
                 .max_send_buffer_size(cfg.max_send_buffer)
-                .handshake::<_, Bytes>(tls),
+                .handshake::<_, Bytes>(io),
         )
         .await
         .map_err(|_| Error::Timeout("http2 preface"))??;
@@ -372,16 +387,37 @@ impl<H: Handler> Server<H> {
             let (req, respond) = next?;
             let this = self.clone();
             let peer = Peer {
-                identity: peer_identity.clone(),
-                addr: peer_addr,
-                cert: peer_cert.clone(),
-                conn_id,
+                identity: peer.identity.clone(),
+                addr: peer.addr,
+                cert: peer.cert.clone(),
+                conn_id: peer.conn_id,
             };
             tokio::spawn(
                 async move { this.handle_stream(req, respond, peer).await }.in_current_span(),
             );
         }
         Ok(())
+    }
+
+    /// Fuzzing entry point: serves HTTP/2 on `io` as if TLS had
+    /// authenticated `peer_identity`. Never built into the mesh's binaries.
+    #[cfg(feature = "fuzzing")]
+    pub async fn serve_h2_for_fuzzing<IO>(
+        &self,
+        io: IO,
+        peer_identity: Identity,
+        peer_addr: SocketAddr,
+    ) -> Result<(), Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = Peer {
+            identity: peer_identity,
+            addr: peer_addr,
+            cert: None,
+            conn_id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+        };
+        self.serve_h2(io, peer).await
     }
 
     async fn handle_stream(

@@ -44,7 +44,8 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_nightly() -> anyhow::Result<()> {
+/// Installs the pinned nightly (with rust-src) unless it is there.
+pub fn ensure_nightly() -> anyhow::Result<()> {
     let installed = cmd::output(Command::new("rustup").args([
         "component",
         "list",
@@ -131,7 +132,8 @@ fn clean_toolchain_env(command: &mut Command) {
     }
 }
 
-fn path_with_cargo_bin() -> std::ffi::OsString {
+/// `PATH` with `~/.cargo/bin` in front, where `cargo install` puts tools.
+pub fn path_with_cargo_bin() -> std::ffi::OsString {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))

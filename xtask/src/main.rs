@@ -6,6 +6,7 @@
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod fuzz;
 mod lab;
 mod render_deploy;
 mod test;
@@ -32,6 +33,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run every check: fmt, clippy, unit tests and the lab end-to-end tests.
     Test(test::TestArgs),
+    /// Run the cargo-fuzz targets (YAML loader, HBONE server, xDS resources) for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
     /// Render the Helm chart in deploy/chart into deploy/rendered/mesh.yaml (no helm needed).
     RenderDeploy(render_deploy::RenderDeployArgs),
 }
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Test(args) => test::run(args),
         Command::RenderDeploy(args) => render_deploy::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     }
 }
 

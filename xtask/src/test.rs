@@ -16,13 +16,16 @@ pub struct TestArgs {
 
 pub fn run(args: TestArgs) -> anyhow::Result<()> {
     cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
-    // The eBPF crate is outside the workspace; check its formatting too.
-    cmd::run(
-        Command::new("rustfmt")
-            .args(["--edition", "2024", "--check"])
-            .arg(crate::root().join("ebpf/src/main.rs"))
-            .current_dir(crate::root()),
-    )?;
+    // The eBPF and fuzz crates are outside the workspace; check them too.
+    let mut outside = Command::new("rustfmt");
+    outside
+        .args(["--edition", "2024", "--check"])
+        .arg(crate::root().join("ebpf/src/main.rs"))
+        .current_dir(crate::root());
+    for entry in std::fs::read_dir(crate::root().join("fuzz/fuzz_targets"))? {
+        outside.arg(entry?.path());
+    }
+    cmd::run(&mut outside)?;
     build_ebpf::run()?;
     cmd::run(cmd::cargo().args([
         "clippy",

@@ -2,17 +2,17 @@
 //!
 //! It owns the node's capture programs (embedded in the binary, pinned in
 //! bpffs so a restart keeps capture on), opens its listeners inside every
-//! enrolled pod's network namespace, and relays what is captured. The HBONE
-//! mTLS tunnel replaces the plaintext relay in a later step.
+//! enrolled pod's network namespace, and carries what is captured over HBONE
+//! (mTLS) to the destination's ztunnel.
 
 mod admin;
 mod agent;
-mod discovery;
 mod identity;
 mod inpod;
 mod metrics;
-mod policy;
 mod proxy;
+
+use ztunnel::{discovery, policy};
 
 use std::{path::PathBuf, time::Duration};
 
