@@ -4,7 +4,8 @@
 //! - `lab-app serve` answers HTTP/1.1 and h2c with JSON naming the pod and the
 //!   caller (and can call further services), echoes TCP, and speaks a
 //!   server-first banner protocol.
-//! - `lab-app get URL` and `lab-app tcp ADDR` drive it from tests and demos.
+//! - `lab-app get URL` and `lab-app tcp ADDR` drive it from tests and demos;
+//!   `lab-app load ADDR` drives the benchmarks.
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -13,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 mod client;
 mod get;
+mod load;
 mod resolve;
 mod serve;
 mod tcp_client;
@@ -33,6 +35,8 @@ enum Command {
     Get(get::GetArgs),
     /// Exchange bytes with a TCP echo or banner server; print what came back.
     Tcp(tcp_client::TcpArgs),
+    /// Drive a bounded load against a TCP echo server; print a JSON report.
+    Load(load::LoadArgs),
 }
 
 #[tokio::main]
@@ -41,7 +45,7 @@ async fn main() -> ExitCode {
     // The server logs each request; the clients keep stderr for problems.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Get(_) | Command::Tcp(_) => "warn",
+        Command::Get(_) | Command::Tcp(_) | Command::Load(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -55,6 +59,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args).await.map(|()| true),
         Command::Get(args) => get::run(args).await,
         Command::Tcp(args) => tcp_client::run(args).await.map(|()| true),
+        Command::Load(args) => load::run(args).await.map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@
 //! labs never collide, and [`down`] finds and removes it all from names alone,
 //! even after a crash or a half-finished [`up`].
 
+pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod control;

@@ -5,7 +5,11 @@ use std::{fmt::Write as _, os::unix::process::CommandExt, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use mesh_lab::{DEFAULT_LAB, LabState, UpOptions, mesh::LabelTarget};
+use mesh_lab::{
+    DEFAULT_LAB, LabState, UpOptions,
+    bench::{BenchOptions, Scenario},
+    mesh::LabelTarget,
+};
 
 mod traffic;
 
@@ -84,6 +88,21 @@ enum Command {
         /// meshctl's arguments.
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the benchmarks in their own lab (`meshbench`, brought up and
+    /// torn down): L4 scenarios, variants interleaved, report to `--out`.
+    Bench {
+        /// Scenarios: throughput, latency, max-rate, connections (default: all).
+        scenarios: Vec<String>,
+        /// Rounds; every variant runs once per round.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Report directory.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
     },
     /// Run a command as a pod: in its network namespace and cgroup.
     Exec {
@@ -193,6 +212,39 @@ fn main() -> anyhow::Result<()> {
             } else {
                 bail!("{file_name} was not applied to lab {}", cli.name);
             }
+        }
+        Command::Bench {
+            scenarios,
+            rounds,
+            seconds,
+            out,
+        } => {
+            let scenarios = scenarios
+                .iter()
+                .map(|name| {
+                    Scenario::parse(name).with_context(|| {
+                        format!("unknown scenario {name:?}; try throughput, latency, max-rate, connections")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if rounds == 0 || !(0.1..=30.0).contains(&seconds) {
+                bail!("--rounds must be at least 1 and --seconds in 0.1..=30");
+            }
+            mesh_lab::bench::run(&BenchOptions {
+                up: UpOptions {
+                    name: mesh_lab::bench::LAB_NAME.to_owned(),
+                    manifests: Vec::new(),
+                    nodes: 2,
+                    app_binary: sibling_binary("lab-app")?,
+                    ztunnel_binary: sibling_binary("ztunnel")?,
+                    control_binary: sibling_binary("mesh-control")?,
+                },
+                scenarios,
+                rounds,
+                seconds,
+                out_dir: out.clone(),
+            })?;
+            println!("report: {}", out.join("report.md").display());
         }
         Command::Exec { pod, command } => {
             let state = LabState::load(&cli.name)?;

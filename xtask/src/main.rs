@@ -3,6 +3,7 @@
 //! xtask never links the eBPF object itself (it builds it), so lab commands
 //! run the `mesh-lab` binary after building it.
 
+mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
@@ -33,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run every check: fmt, clippy, unit tests and the lab end-to-end tests.
     Test(test::TestArgs),
+    /// Run the benchmarks (release build, own lab) and write target/bench/report.md.
+    Bench(bench::BenchArgs),
     /// Run the cargo-fuzz targets (YAML loader, HBONE server, xDS resources) for a bounded time.
     Fuzz(fuzz::FuzzArgs),
     /// Render the Helm chart in deploy/chart into deploy/rendered/mesh.yaml (no helm needed).
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::RenderDeploy(args) => render_deploy::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
