@@ -259,6 +259,12 @@ impl LabState {
             .arg("--xds-token-file")
             .arg(self.node_token_file(node))
             .args(std::env::var_os("MESH_EBPF_DEBUG_LOGS").map(|_| "--ebpf-debug-logs"))
+            // Short-lived certificates, to watch rotation (tests, demos).
+            .args(
+                std::env::var("MESH_LAB_CERT_TTL")
+                    .ok()
+                    .map(|ttl| format!("--workload-cert-ttl={ttl}")),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("ZTUNNEL_LOG").unwrap_or_else(|_| "info".into()),

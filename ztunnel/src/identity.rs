@@ -81,13 +81,18 @@ pub struct CertManager {
 
 impl CertManager {
     /// A manager asking the CA at `ca_address` (e.g. `http://ctrl:15010`),
-    /// authenticated by the bearer token in `token_file`.
-    pub fn new(ca_address: Option<String>, token_file: Option<PathBuf>) -> Arc<Self> {
+    /// authenticated by the bearer token in `token_file`, for certificates
+    /// valid for `validity`.
+    pub fn new(
+        ca_address: Option<String>,
+        token_file: Option<PathBuf>,
+        validity: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store: CertStore::new(),
             ca_address,
             token_file,
-            validity: Duration::from_secs(24 * 3600),
+            validity,
             slots: Mutex::new(HashMap::new()),
         })
     }

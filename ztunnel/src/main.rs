@@ -89,6 +89,10 @@ struct RunArgs {
     /// File holding this node agent's bearer token for the control plane.
     #[arg(long)]
     xds_token_file: Option<PathBuf>,
+    /// Lifetime requested for workload certificates, in seconds; they are
+    /// renewed at half life (Istio's default: 24 h).
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(2..=7_776_000))]
+    workload_cert_ttl: u64,
 }
 
 /// How often the node pods file is checked for changes.
@@ -127,7 +131,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let policy = std::sync::Arc::new(policy::PolicyStore::new(&args.root_namespace));
     let synced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tcp_metrics = metrics::TcpMetrics::default();
-    let certs = identity::CertManager::new(args.xds_address.clone(), args.xds_token_file.clone());
+    let certs = identity::CertManager::new(
+        args.xds_address.clone(),
+        args.xds_token_file.clone(),
+        Duration::from_secs(args.workload_cert_ttl),
+    );
     let mut agent = agent::Agent::new(
         agent::CaptureConfig {
             pods_cgroup: &args.pods_cgroup,
