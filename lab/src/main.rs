@@ -11,6 +11,7 @@ use mesh_lab::{
     mesh::LabelTarget,
 };
 
+mod connections;
 mod traffic;
 
 /// Command line of `mesh-lab`.
@@ -89,6 +90,9 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Print who called whom through the mesh (both identities, mTLS or
+    /// plaintext), from the ztunnels' access records.
+    Connections,
     /// Run the benchmarks in their own lab (`meshbench`, brought up and
     /// torn down): L4 scenarios, variants interleaved, report to `--out`.
     Bench {
@@ -186,6 +190,9 @@ fn main() -> anyhow::Result<()> {
             println!("{kind}/{object} labeled {label}");
         }
         Command::Traffic => traffic::run(&LabState::load(&cli.name)?)?,
+        Command::Connections => {
+            connections::run(&LabState::load(&cli.name)?)?;
+        }
         Command::Meshctl { node, args } => {
             let state = LabState::load(&cli.name)?;
             if node >= state.plan.nodes.len() {

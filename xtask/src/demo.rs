@@ -40,6 +40,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!("\n== what node1's ztunnel knows now (from the control plane) ==");
     cmd::run(build()?.args(["meshctl", "--node", "1", "--", "ztunnel-config"]))?;
     let traffic = cmd::run(build()?.arg("traffic"));
+    eprintln!(
+        "\n== the calls above, as the destination ztunnels recorded them (mTLS, both identities) =="
+    );
+    cmd::run(build()?.arg("connections"))?;
     if args.down {
         cmd::run(build()?.arg("down"))?;
     } else {

@@ -64,6 +64,8 @@ enum LabCommand {
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Who called whom through the mesh (mTLS or plaintext, both identities).
+    Connections,
     /// Run a command in a pod's network namespace and cgroup.
     Exec {
         /// Pod name or unique prefix.
@@ -79,6 +81,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Up { .. } | LabCommand::Exec { .. } => build()?,
         LabCommand::Down
         | LabCommand::Status
+        | LabCommand::Connections
         | LabCommand::Label { .. }
         | LabCommand::Apply { .. }
         | LabCommand::Unapply { .. } => built_or_build()?,
@@ -103,6 +106,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         }
         LabCommand::Status => {
             lab.arg("status");
+        }
+        LabCommand::Connections => {
+            lab.arg("connections");
         }
         LabCommand::Label {
             kind,
