@@ -129,11 +129,19 @@ pub fn validate(manifests: &Manifests) -> Vec<ValidationError> {
 
 /// Splits `manifests` into the resources that pass [`validate`] and the
 /// errors of those that do not; an invalid resource is dropped alone.
+///
+/// Dropping a resource can invalidate others (a VirtualService naming a
+/// subset of a DestinationRule that was just rejected), so validation runs
+/// again until nothing more is dropped: what is returned always validates.
 pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) {
-    let errors = validate(&manifests);
-    let invalid: BTreeSet<&ResourceId> = errors.iter().map(|e| &e.resource).collect();
-    if !invalid.is_empty() {
-        fn keep<S>(list: &mut Vec<Crd<S>>, invalid: &BTreeSet<&ResourceId>) {
+    let mut errors: Vec<ValidationError> = Vec::new();
+    loop {
+        let found = validate(&manifests);
+        if found.is_empty() {
+            return (manifests, errors);
+        }
+        let invalid: BTreeSet<ResourceId> = found.iter().map(|e| e.resource.clone()).collect();
+        fn keep<S>(list: &mut Vec<Crd<S>>, invalid: &BTreeSet<ResourceId>) {
             list.retain(|r| !invalid.contains(&r.id()));
         }
         keep(&mut manifests.virtual_services, &invalid);
@@ -143,8 +151,8 @@ pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) 
         keep(&mut manifests.authorization_policies, &invalid);
         keep(&mut manifests.peer_authentications, &invalid);
         keep(&mut manifests.kube_gateways, &invalid);
+        errors.extend(found);
     }
-    (manifests, errors)
 }
 
 /// Expands a short host name (`reviews`) to its cluster FQDN in `namespace`;
@@ -1131,6 +1139,27 @@ mod tests {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s}\nspec:\n  hosts: [api.example.com]\n  ports: [{number: 0, name: p}, {number: 443, name: p}]\n  resolution: STATIC\n  endpoints: [{address: api.example.com}]\n",
         );
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn partition_also_drops_what_depended_on_a_dropped_resource() {
+        // Found by the config_load fuzz target: the rule's second subset has
+        // no name, so the rule goes, and with it the subsets the route uses.
+        let loaded = load_str(
+            "f.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec: {host: echo, subsets: [{name: v1}, {nqme: v2}]}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo}\nspec: {hosts: [echo], tcp: [{route: [{destination: {host: echo, subset: v1}}]}]}\n",
+        );
+        let (valid, errors) = partition(loaded.manifests);
+        assert!(valid.virtual_services.is_empty() && valid.destination_rules.is_empty());
+        let messages: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "subset name is required",
+                "subset `v1` of host `echo` is not defined by any DestinationRule"
+            ]
+        );
+        assert!(validate(&valid).is_empty());
     }
 
     #[test]

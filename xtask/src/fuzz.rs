@@ -45,6 +45,11 @@ pub fn run(args: FuzzArgs) -> anyhow::Result<()> {
             .args([format!("+{}", build_ebpf::NIGHTLY).as_str(), "fuzz", "run"])
             .args(["--fuzz-dir", "fuzz", target.as_str()])
             .arg(&corpus);
+        // Inputs that once failed, kept in the repository, run every time.
+        let regressions = crate::root().join("fuzz/regressions").join(target);
+        if regressions.is_dir() {
+            command.arg(regressions);
+        }
         // Istio's samples seed the YAML loader with real manifests.
         if target == "config_load" {
             command.arg(seed_dir(&samples)?);

@@ -107,15 +107,23 @@ pub struct Discovery {
     inner: RwLock<Index>,
 }
 
+/// A workload serving a service, with its ports for that service.
+#[derive(Debug)]
+struct Endpoint {
+    workload: Arc<WorkloadInfo>,
+    ports: Vec<(u16, u16)>,
+}
+
 #[derive(Debug, Default)]
 struct Index {
     workloads: HashMap<String, Arc<WorkloadInfo>>,
     by_ip: HashMap<IpAddr, String>,
     services: HashMap<String, Arc<ServiceInfo>>,
     by_vip: HashMap<IpAddr, String>,
-    /// Service key to the uids of workloads that serve it (ordered, so
-    /// round robin is stable).
-    endpoints: HashMap<String, BTreeMap<String, ()>>,
+    /// Service key to the workloads that serve it, by uid (ordered, so
+    /// round robin is stable), each with its ports for that service, so
+    /// picking an endpoint needs no further lookup.
+    endpoints: HashMap<String, BTreeMap<String, Endpoint>>,
 }
 
 impl Discovery {
@@ -327,13 +335,17 @@ impl Index {
         for ip in &workload.ips {
             self.by_ip.insert(*ip, name.to_owned());
         }
-        for key in workload.services.keys() {
-            self.endpoints
-                .entry(key.clone())
-                .or_default()
-                .insert(name.to_owned(), ());
+        let workload = Arc::new(workload);
+        for (key, ports) in &workload.services {
+            self.endpoints.entry(key.clone()).or_default().insert(
+                name.to_owned(),
+                Endpoint {
+                    workload: workload.clone(),
+                    ports: ports.clone(),
+                },
+            );
         }
-        self.workloads.insert(name.to_owned(), Arc::new(workload));
+        self.workloads.insert(name.to_owned(), workload);
     }
 
     fn insert_service(&mut self, name: &str, service: ServiceInfo) {
@@ -352,32 +364,32 @@ impl Index {
         let Some(&(_, service_target)) = service.ports.iter().find(|(p, _)| *p == port) else {
             return no_endpoint();
         };
-        let candidates: Vec<(&Arc<WorkloadInfo>, u16)> = self
-            .endpoints
-            .get(&service.key)
-            .into_iter()
-            .flat_map(|set| set.keys())
-            .filter_map(|uid| self.workloads.get(uid))
-            .filter(|w| w.healthy && !w.ips.is_empty())
-            .filter_map(|w| {
-                let target = w
-                    .services
-                    .get(&service.key)?
-                    .iter()
-                    .find(|(p, _)| *p == port)
-                    .map(|&(_, t)| t)?;
-                let target = [target, service_target, port]
-                    .into_iter()
-                    .find(|t| *t != 0)
-                    .unwrap_or(port);
-                Some((w, target))
-            })
-            .collect();
-        if candidates.is_empty() {
+        let Some(endpoints) = self.endpoints.get(&service.key) else {
+            return no_endpoint();
+        };
+        // Two passes over the set instead of collecting the candidates: no
+        // allocation on the connection path.
+        let usable = |e: &Endpoint| -> Option<u16> {
+            if !e.workload.healthy || e.workload.ips.is_empty() {
+                return None;
+            }
+            let (_, target) = e.ports.iter().find(|(p, _)| *p == port)?;
+            [*target, service_target, port]
+                .into_iter()
+                .find(|t| *t != 0)
+        };
+        let count = endpoints.values().filter(|e| usable(e).is_some()).count();
+        if count == 0 {
             return no_endpoint();
         }
-        let (workload, target) =
-            candidates[service.next.fetch_add(1, Ordering::Relaxed) % candidates.len()];
+        let nth = service.next.fetch_add(1, Ordering::Relaxed) % count;
+        let Some((workload, target)) = endpoints
+            .values()
+            .filter_map(|e| Some((&e.workload, usable(e)?)))
+            .nth(nth)
+        else {
+            return no_endpoint();
+        };
         Resolved::Workload {
             workload: workload.clone(),
             addr: SocketAddr::new(workload.ips[0], target),
