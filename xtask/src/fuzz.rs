@@ -9,7 +9,12 @@ use clap::Args;
 use crate::{build_ebpf, cmd};
 
 /// The targets, in the order they run.
-const TARGETS: [&str; 3] = ["config_load", "hbone_server", "xds_resources"];
+const TARGETS: [&str; 4] = [
+    "config_load",
+    "hbone_server",
+    "xds_resources",
+    "ads_requests",
+];
 /// The cargo-fuzz release installed when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
