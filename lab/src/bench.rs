@@ -231,11 +231,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
 }
 
 fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
-    state.wait_for_ztunnels(Duration::from_secs(10), |_, dump| {
-        dump["certificates"]
-            .as_array()
-            .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "valid"))
-    })?;
+    state.wait_for_certificates(Duration::from_secs(10))?;
     let pod = |qualified: &str| -> Result<PodPlan> {
         state
             .plan

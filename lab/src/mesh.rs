@@ -75,6 +75,16 @@ impl LabState {
         serde_json::from_str(&text).map_err(|err| Error::Invalid(format!("config_dump: {err}")))
     }
 
+    /// Waits until every ztunnel holds a valid certificate for each identity
+    /// it serves (at least one).
+    pub fn wait_for_certificates(&self, timeout: Duration) -> Result<()> {
+        self.wait_for_ztunnels(timeout, |_, dump| {
+            dump["certificates"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "valid"))
+        })
+    }
+
     /// Waits until every ztunnel's view of workloads satisfies `done`
     /// (called with the node and that node's `/config_dump`).
     pub fn wait_for_ztunnels(

@@ -30,6 +30,21 @@ impl Lab {
         Self { state }
     }
 
+    /// Labels namespace `namespace` `istio.io/dataplane-mode=ambient` and
+    /// waits until every ztunnel holds valid certificates for its pods.
+    pub fn enrol_namespace(&mut self, namespace: &str) {
+        self.state
+            .set_label(
+                &mesh_lab::mesh::LabelTarget::Namespace(namespace.to_owned()),
+                mesh_config::node::DATAPLANE_MODE_LABEL,
+                Some("ambient"),
+            )
+            .unwrap_or_else(|err| panic!("enrol {namespace}: {err}"));
+        self.state
+            .wait_for_certificates(std::time::Duration::from_secs(3))
+            .unwrap_or_else(|err| panic!("certificates for {namespace}: {err}"));
+    }
+
     /// Brings up Istio's bookinfo sample.
     pub fn bookinfo(name: &str) -> Self {
         Self::up(name, vec![bookinfo_manifest()], 2)

@@ -98,21 +98,8 @@ spec: {mtls: {mode: STRICT}}
 #[test]
 fn authorization_and_peer_authentication_are_enforced() {
     let mut lab = Lab::bookinfo("tpol");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            DATAPLANE_MODE_LABEL,
-            Some("ambient"),
-        )
-        .expect("enrol default");
+    lab.enrol_namespace("default");
     let state = &lab.state;
-    state
-        .wait_for_ztunnels(Duration::from_secs(3), |_, dump| {
-            dump["certificates"]
-                .as_array()
-                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "valid"))
-        })
-        .expect("certificates issued");
     let pod = |name: &str| state.pod(name).expect(name).clone();
     let (productpage, details, reviews) = (pod("productpage"), pod("details"), pod("reviews-v1"));
     assert_allowed(state, &productpage, &details, "no policy yet");

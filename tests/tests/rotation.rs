@@ -3,10 +3,7 @@
 //! connection and a stream of new connections run through the mesh across
 //! nodes, and not one exchange fails.
 
-use std::time::Duration;
-
-use mesh_config::node::DATAPLANE_MODE_LABEL;
-use mesh_lab::{mesh::LabelTarget, plan::ECHO_PORT};
+use mesh_lab::plan::ECHO_PORT;
 use mesh_tests::Lab;
 use serde_json::Value;
 
@@ -28,21 +25,8 @@ fn certificates_rotate_under_load_without_dropping_connections() {
     // child process exists; ztunnels read it through their command line.
     unsafe { std::env::set_var("MESH_LAB_CERT_TTL", TTL_SECONDS) };
     let mut lab = Lab::bookinfo("trot");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            DATAPLANE_MODE_LABEL,
-            Some("ambient"),
-        )
-        .expect("enrol default");
+    lab.enrol_namespace("default");
     let state = &lab.state;
-    state
-        .wait_for_ztunnels(Duration::from_secs(3), |_, dump| {
-            dump["certificates"]
-                .as_array()
-                .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["state"] == "valid"))
-        })
-        .expect("certificates issued");
     let productpage = state.pod("productpage").expect("productpage").clone();
     let details = state.pod("details").expect("details").clone();
     assert_ne!(productpage.node, details.node, "the load crosses nodes");
