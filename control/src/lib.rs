@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod source;
 pub mod status;
+pub mod waypoint;
 pub mod xds;
 
 mod server;

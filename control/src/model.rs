@@ -22,7 +22,10 @@ use mesh_api::workload::{
 };
 use mesh_config::{Manifests, node::is_enrolled};
 
-use crate::authz::Policies;
+use crate::{
+    authz::Policies,
+    waypoint::{self, EndpointRef, EnvoyResources, ServiceRef},
+};
 
 /// Cluster id stamped into workload uids, as Istio's default single cluster.
 pub const CLUSTER_ID: &str = "Kubernetes";
@@ -75,6 +78,8 @@ pub struct Model {
     pub addresses: BTreeMap<String, Address>,
     /// L4 policies (`istio.security.Authorization`) by `namespace/name`.
     pub authorizations: BTreeMap<String, Authorization>,
+    /// Envoy resources of the waypoints.
+    pub envoy: EnvoyResources,
     /// What the translation could not honour (e.g. L7 rules at L4).
     pub warnings: Vec<String>,
 }
@@ -103,6 +108,33 @@ impl Model {
         let selectors = SelectorIndex::new(&services);
         let mut policies =
             Policies::build(manifests, &settings.root_namespace, &mut model.warnings);
+        let service_refs: Vec<ServiceRef> = services.iter().map(ServiceView::to_ref).collect();
+        let waypoints = waypoint::waypoints(manifests, &service_refs);
+        let mut bound = BTreeMap::new();
+        for svc in &service_refs {
+            let ns_labels = namespace_labels
+                .get(svc.namespace.as_str())
+                .unwrap_or(&no_labels);
+            let Some(key) = waypoint::binding(svc, ns_labels) else {
+                continue;
+            };
+            if waypoints
+                .get(&key)
+                .is_some_and(|w| w.hostname == svc.hostname)
+            {
+                continue; // a waypoint does not route through itself
+            }
+            match waypoints.get(&key) {
+                Some(_) => {
+                    bound.insert(format!("{}/{}", svc.namespace, svc.hostname), key);
+                }
+                None => model.warnings.push(format!(
+                    "Service {}/{} uses waypoint {key}, which does not exist (no Gateway of class {} with a Service); its traffic bypasses L7 processing",
+                    svc.namespace, svc.name, waypoint::WAYPOINT_CLASS
+                )),
+            }
+        }
+        let mut endpoints: HashMap<String, Vec<EndpointRef>> = HashMap::new();
 
         for pod in &manifests.pods {
             let Some(info) = pod_info(pod, |ns| namespace_labels.get(ns).unwrap_or(&no_labels))
@@ -110,9 +142,28 @@ impl Model {
                 continue;
             };
             let mut workload = workload(pod, &info, &selectors, settings);
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
             if info.enrolled {
-                let labels = pod.metadata.labels.clone().unwrap_or_default();
                 workload.authorization_policies = policies.for_workload(&info.namespace, &labels);
+            }
+            for (key, ports) in &workload.services {
+                endpoints.entry(key.clone()).or_default().push(EndpointRef {
+                    uid: workload.uid.clone(),
+                    ip: info.ip,
+                    ports: ports
+                        .ports
+                        .iter()
+                        .map(|p| (p.service_port, p.target_port))
+                        .collect(),
+                    labels: labels.clone(),
+                    identity: info.enrolled.then(|| {
+                        format!(
+                            "spiffe://{}/ns/{}/sa/{}",
+                            settings.trust_domain, info.namespace, info.service_account
+                        )
+                    }),
+                    healthy: workload.status == WorkloadStatus::Healthy as i32,
+                });
             }
             let uid = workload.uid.clone();
             model.addresses.insert(
@@ -126,13 +177,33 @@ impl Model {
                 .insert(format!("{}/{}", info.namespace, info.name), info);
         }
         for svc in &services {
+            let key = format!("{}/{}", svc.namespace, svc.hostname);
+            let mut proto = svc.to_proto();
+            if let Some(waypoint) = bound.get(&key).and_then(|k| waypoints.get(k)) {
+                proto.waypoint = Some(wl::GatewayAddress {
+                    destination: Some(wl::gateway_address::Destination::Hostname(
+                        wl::NamespacedHostname {
+                            namespace: waypoint.namespace.clone(),
+                            hostname: waypoint.hostname.clone(),
+                        },
+                    )),
+                    hbone_mtls_port: waypoint::WAYPOINT_HBONE_PORT,
+                });
+            }
             model.addresses.insert(
-                format!("{}/{}", svc.namespace, svc.hostname),
+                key,
                 Address {
-                    r#type: Some(address::Type::Service(svc.to_proto())),
+                    r#type: Some(address::Type::Service(proto)),
                 },
             );
         }
+        model.envoy = waypoint::build(
+            manifests,
+            &service_refs,
+            &bound,
+            &endpoints,
+            &mut model.warnings,
+        );
         model.authorizations = policies.authorizations;
         model
     }
@@ -335,6 +406,7 @@ impl<'s, 'a> SelectorIndex<'s, 'a> {
 
 /// The parts of a Service the translation uses.
 struct ServiceView<'a> {
+    labels: Option<&'a BTreeMap<String, String>>,
     name: &'a str,
     namespace: &'a str,
     hostname: String,
@@ -380,6 +452,7 @@ impl<'a> ServiceView<'a> {
             })
             .collect();
         Some(Self {
+            labels: svc.metadata.labels.as_ref(),
             name,
             namespace,
             hostname: format!("{name}.{namespace}.svc.{}", settings.cluster_domain),
@@ -392,6 +465,28 @@ impl<'a> ServiceView<'a> {
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
         self.selector
             .is_some_and(|selector| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+
+    fn to_ref(&self) -> ServiceRef {
+        ServiceRef {
+            namespace: self.namespace.to_owned(),
+            name: self.name.to_owned(),
+            hostname: self.hostname.clone(),
+            vips: self.vips.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| {
+                    let protocol = match p.app_protocol {
+                        wl::AppProtocol::Http11 => waypoint::Protocol::Http1,
+                        wl::AppProtocol::Http2 | wl::AppProtocol::Grpc => waypoint::Protocol::Http2,
+                        _ => waypoint::Protocol::Tcp,
+                    };
+                    (p.port, protocol)
+                })
+                .collect(),
+            labels: self.labels.cloned().unwrap_or_default(),
+        }
     }
 
     fn to_proto(&self) -> wl::Service {

@@ -192,6 +192,19 @@ impl ConfigLoop {
         for (name, policy) in &model.authorizations {
             snapshot.insert(type_url::AUTHORIZATION, name, policy);
         }
+        let envoy = &model.envoy;
+        for (name, (scope, listener)) in &envoy.listeners {
+            snapshot.insert_with(type_url::LISTENER, name, listener, Some(scope), None);
+        }
+        for (name, (scope, routes)) in &envoy.routes {
+            snapshot.insert_with(type_url::ROUTE, name, routes, Some(scope), None);
+        }
+        for (name, cluster) in &envoy.clusters {
+            snapshot.insert(type_url::CLUSTER, name, cluster);
+        }
+        for (name, (hash, endpoints)) in &envoy.endpoints {
+            snapshot.insert_with(type_url::ENDPOINT, name, endpoints, None, Some(*hash));
+        }
         let snapshot = snapshot.build(self.version);
         let translate_ms = started.elapsed().as_millis() as u64 - load_ms;
         tracing::info!(

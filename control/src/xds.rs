@@ -49,6 +49,9 @@ pub struct Entry {
     pub version: u64,
     /// The `Resource` (name, version, message) as it goes on the wire.
     pub encoded: EncodedResource,
+    /// The one proxy scope (a waypoint's `<namespace>/<name>`) it is for;
+    /// `None`: every subscriber of the type gets it.
+    pub scope: Option<Arc<str>>,
 }
 
 /// One version of everything the control plane serves.
@@ -77,18 +80,35 @@ impl<'a> SnapshotBuilder<'a> {
         }
     }
 
-    /// Adds `message` as resource `name` of `type_url`.
+    /// Adds `message` as resource `name` of `type_url`, for every proxy.
     pub fn insert(&mut self, type_url: &'static str, name: &str, message: &impl Message) {
+        self.insert_with(type_url, name, message, None, None);
+    }
+
+    /// Adds `message` as resource `name` of `type_url`, only for proxies of
+    /// `scope` when given. Its version is the hash of its encoding, or
+    /// `content_hash` for messages holding maps (whose encoding order
+    /// varies from one build to the next).
+    pub fn insert_with(
+        &mut self,
+        type_url: &'static str,
+        name: &str,
+        message: &impl Message,
+        scope: Option<&str>,
+        content_hash: Option<u64>,
+    ) {
         let value = message.encode_to_vec();
-        let mut hasher = std::hash::DefaultHasher::new();
-        value.hash(&mut hasher);
-        let version = hasher.finish();
+        let version = content_hash.unwrap_or_else(|| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            value.hash(&mut hasher);
+            hasher.finish()
+        });
         let reused = self
             .previous
             .types
             .get(type_url)
             .and_then(|map| map.get_key_value(name))
-            .filter(|(_, entry)| entry.version == version)
+            .filter(|(_, entry)| entry.version == version && entry.scope.as_deref() == scope)
             .map(|(name, entry)| (name.clone(), entry.clone()));
         let (name, entry) = reused.unwrap_or_else(|| {
             let entry = Entry {
@@ -102,6 +122,7 @@ impl<'a> SnapshotBuilder<'a> {
                     }),
                     ..Default::default()
                 }),
+                scope: scope.map(Arc::from),
             };
             (Arc::from(name), Arc::new(entry))
         });
@@ -241,6 +262,7 @@ impl AggregatedDiscoveryService for AdsService {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             subscriptions: HashMap::new(),
+            scope: None,
             nonce: 0,
             sent_nonces: VecDeque::new(),
         };
@@ -311,6 +333,9 @@ struct DeltaStream {
     registry: Arc<ProxyRegistry>,
     metrics: Arc<Metrics>,
     subscriptions: HashMap<String, Subscription>,
+    /// The waypoint this proxy is (node metadata), which scoped resources
+    /// must name to be sent to it.
+    scope: Option<String>,
     nonce: u64,
     /// Recent nonces with their type URL and config version, for matching
     /// ACKs; bounded, as a proxy that never answers must not grow it.
@@ -356,6 +381,16 @@ impl DeltaStream {
         if let Some(node) = &request.node {
             let proxy = node.id.clone();
             self.registry.update(self.id, |s| s.proxy = proxy);
+            self.scope = node
+                .metadata
+                .as_ref()
+                .and_then(|m| m.fields.get(crate::waypoint::NODE_METADATA_WAYPOINT))
+                .and_then(|v| match &v.kind {
+                    Some(mesh_api::envoy::google::protobuf::value::Kind::StringValue(s)) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                });
         }
         if !request.response_nonce.is_empty() {
             self.on_ack(&request);
@@ -445,26 +480,30 @@ impl DeltaStream {
         {
             return Ok(());
         }
+        let scope = self.scope.as_deref();
+        let visible = |entry: &Entry| entry.scope.is_none() || entry.scope.as_deref() == scope;
         let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
         let changed: Vec<Arc<Entry>> = current
             .iter()
             .filter(|(name, entry)| {
-                wanted(name) && subscription.held.version(name) != Some(entry.version)
+                wanted(name)
+                    && visible(entry)
+                    && subscription.held.version(name) != Some(entry.version)
             })
             .map(|(_, entry)| entry.clone())
             .collect();
         let removed: Vec<String> = subscription
             .held
             .names()
-            .filter(|name| !current.contains_key(*name) || !wanted(name))
+            .filter(|name| !wanted(name) || current.get(*name).is_none_or(|entry| !visible(entry)))
             .map(str::to_owned)
             .collect();
         if changed.is_empty() && removed.is_empty() && subscription.answered {
-            subscription.held = held_after(subscription, &current);
+            subscription.held = held_after(subscription, &current, scope);
             return Ok(());
         }
         subscription.answered = true;
-        subscription.held = held_after(subscription, &current);
+        subscription.held = held_after(subscription, &current, scope);
         let holding = subscription.held.len();
 
         let chunks = changed.len().div_ceil(MAX_RESOURCES_PER_RESPONSE).max(1);
@@ -522,15 +561,19 @@ impl DeltaStream {
     }
 }
 
-/// What a subscriber holds once `current` is pushed to it.
-fn held_after(subscription: &Subscription, current: &Arc<TypeMap>) -> Held {
-    if subscription.wildcard {
+/// What a subscriber of `scope` holds once `current` is pushed to it.
+fn held_after(subscription: &Subscription, current: &Arc<TypeMap>, scope: Option<&str>) -> Held {
+    let scoped = current.values().any(|entry| entry.scope.is_some());
+    if subscription.wildcard && !scoped {
         Held::Map(current.clone())
     } else {
         Held::Versions(
             current
                 .iter()
-                .filter(|(name, _)| subscription.names.contains(&***name))
+                .filter(|(name, entry)| {
+                    (subscription.wildcard || subscription.names.contains(&***name))
+                        && (entry.scope.is_none() || entry.scope.as_deref() == scope)
+                })
                 .map(|(name, entry)| (name.to_string(), entry.version))
                 .collect(),
         )

@@ -179,6 +179,7 @@ fn proxy_with_policies(
             token_file: Some(token),
             node_id: "test~proxy".into(),
             types: vec![type_url::ADDRESS, type_url::AUTHORIZATION],
+            metadata: Vec::new(),
         },
         recorder,
     ));

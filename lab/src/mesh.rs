@@ -111,6 +111,33 @@ impl LabState {
         Ok(())
     }
 
+    /// Waits until every waypoint pod answers ready (its config arrived and
+    /// it holds its certificate).
+    pub fn wait_for_waypoints(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for pod in self.plan.pods.iter().filter(|p| p.waypoint().is_some()) {
+            let url = format!("http://{}:15021/healthz/ready", pod.ip);
+            loop {
+                match self.get_on_node(pod.node, &url) {
+                    Ok(_) => break,
+                    Err(err) if Instant::now() > deadline => {
+                        return Err(Error::Invalid(format!(
+                            "waypoint {} not ready after {timeout:?}: {err}",
+                            pod.qualified_name()
+                        )));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text of waypoint pod `pod`.
+    pub fn waypoint_metrics(&self, pod: &crate::PodPlan) -> Result<String> {
+        self.get_on_node(pod.node, &format!("http://{}:15020/metrics", pod.ip))
+    }
+
     fn get_on_node(&self, node: usize, url: &str) -> Result<String> {
         let output = self
             .command_on_node(node, &self.app_binary)?

@@ -6,7 +6,15 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::{api::core::v1::PodSpec, apimachinery::pkg::util::intstr::IntOrString};
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Container, ContainerPort, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
+        },
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
 use mesh_config::Manifests;
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +92,18 @@ pub struct PodPlan {
     pub calls: Vec<(String, Vec<String>)>,
 }
 
+/// Label naming the Gateway a waypoint pod serves (Istio sets it on the
+/// Deployment it creates for a waypoint).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Ports a waypoint pod listens on: HBONE, metrics, readiness.
+pub const WAYPOINT_PORTS: [u16; 3] = [15008, 15020, 15021];
+
 impl PodPlan {
+    /// The Gateway this pod is the waypoint of, if it is one.
+    pub fn waypoint(&self) -> Option<&str> {
+        self.labels.get(GATEWAY_NAME_LABEL).map(String::as_str)
+    }
+
     /// The `app` label, or the pod name.
     pub fn app(&self) -> &str {
         self.labels.get("app").map_or(&self.name, String::as_str)
@@ -246,6 +265,9 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
     }
     for pod in &mut pods {
         namespaces.entry(pod.namespace.clone()).or_default();
+        if pod.waypoint().is_some() {
+            continue;
+        }
         for (port, protocol) in [
             (ECHO_PORT, PortProtocol::Tcp),
             (BANNER_PORT, PortProtocol::Banner),
@@ -343,6 +365,99 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
         services,
         namespaces,
     })
+}
+
+/// Deploys what Istio deploys for each waypoint (a Gateway API `Gateway` of
+/// class `istio-waypoint`): a Deployment named after the Gateway, running
+/// as a service account of that name, outside the mesh's capture, and a
+/// Service of that name exposing HBONE (15008).
+pub fn add_waypoints(manifests: &mut Manifests) {
+    let gateways: Vec<(String, String)> = manifests
+        .kube_gateways
+        .iter()
+        .filter(|gw| gw.spec.gateway_class_name == "istio-waypoint")
+        .filter_map(|gw| {
+            Some((
+                gw.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| mesh_config::DEFAULT_NAMESPACE.to_owned()),
+                gw.metadata.name.clone()?,
+            ))
+        })
+        .collect();
+    for (namespace, name) in gateways {
+        let exists = manifests.deployments.iter().any(|d| {
+            d.metadata.name.as_deref() == Some(&name)
+                && d.metadata.namespace.as_deref() == Some(&namespace)
+        });
+        if exists {
+            continue;
+        }
+        let selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.clone())]);
+        let mut labels = selector.clone();
+        labels.insert(
+            mesh_config::node::DATAPLANE_MODE_LABEL.to_owned(),
+            "none".to_owned(),
+        );
+        let meta = |labels: Option<BTreeMap<String, String>>| ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            labels,
+            ..Default::default()
+        };
+        manifests.deployments.push(Deployment {
+            metadata: meta(None),
+            spec: DeploymentSpec {
+                replicas: Some(1),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        service_account_name: Some(name.clone()),
+                        containers: vec![Container {
+                            name: "istio-proxy".into(),
+                            ports: Some(
+                                WAYPOINT_PORTS
+                                    .iter()
+                                    .map(|p| ContainerPort {
+                                        container_port: i32::from(*p),
+                                        ..Default::default()
+                                    })
+                                    .collect(),
+                            ),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        manifests.services.push(Service {
+            metadata: meta(Some(selector.clone())),
+            spec: Some(ServiceSpec {
+                selector: Some(selector),
+                ports: Some(vec![
+                    ServicePort {
+                        name: Some("mesh".into()),
+                        port: 15008,
+                        ..Default::default()
+                    },
+                    ServicePort {
+                        name: Some("status-port".into()),
+                        port: 15021,
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
 }
 
 /// The call graph of the samples the lab knows, so their traffic is real:

@@ -107,6 +107,11 @@ impl LabState {
         Ok(command)
     }
 
+    /// The waypoint binary: built next to ztunnel's.
+    pub fn waypoint_binary(&self) -> PathBuf {
+        self.ztunnel_binary.with_file_name("waypoint")
+    }
+
     /// A `lab-app` client command (`get`, `tcp`) run from `pod`, resolving names as pods do.
     pub fn app_client(&self, pod: &PodPlan, args: &[&str]) -> Result<Command> {
         let mut command = self.command_in_pod(pod, &self.app_binary)?;

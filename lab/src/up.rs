@@ -67,6 +67,7 @@ pub fn up(options: &UpOptions) -> Result<LabState> {
         }
         manifests.extend(loaded.manifests);
     }
+    plan::add_waypoints(&mut manifests);
     let plan = plan::plan(&options.name, options.nodes, &manifests)?;
     crate::down(&options.name)?;
     build(plan, &manifests.services, options).inspect_err(|_| {
@@ -235,6 +236,29 @@ fn start_app(state: &LabState, pod: &PodPlan) -> Result<u32> {
     let node = &state.plan.nodes[pod.node];
     let log = log_path(&state.plan.name, pod);
     let log_file = fs::File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
+    if let Some(gateway) = pod.waypoint() {
+        let mut command = state.command_in_pod(pod, state.waypoint_binary())?;
+        command
+            .arg("--xds-address")
+            .arg(format!("http://{}", state.control_grpc_addr()))
+            // In the lab a waypoint authenticates as its node (the CA signs
+            // identities of pods on the caller's node); on Kubernetes it
+            // uses its own service-account token.
+            .arg("--xds-token-file")
+            .arg(state.node_token_file(pod.node))
+            .args(["--namespace", &pod.namespace, "--gateway", gateway])
+            .args(["--service-account", &pod.service_account])
+            .args(["--pod-ip", &pod.ip.to_string()])
+            .env(
+                "RUST_LOG",
+                std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(io_err("duplicating log fd"))?)
+            .stderr(log_file);
+        process::detach(&mut command);
+        return spawn(&mut command, pod);
+    }
     let mut command = state.command_in_pod(pod, &state.app_binary)?;
     command
         .arg("serve")

@@ -1,10 +1,205 @@
-//! The mesh's L7 proxy: applies VirtualService / DestinationRule routing and
-//! L7 policy for services bound to a waypoint, and serves as ingress gateway.
-//!
-//! Not implemented yet (tracked in the waypoint issue); the binary refuses to
-//! start rather than pretend to proxy.
+//! waypoint: the per-namespace L7 proxy.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("waypoint: the L7 proxy is not implemented yet; see docs/architecture.md");
-    std::process::ExitCode::FAILURE
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use mesh_admin::{not_found, response};
+use mesh_hbone::{Identity, Pool, PoolConfig, Server};
+use mesh_identity::CertManager;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::info;
+use waypoint::{
+    config::{Store, XdsHandler},
+    metrics::Metrics,
+    proxy::{Tunnels, Waypoint},
+    upstream::{Clients, Connector, ConnectorInner},
+};
+
+/// Command line of the waypoint.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The control plane's xDS and CA address, e.g. `http://istiod:15010`.
+    #[arg(long)]
+    xds_address: String,
+    /// File holding the bearer token for the control plane.
+    #[arg(long)]
+    xds_token_file: Option<PathBuf>,
+    /// Namespace of the waypoint's Gateway.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Name of the waypoint's Gateway.
+    #[arg(long, env = "GATEWAY_NAME")]
+    gateway: String,
+    /// Service account the waypoint runs as (its SPIFFE identity).
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: String,
+    /// This pod's IP.
+    #[arg(long, env = "INSTANCE_IP")]
+    pod_ip: std::net::IpAddr,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Where HBONE is accepted.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    hbone_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Admin endpoint (`/config_dump`); keep it local.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Lifetime requested for the waypoint's certificate, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    cert_ttl: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let cli = Cli::parse();
+    let identity = Identity::new(&cli.trust_domain, &cli.namespace, &cli.service_account);
+    let certs = CertManager::new(
+        Some(cli.xds_address.clone()),
+        cli.xds_token_file.clone(),
+        Duration::from_secs(cli.cert_ttl),
+    );
+    certs.prefetch(&identity.to_string());
+
+    let store = Arc::new(Store::default());
+    let connector = Connector::new(ConnectorInner {
+        pool: Pool::new(certs.store().clone(), PoolConfig::default()),
+        local: identity.clone(),
+        local_addr: SocketAddr::new(cli.pod_ip, 0),
+        store: store.clone(),
+        connect_timeout: Duration::from_secs(10),
+    });
+    let metrics = Metrics::default();
+    let waypoint = Arc::new(Waypoint {
+        store: store.clone(),
+        clients: Clients::new(connector.clone()),
+        connector,
+        metrics: metrics.clone(),
+    });
+
+    let key = format!("{}/{}", cli.namespace, cli.gateway);
+    tokio::spawn(mesh_xds::run(
+        mesh_xds::ClientConfig {
+            address: cli.xds_address.clone(),
+            token_file: cli.xds_token_file.clone(),
+            node_id: format!(
+                "waypoint~{}~{}.{}~{}.svc.cluster.local",
+                cli.pod_ip, cli.gateway, cli.namespace, cli.namespace
+            ),
+            types: vec![
+                mesh_api::type_url::LISTENER,
+                mesh_api::type_url::ROUTE,
+                mesh_api::type_url::CLUSTER,
+                mesh_api::type_url::ENDPOINT,
+            ],
+            metadata: vec![("WAYPOINT".to_owned(), key.clone())],
+        },
+        XdsHandler::new(store.clone()),
+    ));
+
+    let server = Server::new(certs.store().clone(), identity.clone(), Tunnels(waypoint))
+        .context("building the HBONE server")?;
+    let listener = TcpListener::bind(cli.hbone_addr)
+        .await
+        .with_context(|| format!("binding {}", cli.hbone_addr))?;
+    tokio::spawn(async move { server.serve(listener).await });
+
+    let registry = Arc::new(metrics.registry());
+    mesh_admin::serve(cli.metrics_addr, move |path| match path {
+        "/metrics" | "/stats/prometheus" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                Ok(()) => response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(err) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    err.to_string(),
+                ),
+            }
+        }
+        _ => not_found(),
+    })
+    .await
+    .with_context(|| format!("serving metrics on {}", cli.metrics_addr))?;
+    let ready_store = store.clone();
+    let ready_certs = certs.clone();
+    let me = identity.clone();
+    mesh_admin::serve(cli.readiness_addr, move |path| match path {
+        "/healthz/ready" => readiness(&ready_store, &ready_certs, &me),
+        _ => not_found(),
+    })
+    .await
+    .with_context(|| format!("serving readiness on {}", cli.readiness_addr))?;
+    let dump_certs = certs.clone();
+    mesh_admin::serve(cli.admin_addr, move |path| match path {
+        "/config_dump" => {
+            let mut dump = (*store.dump()).clone();
+            dump["certificates"] = dump_certs.dump();
+            match serde_json::to_string_pretty(&dump) {
+                Ok(body) => response(StatusCode::OK, "application/json", body),
+                Err(err) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    err.to_string(),
+                ),
+            }
+        }
+        _ => not_found(),
+    })
+    .await
+    .with_context(|| format!("serving admin on {}", cli.admin_addr))?;
+
+    info!(waypoint = %key, identity = %identity, "waypoint running");
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    info!("waypoint stopping");
+    Ok(())
+}
+
+/// Ready once the first config arrived and the certificate is held.
+fn readiness(store: &Store, certs: &CertManager, me: &Identity) -> Response<Full<Bytes>> {
+    let synced = store.synced.load(std::sync::atomic::Ordering::Acquire);
+    let has_cert = certs.store().get(me).is_some();
+    match (synced, has_cert) {
+        (true, true) => response(StatusCode::OK, "text/plain", "ready\n".into()),
+        (false, _) => response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for the first xDS config\n".into(),
+        ),
+        (true, false) => response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for the certificate\n".into(),
+        ),
+    }
 }

@@ -22,7 +22,10 @@ use mesh_api::envoy::{
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         },
     },
-    google::rpc::Status as RpcStatus,
+    google::{
+        protobuf::{Struct, Value, value},
+        rpc::Status as RpcStatus,
+    },
 };
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
@@ -45,6 +48,8 @@ pub struct ClientConfig {
     pub node_id: String,
     /// Type URLs to subscribe to (wildcard).
     pub types: Vec<&'static str>,
+    /// `node.metadata` string fields (a waypoint names itself here).
+    pub metadata: Vec<(String, String)>,
 }
 
 /// One resource of a response.
@@ -184,6 +189,20 @@ async fn stream_inner(
     let (tx, rx) = mpsc::channel(16);
     let node = Node {
         id: config.node_id.clone(),
+        metadata: (!config.metadata.is_empty()).then(|| Struct {
+            fields: config
+                .metadata
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Value {
+                            kind: Some(value::Kind::StringValue(v.clone())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
         ..Default::default()
     };
     for type_url in &config.types {

@@ -17,7 +17,9 @@ use std::{
 
 use mesh_api::{
     type_url,
-    workload::{Address, Service, TunnelProtocol, Workload, WorkloadStatus, address},
+    workload::{
+        Address, Service, TunnelProtocol, Workload, WorkloadStatus, address, gateway_address,
+    },
 };
 use prost::Message;
 use serde::Serialize;
@@ -76,8 +78,28 @@ pub struct ServiceInfo {
     pub vips: Vec<IpAddr>,
     /// `(service port, target port)`; target 0 means per workload.
     pub ports: Vec<(u16, u16)>,
+    /// The waypoint its traffic goes through, if bound to one.
+    pub waypoint: Option<WaypointAddr>,
     #[serde(skip)]
     next: AtomicUsize,
+}
+
+/// Where a service's waypoint is reached.
+#[derive(Clone, Debug, Serialize)]
+pub struct WaypointAddr {
+    /// The waypoint's service key (`namespace/hostname`), or its address.
+    pub destination: WaypointDestination,
+    /// Its HBONE port.
+    pub hbone_port: u16,
+}
+
+/// The two ways the workload API names a waypoint.
+#[derive(Clone, Debug, Serialize)]
+pub enum WaypointDestination {
+    /// A service (`namespace/hostname`) whose endpoints are the waypoint's.
+    Service(String),
+    /// An address: a service VIP or a workload IP.
+    Address(IpAddr),
 }
 
 /// Where an outbound connection goes.
@@ -91,6 +113,16 @@ pub enum Resolved {
         addr: SocketAddr,
         /// The service it was picked from, if any (its hostname).
         service: Option<String>,
+    },
+    /// A service bound to a waypoint: the tunnel goes to the waypoint, with
+    /// the service's address as its target.
+    Waypoint {
+        /// A waypoint instance.
+        workload: Arc<WorkloadInfo>,
+        /// Its HBONE address.
+        addr: SocketAddr,
+        /// The service's hostname.
+        service: String,
     },
     /// A service with no healthy endpoint on that port.
     NoHealthyEndpoint {
@@ -132,6 +164,9 @@ impl Discovery {
         let index = self.inner.read().unwrap_or_else(|e| e.into_inner());
         let ip = destination.ip();
         if let Some(service) = index.by_vip.get(&ip).and_then(|k| index.services.get(k)) {
+            if let Some(waypoint) = &service.waypoint {
+                return index.pick_waypoint(service, waypoint);
+            }
             return index.pick_endpoint(service, destination.port());
         }
         if let Some(workload) = index
@@ -298,7 +333,26 @@ fn service_info(s: Service) -> Result<ServiceInfo, String> {
             ))
         })
         .collect::<Result<Vec<_>, String>>()?;
+    let waypoint = match s.waypoint {
+        None => None,
+        Some(gateway) => {
+            let destination = match gateway.destination {
+                Some(gateway_address::Destination::Hostname(h)) => {
+                    WaypointDestination::Service(format!("{}/{}", h.namespace, h.hostname))
+                }
+                Some(gateway_address::Destination::Address(a)) => {
+                    WaypointDestination::Address(ip_from_bytes(&a.address)?)
+                }
+                None => return Err("waypoint has no destination".to_owned()),
+            };
+            Some(WaypointAddr {
+                destination,
+                hbone_port: port(gateway.hbone_mtls_port, "waypoint HBONE port")?,
+            })
+        }
+    };
     Ok(ServiceInfo {
+        waypoint,
         key: format!("{}/{}", s.namespace, s.hostname),
         hostname: s.hostname,
         vips,
@@ -354,6 +408,38 @@ impl Index {
             self.by_vip.insert(*vip, name.to_owned());
         }
         self.services.insert(name.to_owned(), Arc::new(service));
+    }
+
+    /// A waypoint instance for traffic to `service`.
+    fn pick_waypoint(&self, service: &ServiceInfo, waypoint: &WaypointAddr) -> Resolved {
+        let via_service = |key: &str| {
+            let waypoint_service = self.services.get(key)?;
+            match self.pick_endpoint(waypoint_service, waypoint.hbone_port) {
+                Resolved::Workload { workload, addr, .. } => Some((workload, addr)),
+                _ => None,
+            }
+        };
+        let picked = match &waypoint.destination {
+            WaypointDestination::Service(key) => via_service(key),
+            WaypointDestination::Address(ip) => match self.by_vip.get(ip) {
+                Some(key) => via_service(key),
+                None => self
+                    .by_ip
+                    .get(ip)
+                    .and_then(|uid| self.workloads.get(uid))
+                    .map(|w| (w.clone(), SocketAddr::new(*ip, waypoint.hbone_port))),
+            },
+        };
+        match picked {
+            Some((workload, addr)) => Resolved::Waypoint {
+                workload,
+                addr,
+                service: service.hostname.clone(),
+            },
+            None => Resolved::NoHealthyEndpoint {
+                service: service.hostname.clone(),
+            },
+        }
     }
 
     /// Round robin over the healthy endpoints serving `port` of `service`.

@@ -7,7 +7,7 @@
 
 mod admin;
 mod agent;
-mod identity;
+use mesh_identity as identity;
 mod inpod;
 mod metrics;
 mod proxy;
@@ -161,6 +161,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     mesh_api::type_url::ADDRESS,
                     mesh_api::type_url::AUTHORIZATION,
                 ],
+                metadata: Vec::new(),
             },
             discovery::XdsHandler {
                 discovery: discovery.clone(),

@@ -195,6 +195,11 @@ impl Proxy {
                     workload,
                     service,
                 } => (*addr, Some(&**workload), service.as_deref()),
+                Resolved::Waypoint {
+                    addr,
+                    workload,
+                    service,
+                } => (*addr, Some(&**workload), Some(&**service)),
                 Resolved::NoHealthyEndpoint { service } => (destination, None, Some(&**service)),
                 Resolved::Passthrough => (destination, None, None),
             };
@@ -223,11 +228,22 @@ impl Proxy {
                 reset(client);
                 return;
             }
+            if let Resolved::Waypoint { workload, addr, .. } = &resolved {
+                // The waypoint terminates HBONE itself; the tunnel's target
+                // is the service address the pod dialled.
+                access.labels.connection_security_policy = "mutual_tls";
+                let tunnel = self
+                    .tunnel(&pod, workload, source, *addr, destination, service)
+                    .await;
+                relay(&mut access, client, tunnel).await;
+                return;
+            }
             match target.filter(|w| w.hbone) {
                 Some(workload) => {
                     access.labels.connection_security_policy = "mutual_tls";
+                    let peer = SocketAddr::new(access.endpoint.ip(), mesh_hbone::HBONE_PORT);
                     let tunnel = self
-                        .tunnel(&pod, workload, source, access.endpoint, service)
+                        .tunnel(&pod, workload, source, peer, access.endpoint, service)
                         .await;
                     relay(&mut access, client, tunnel).await;
                 }
@@ -299,15 +315,16 @@ impl Proxy {
         .await
     }
 
-    /// Opens an HBONE tunnel from `pod` to `endpoint` of `workload`, through
-    /// the destination pod's 15008, proving `pod`'s identity and checking
-    /// the destination's.
+    /// Opens an HBONE tunnel from `pod` through `peer` (the destination
+    /// pod's 15008, or a waypoint's) to `target`, proving `pod`'s identity
+    /// and checking that `peer` is `workload`.
     async fn tunnel(
         &self,
         pod: &PodContext,
         workload: &WorkloadInfo,
         source: SocketAddr,
-        endpoint: SocketAddr,
+        peer: SocketAddr,
+        target: SocketAddr,
         service: Option<&str>,
     ) -> std::io::Result<mesh_hbone::Tunnel> {
         let expected: mesh_hbone::Identity = workload
@@ -323,9 +340,9 @@ impl Proxy {
         pod.pool
             .connect(mesh_hbone::ConnectRequest {
                 local: pod.identity.clone(),
-                peer_addr: SocketAddr::new(endpoint.ip(), mesh_hbone::HBONE_PORT),
+                peer_addr: peer,
                 expected: vec![expected],
-                authority: endpoint,
+                authority: target,
                 forwarded_for: source,
                 host: service.map(str::to_owned),
                 baggage: None,

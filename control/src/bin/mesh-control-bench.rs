@@ -231,6 +231,7 @@ async fn measure(
                 token_file: Some(token_file.to_owned()),
                 node_id: format!("bench~{i}"),
                 types: vec![type_url::ADDRESS, type_url::AUTHORIZATION],
+                metadata: Vec::new(),
             },
             Counter {
                 held: Default::default(),

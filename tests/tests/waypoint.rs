@@ -1,0 +1,207 @@
+//! L7 traffic management through a waypoint: bookinfo's `networking/`
+//! samples applied to a lab whose default namespace uses a waypoint, with
+//! the observed behaviour asserted: version routing, the 80/20 split within
+//! statistical bounds, header-based routing, fault aborts and delays.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use mesh_lab::{PodPlan, mesh::LabelTarget};
+use mesh_tests::{Lab, bookinfo_manifest};
+use serde_json::Value;
+
+fn sample(name: &str) -> PathBuf {
+    mesh_lab::istio_samples_dir()
+        .join("bookinfo/networking")
+        .join(name)
+}
+
+fn waypoint_manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/waypoint.yaml")
+}
+
+/// Sends `count` GETs from `from` (a new connection each) and returns each
+/// answer's `version`, or `status <code>` for failures.
+fn versions(lab: &Lab, from: &PodPlan, url: &str, count: u32, headers: &[&str]) -> Vec<String> {
+    let count = count.to_string();
+    let mut args = vec![
+        "get",
+        url,
+        "--count",
+        &count,
+        "--new-connection",
+        "--timeout-ms",
+        "10000",
+    ];
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    let output = lab
+        .state
+        .app_client(from, &args)
+        .expect("client")
+        .output()
+        .expect("lab-app get");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| match serde_json::from_str::<Value>(line) {
+            Ok(v) => v["version"].as_str().unwrap_or("?").to_owned(),
+            Err(_) => format!("body {line}"),
+        })
+        .collect()
+}
+
+fn tally(list: &[String]) -> BTreeMap<String, usize> {
+    list.iter().fold(BTreeMap::new(), |mut m, v| {
+        *m.entry(v.clone()).or_default() += 1;
+        m
+    })
+}
+
+/// Polls `check` until it holds (config reaches the waypoint within 1 s in
+/// the lab; allow 5).
+fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(err) if Instant::now() > deadline => panic!("{what}: {err}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+fn apply(lab: &Lab, file: &str) {
+    mesh_lab::cluster::apply(&lab.state.plan.name, &sample(file)).expect("apply");
+}
+
+fn unapply(lab: &Lab, file: &str) {
+    mesh_lab::cluster::unapply(&lab.state.plan.name, file).expect("unapply");
+}
+
+#[test]
+fn bookinfo_networking_samples_through_the_waypoint() {
+    let mut lab = Lab::up("twp", vec![bookinfo_manifest(), waypoint_manifest()], 2);
+    lab.enrol_namespace("default");
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            "istio.io/use-waypoint",
+            Some("waypoint"),
+        )
+        .expect("bind the namespace to its waypoint");
+    apply(&lab, "destination-rule-all.yaml");
+    apply(&lab, "virtual-service-all-v1.yaml");
+    lab.state
+        .wait_for_waypoints(Duration::from_secs(15))
+        .expect("waypoint ready");
+    let client = lab.state.pod("productpage").expect("productpage").clone();
+    let reviews = "http://reviews:9080/reviews/0";
+
+    // virtual-service-all-v1: every request to reviews lands on v1.
+    eventually("all-v1", || {
+        let seen = versions(&lab, &client, reviews, 30, &[]);
+        (tally(&seen) == BTreeMap::from([("v1".to_owned(), 30)]))
+            .then_some(())
+            .ok_or(format!("{:?}", tally(&seen)))
+    });
+
+    // virtual-service-reviews-test-v2: jason gets v2, everyone else v1.
+    unapply(&lab, "virtual-service-all-v1.yaml");
+    apply(&lab, "virtual-service-reviews-test-v2.yaml");
+    eventually("test-v2", || {
+        let jason = tally(&versions(&lab, &client, reviews, 20, &["end-user:jason"]));
+        let others = tally(&versions(&lab, &client, reviews, 20, &["end-user:json"]));
+        (jason == BTreeMap::from([("v2".to_owned(), 20)])
+            && others == BTreeMap::from([("v1".to_owned(), 20)]))
+        .then_some(())
+        .ok_or(format!("jason {jason:?}, others {others:?}"))
+    });
+    // Propagated through productpage: its call to reviews carries end-user.
+    let page = versions(
+        &lab,
+        &client,
+        "http://productpage:9080/productpage",
+        1,
+        &["end-user:jason"],
+    );
+    assert_eq!(page.len(), 1, "{page:?}");
+
+    // virtual-service-reviews-80-20: 400 requests, v1 share within ±5σ of 80 %.
+    unapply(&lab, "virtual-service-reviews-test-v2.yaml");
+    apply(&lab, "virtual-service-reviews-80-20.yaml");
+    eventually("80-20 split applied", || {
+        let seen = tally(&versions(&lab, &client, reviews, 20, &[]));
+        if seen.contains_key("v3") {
+            return Err(format!("v3 answered: {seen:?}"));
+        }
+        seen.contains_key("v2")
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+    let split = tally(&versions(&lab, &client, reviews, 400, &[]));
+    let v1 = split.get("v1").copied().unwrap_or(0);
+    let v2 = split.get("v2").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 400, "only v1 and v2 answer: {split:?}");
+    // σ = sqrt(400 · 0.8 · 0.2) = 8.
+    assert!(
+        (280..=360).contains(&v1),
+        "v1 got {v1} of 400 (expected 320 ± 40): {split:?}"
+    );
+
+    // virtual-service-reviews-v3: everything to v3.
+    unapply(&lab, "virtual-service-reviews-80-20.yaml");
+    apply(&lab, "virtual-service-reviews-v3.yaml");
+    eventually("v3", || {
+        let seen = tally(&versions(&lab, &client, reviews, 20, &[]));
+        (seen == BTreeMap::from([("v3".to_owned(), 20)]))
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+
+    // virtual-service-ratings-test-abort: jason's ratings calls get 500.
+    let ratings = "http://ratings:9080/ratings/0";
+    apply(&lab, "virtual-service-ratings-test-abort.yaml");
+    eventually("ratings abort", || {
+        let jason = versions(&lab, &client, ratings, 5, &["end-user:jason"]);
+        let others = tally(&versions(&lab, &client, ratings, 5, &[]));
+        (jason.iter().all(|v| v.contains("fault filter abort")) && others.get("v1") == Some(&5))
+            .then_some(())
+            .ok_or(format!("jason {jason:?}, others {others:?}"))
+    });
+    let waypoint = lab.state.pod("waypoint").expect("waypoint pod").clone();
+    let metrics = lab
+        .state
+        .waypoint_metrics(&waypoint)
+        .expect("waypoint metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("response_flags=\"FI\"")
+                && l.contains("response_code=\"500\"")
+                && l.contains("destination_service=\"ratings.default.svc.cluster.local\"")),
+        "no FI 500 for ratings in\n{metrics}"
+    );
+
+    // virtual-service-ratings-test-delay: jason waits 7 s, others do not.
+    unapply(&lab, "virtual-service-ratings-test-abort.yaml");
+    apply(&lab, "virtual-service-ratings-test-delay.yaml");
+    eventually("ratings delay", || {
+        let started = Instant::now();
+        let jason = versions(&lab, &client, ratings, 1, &["end-user:jason"]);
+        let waited = started.elapsed();
+        (waited >= Duration::from_secs(7) && jason == ["v1"])
+            .then_some(())
+            .ok_or(format!("jason waited {waited:?} for {jason:?}"))
+    });
+    let started = Instant::now();
+    assert_eq!(versions(&lab, &client, ratings, 1, &[]), ["v1"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "others are not delayed"
+    );
+}

@@ -1,0 +1,908 @@
+//! The request path: an HBONE tunnel addressed to a service arrives, its
+//! bytes are served as HTTP (or relayed as TCP), and each request is routed
+//! by the service's route table: faults, redirects, weighted clusters,
+//! header edits, rewrites, timeouts, retries and mirrors, to an endpoint
+//! picked by the cluster's load balancer behind its circuit breaker.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderName},
+    request::Parts,
+};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use mesh_hbone::{InboundRequest, Refusal};
+use tokio::io::DuplexStream;
+use tracing::{Instrument, debug, info, info_span};
+
+use crate::{
+    cluster::{
+        ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, UpstreamProtocol, mix,
+    },
+    config::{Chain, Config, Store},
+    metrics::{Metrics, RequestLabels},
+    route::{Action, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority},
+    upstream::{Body, BoxError, Clients, Connector},
+};
+
+/// Request bodies up to this size are buffered so they can be retried and
+/// mirrored; larger or unknown-length bodies stream through, tried once.
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+/// Time to read a request's head on an HTTP/1 connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Buffer of the in-memory pipe between a tunnel and its HTTP server.
+const PIPE_BUFFER: usize = 64 * 1024;
+/// First retry back-off (Envoy's default base interval).
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Everything requests share.
+pub struct Waypoint {
+    /// The config.
+    pub store: Arc<Store>,
+    /// Pooled upstream clients.
+    pub clients: Clients,
+    /// For TCP chains.
+    pub connector: Connector,
+    /// Istio's request metrics.
+    pub metrics: Metrics,
+}
+
+/// What one tunnel's requests know about it.
+struct TunnelContext {
+    chain: Chain,
+    /// The caller's SPIFFE identity.
+    peer: String,
+    /// The caller's namespace (from its identity).
+    peer_namespace: String,
+    /// The original client.
+    source: SocketAddr,
+    conn: u64,
+}
+
+/// The HBONE handler: one server task per tunnel.
+#[derive(Clone)]
+pub struct Tunnels(pub Arc<Waypoint>);
+
+impl mesh_hbone::Handler for Tunnels {
+    type Upstream = DuplexStream;
+
+    async fn connect(&self, req: InboundRequest) -> Result<DuplexStream, Refusal> {
+        let config = self.0.store.load();
+        let chain = config.chains.get(&req.authority).cloned().ok_or_else(|| {
+            Refusal::BadRequest(format!(
+                "{} is not a service address this waypoint serves",
+                req.authority
+            ))
+        })?;
+        let ctx = Arc::new(TunnelContext {
+            chain,
+            peer: req.peer_identity.to_string(),
+            peer_namespace: req.peer_identity.namespace.clone(),
+            source: req.forwarded_for.unwrap_or(req.peer_addr),
+            conn: req.connection_id,
+        });
+        let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
+        let waypoint = self.0.clone();
+        let span = info_span!("tunnel", conn = req.connection_id, service = %ctx.chain.service(), peer = %ctx.peer);
+        tokio::spawn(
+            async move {
+                match &ctx.chain {
+                    Chain::Http { .. } => serve_http(waypoint, ctx, ours).await,
+                    Chain::Tcp { clusters, .. } => {
+                        let clusters = clusters.clone();
+                        relay_tcp(waypoint, clusters, ours).await
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(theirs)
+    }
+}
+
+async fn serve_http(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: DuplexStream) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
+    let service = service_fn(move |request| {
+        let waypoint = waypoint.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(waypoint.handle(&ctx, request).await) }
+    });
+    if let Err(err) = builder.serve_connection(TokioIo::new(io), service).await {
+        debug!(error = %err, "HTTP connection ended with an error");
+    }
+}
+
+async fn relay_tcp(waypoint: Arc<Waypoint>, clusters: Vec<(String, u32)>, mut io: DuplexStream) {
+    let total: u32 = clusters.iter().map(|c| c.1).sum();
+    let mut point = (random() as u32) % total.max(1);
+    let name = clusters
+        .iter()
+        .find(|(_, w)| {
+            let hit = point < *w;
+            point = point.saturating_sub(*w);
+            hit
+        })
+        .map_or(&clusters[0].0, |(c, _)| c);
+    let config = waypoint.store.load();
+    let Some(cluster) = config.clusters.get(name) else {
+        info!(target: "waypoint::access", cluster = %name, flags = "NC", "tcp connection refused: no such cluster");
+        return;
+    };
+    let Ok((endpoint, _)) = cluster.pick(random(), random()) else {
+        info!(target: "waypoint::access", cluster = %name, flags = "UH", "tcp connection refused: no healthy endpoint");
+        return;
+    };
+    match waypoint.connector.open(endpoint.addr).await {
+        Ok(mut upstream) => {
+            let result = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+            info!(target: "waypoint::access", cluster = %name, endpoint = %endpoint.addr, ?result, "tcp connection closed");
+        }
+        Err(err) => {
+            info!(target: "waypoint::access", cluster = %name, endpoint = %endpoint.addr, flags = "UF", error = %err, "tcp connect failed");
+        }
+    }
+}
+
+/// How a request ended, for metrics and the access log.
+struct Outcome {
+    flags: &'static str,
+    cluster: String,
+    endpoint: Option<Arc<EndpointConfig>>,
+    route: String,
+    attempts: u32,
+    detail: String,
+}
+
+impl Waypoint {
+    async fn handle(&self, ctx: &TunnelContext, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let (mut parts, body) = request.into_parts();
+        let request_bytes = content_length(&parts.headers).unwrap_or(0);
+        let method = parts.method.clone();
+        let path = parts.uri.path().to_owned();
+        let grpc = is_grpc(&parts.headers);
+        ensure_request_id(&mut parts.headers);
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut outcome = Outcome {
+            flags: "-",
+            cluster: String::new(),
+            endpoint: None,
+            route: String::new(),
+            attempts: 0,
+            detail: String::new(),
+        };
+        let config = self.store.load();
+        let response = self.route(&config, ctx, parts, body, &mut outcome).await;
+        let status = response.status().as_u16();
+        let response_bytes = content_length(response.headers()).unwrap_or(0);
+        let labels = RequestLabels {
+            reporter: "waypoint",
+            source_workload_namespace: ctx.peer_namespace.clone(),
+            source_principal: ctx.peer.clone(),
+            destination_service: ctx.chain.service().to_owned(),
+            destination_workload: outcome
+                .endpoint
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |e| workload_name(&e.workload)),
+            destination_principal: outcome
+                .endpoint
+                .as_ref()
+                .and_then(|e| e.identity.as_ref())
+                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: status,
+            response_flags: outcome.flags,
+            connection_security_policy: "mutual_tls",
+        };
+        let elapsed = started.elapsed();
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        self.metrics
+            .request_bytes
+            .get_or_create(&labels)
+            .observe(request_bytes as f64);
+        self.metrics
+            .response_bytes
+            .get_or_create(&labels)
+            .observe(response_bytes as f64);
+        info!(
+            target: "waypoint::access",
+            conn = ctx.conn,
+            src = %ctx.source,
+            src_identity = %ctx.peer,
+            %method,
+            path,
+            status,
+            flags = outcome.flags,
+            route = %outcome.route,
+            cluster = %outcome.cluster,
+            endpoint = %outcome.endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
+            attempts = outcome.attempts,
+            duration_ms = elapsed.as_millis() as u64,
+            request_id,
+            detail = %outcome.detail,
+            "request"
+        );
+        response
+    }
+
+    async fn route(
+        &self,
+        config: &Config,
+        ctx: &TunnelContext,
+        mut parts: Parts,
+        body: Incoming,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        let Chain::Http { route_config, .. } = &ctx.chain else {
+            return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "not an HTTP chain");
+        };
+        let Some(route) = config
+            .routes
+            .get(route_config)
+            .and_then(|table| table.find(&parts))
+        else {
+            outcome.flags = "NR";
+            outcome.detail = format!("no route in {route_config}");
+            return local_reply(StatusCode::NOT_FOUND, "route not found");
+        };
+        outcome.route.clone_from(&route.name);
+        if let Some(fault) = &route.fault {
+            if let Some((delay, ppm)) = fault.delay
+                && roll_ppm() < ppm
+            {
+                outcome.flags = "DI";
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((status, ppm)) = fault.abort
+                && roll_ppm() < ppm
+            {
+                outcome.flags = "FI";
+                let mut response = local_reply(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort",
+                );
+                route.response_headers.apply(response.headers_mut());
+                return response;
+            }
+        }
+        let forward = match &route.action {
+            Action::Direct { status } => {
+                return local_reply(StatusCode::from_u16(*status).unwrap_or(StatusCode::OK), "");
+            }
+            Action::Redirect(redirect) => {
+                let scheme = redirect.scheme.as_deref().unwrap_or("http");
+                let host = redirect
+                    .host
+                    .clone()
+                    .or_else(|| {
+                        authority(&parts).map(|a| a.split(':').next().unwrap_or(a).to_owned())
+                    })
+                    .unwrap_or_default();
+                let port = redirect.port.map(|p| format!(":{p}")).unwrap_or_default();
+                let path = redirect.path.clone().unwrap_or_else(|| {
+                    parts
+                        .uri
+                        .path_and_query()
+                        .map_or("/".to_owned(), |p| p.as_str().to_owned())
+                });
+                let mut response = local_reply(
+                    StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                    "",
+                );
+                if let Ok(location) =
+                    HeaderValue::from_str(&format!("{scheme}://{host}{port}{path}"))
+                {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
+                return response;
+            }
+            Action::Forward(forward) => forward,
+        };
+        let origin = parts.headers.get(header::ORIGIN).cloned();
+        if let Some(cors) = &forward.cors
+            && Cors::is_preflight(&parts)
+        {
+            return preflight(cors, origin.as_ref());
+        }
+        let target = forward.pick(random() as u32);
+        outcome.cluster.clone_from(&target.cluster);
+        prepare_request(&mut parts, route, forward, target);
+
+        let mut response = match self
+            .forward(config, ctx, parts, body, forward, target, outcome)
+            .await
+        {
+            Ok(response) => response,
+            Err(reply) => *reply,
+        };
+        route.response_headers.apply(response.headers_mut());
+        target.response_headers.apply(response.headers_mut());
+        if let (Some(cors), Some(origin)) = (&forward.cors, origin)
+            && origin.to_str().is_ok_and(|o| cors.allows(o))
+        {
+            response
+                .headers_mut()
+                .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            if let Some(expose) = &cors.expose {
+                response
+                    .headers_mut()
+                    .insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+            }
+        }
+        response
+    }
+
+    /// Sends the request to the target cluster within the route's timeout,
+    /// retrying as its policy allows, and mirrors it.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        config: &Config,
+        ctx: &TunnelContext,
+        parts: Parts,
+        body: Incoming,
+        forward: &Forward,
+        target: &WeightedTarget,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, LocalReply> {
+        // Replayable bodies are buffered, so retries and mirrors can resend.
+        let replayable = hyper::body::Body::is_end_stream(&body)
+            || content_length(&parts.headers).is_some_and(|l| l <= MAX_BUFFERED_BODY);
+        let mut payload = if replayable {
+            match Limited::new(body, MAX_BUFFERED_BODY as usize)
+                .collect()
+                .await
+            {
+                Ok(collected) => Payload::Buffered(collected.to_bytes()),
+                Err(err) => {
+                    outcome.flags = "DPE";
+                    outcome.detail = format!("reading the request body: {err}");
+                    return Err(local_error(StatusCode::BAD_REQUEST, "bad request body"));
+                }
+            }
+        } else {
+            Payload::Streaming(Some(body))
+        };
+        if let Payload::Buffered(bytes) = &payload {
+            for (cluster, ppm) in &forward.mirrors {
+                if roll_ppm() < *ppm {
+                    self.mirror(config, &parts, bytes.clone(), cluster, ctx.source);
+                }
+            }
+        }
+        let Some(cluster) = config.clusters.get(&target.cluster).cloned() else {
+            outcome.flags = "NC";
+            outcome.detail = format!("cluster {} not found", target.cluster);
+            return Err(local_error(StatusCode::SERVICE_UNAVAILABLE, "no cluster"));
+        };
+        let retry = forward
+            .retry
+            .as_ref()
+            .filter(|_| matches!(payload, Payload::Buffered(_)));
+        let attempts = async {
+            let mut tries = 0u32;
+            loop {
+                tries += 1;
+                outcome.attempts = tries;
+                let body = payload.take();
+                let result = self
+                    .try_once(
+                        &cluster,
+                        ctx,
+                        &parts,
+                        body,
+                        retry.and_then(|r| r.per_try_timeout),
+                        outcome,
+                    )
+                    .await;
+                let Some(retry) = retry else {
+                    return result;
+                };
+                if tries > retry.attempts
+                    || !should_retry(retry, &result)
+                    || !cluster_allows_retry(&cluster)
+                {
+                    return result;
+                }
+                cluster
+                    .runtime
+                    .active_retries
+                    .fetch_add(1, Ordering::Relaxed);
+                let backoff = RETRY_BACKOFF * 2u32.pow((tries - 1).min(4));
+                tokio::time::sleep(
+                    backoff / 2 + backoff.mul_f64((roll_ppm() as f64) / 2_000_000.0),
+                )
+                .await;
+                cluster
+                    .runtime
+                    .active_retries
+                    .fetch_sub(1, Ordering::Relaxed);
+                debug!(cluster = %cluster.config.name, tries, "retrying");
+            }
+        };
+        let result = match forward.timeout {
+            Some(limit) => match tokio::time::timeout(limit, attempts).await {
+                Ok(result) => result,
+                Err(_) => {
+                    outcome.flags = "UT";
+                    outcome.detail = format!("no response within the route timeout of {limit:?}");
+                    return Err(local_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                    ));
+                }
+            },
+            None => attempts.await,
+        };
+        result.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+    }
+
+    async fn try_once(
+        &self,
+        cluster: &ClusterEntry,
+        ctx: &TunnelContext,
+        parts: &Parts,
+        body: Body,
+        per_try_timeout: Option<Duration>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Incoming>, LocalReply> {
+        let limits = &cluster.config.limits;
+        let active = cluster.runtime.active_requests.load(Ordering::Relaxed);
+        let limit = match cluster.config.protocol {
+            UpstreamProtocol::Http1 => [
+                limits.max_requests,
+                limits
+                    .max_connections
+                    .map(|c| c.saturating_add(limits.max_pending_requests.unwrap_or(0))),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
+            UpstreamProtocol::Http2 => limits.max_requests,
+        };
+        if limit.is_some_and(|l| active >= l) {
+            outcome.flags = "UO";
+            outcome.detail = format!(
+                "circuit breaker of {} open ({active} requests)",
+                cluster.config.name
+            );
+            let mut reply = local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            );
+            reply
+                .headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            return Err(Box::new(reply));
+        }
+        let hash = match cluster.config.lb {
+            LbKind::Hash => mix(match ctx.source.ip() {
+                std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+                std::net::IpAddr::V6(v6) => u128::from(v6) as u64,
+            }),
+            _ => 0,
+        };
+        let (endpoint, health) = match cluster.pick(hash, random()) {
+            Ok(picked) => picked,
+            Err(PickError::NoHealthy) => {
+                outcome.flags = "UH";
+                outcome.detail = format!("no healthy endpoint in {}", cluster.config.name);
+                return Err(local_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                ));
+            }
+        };
+        outcome.endpoint = Some(endpoint.clone());
+        let request = upstream_request(parts, endpoint.addr, cluster.config.protocol, body);
+        let client = match cluster.config.protocol {
+            UpstreamProtocol::Http1 => &self.clients.http1,
+            UpstreamProtocol::Http2 => &self.clients.http2,
+        };
+        let _in_flight = InFlight::new(cluster, &health);
+        let send = client.request(request);
+        let result = match per_try_timeout {
+            Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| ()),
+            None => Ok(send.await),
+        };
+        match result {
+            Err(()) => {
+                cluster.record(&health, true);
+                outcome.flags = "UT";
+                outcome.detail = "per-try timeout".to_owned();
+                Err(local_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                ))
+            }
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                cluster.record(&health, matches!(status, 500..=599));
+                outcome.flags = "-";
+                Ok(response)
+            }
+            Ok(Err(err)) => {
+                cluster.record(&health, true);
+                let connect = err.is_connect();
+                outcome.flags = if connect { "UF" } else { "UC" };
+                outcome.detail = error_chain(&err);
+                let reason = if connect {
+                    "connection failure"
+                } else {
+                    "connection termination"
+                };
+                Err(local_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Sends a copy of the request to `cluster`, answer ignored, as Envoy's
+    /// shadowing does (the authority gets a `-shadow` suffix).
+    fn mirror(
+        &self,
+        config: &Config,
+        parts: &Parts,
+        body: Bytes,
+        cluster: &str,
+        source: SocketAddr,
+    ) {
+        let Some(entry) = config.clusters.get(cluster).cloned() else {
+            debug!(cluster, "mirror cluster not found");
+            return;
+        };
+        let Ok((endpoint, _)) = entry.pick(mix(source.port().into()), random()) else {
+            return;
+        };
+        let mut copy = upstream_request(
+            parts,
+            endpoint.addr,
+            entry.config.protocol,
+            Full::new(body).map_err(|never| match never {}).boxed(),
+        );
+        if let Some(host) = copy
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            let shadow = match host.split_once(':') {
+                Some((name, port)) => format!("{name}-shadow:{port}"),
+                None => format!("{host}-shadow"),
+            };
+            if let Ok(value) = HeaderValue::from_str(&shadow) {
+                copy.headers_mut().insert(header::HOST, value);
+            }
+        }
+        let client = match entry.config.protocol {
+            UpstreamProtocol::Http1 => self.clients.http1.clone(),
+            UpstreamProtocol::Http2 => self.clients.http2.clone(),
+        };
+        tokio::spawn(async move {
+            match client.request(copy).await {
+                Ok(response) => {
+                    let _ = response.into_body().collect().await;
+                }
+                Err(err) => debug!(error = %err, "mirrored request failed"),
+            }
+        });
+    }
+}
+
+/// Counts a request against its cluster and endpoint while it runs.
+struct InFlight<'a> {
+    cluster: &'a ClusterEntry,
+    health: &'a EndpointHealth,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(cluster: &'a ClusterEntry, health: &'a EndpointHealth) -> Self {
+        cluster
+            .runtime
+            .active_requests
+            .fetch_add(1, Ordering::Relaxed);
+        health.active.fetch_add(1, Ordering::Relaxed);
+        Self { cluster, health }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.cluster
+            .runtime
+            .active_requests
+            .fetch_sub(1, Ordering::Relaxed);
+        self.health.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Payload {
+    Buffered(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl Payload {
+    /// The body for the next try.
+    fn take(&mut self) -> Body {
+        match self {
+            Payload::Buffered(bytes) if bytes.is_empty() => {
+                Empty::new().map_err(|never| match never {}).boxed()
+            }
+            Payload::Buffered(bytes) => Full::new(bytes.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+            Payload::Streaming(body) => match body.take() {
+                Some(body) => body.map_err(|e| Box::new(e) as BoxError).boxed(),
+                None => Empty::new().map_err(|never| match never {}).boxed(),
+            },
+        }
+    }
+}
+
+fn should_retry(retry: &Retry, result: &Result<Response<Incoming>, LocalReply>) -> bool {
+    match result {
+        Ok(response) => retry.retries_status(response.status().as_u16()),
+        // Local replies: connection failures and resets are 503, per-try
+        // timeouts 504; circuit-breaker overflow and no healthy upstream
+        // are not retried.
+        Err(reply) => {
+            if reply.headers().contains_key("x-envoy-overloaded") {
+                return false;
+            }
+            match reply.status() {
+                StatusCode::GATEWAY_TIMEOUT => retry.on_5xx || retry.on_gateway_error,
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    retry.on_connect_failure || retry.on_reset || retry.on_5xx
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+/// The retry budget: the cluster's `max_retries`, or else 20 % of the
+/// requests in flight (at least 3), so failures cannot multiply load.
+fn cluster_allows_retry(cluster: &ClusterEntry) -> bool {
+    let retries = cluster.runtime.active_retries.load(Ordering::Relaxed);
+    let budget =
+        cluster.config.limits.max_retries.unwrap_or_else(|| {
+            (cluster.runtime.active_requests.load(Ordering::Relaxed) / 5).max(3)
+        });
+    retries < budget
+}
+
+/// Header edits, rewrites and hop-by-hop removal before forwarding.
+fn prepare_request(
+    parts: &mut Parts,
+    route: &CompiledRoute,
+    forward: &Forward,
+    target: &WeightedTarget,
+) {
+    for name in HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    route.request_headers.apply(&mut parts.headers);
+    target.request_headers.apply(&mut parts.headers);
+    let path = parts.uri.path();
+    let rewritten = if let Some((regex, substitution)) = &forward.regex_rewrite {
+        Some(regex.replace_all(path, substitution.as_str()).into_owned())
+    } else if let (Some(new), Some(prefix)) = (&forward.prefix_rewrite, route.matched_prefix()) {
+        path.get(prefix.len()..).map(|rest| {
+            if new.ends_with('/') && rest.starts_with('/') {
+                format!("{new}{}", &rest[1..])
+            } else {
+                format!("{new}{rest}")
+            }
+        })
+    } else {
+        None
+    };
+    if let Some(mut new_path) = rewritten {
+        if new_path.is_empty() {
+            new_path.push('/');
+        }
+        if let Some(query) = parts.uri.query() {
+            new_path.push('?');
+            new_path.push_str(query);
+        }
+        if let Ok(uri) = new_path.parse::<Uri>() {
+            parts.uri = uri;
+        }
+    }
+    if let Some(host) = &forward.host_rewrite {
+        parts.headers.insert(header::HOST, host.clone());
+    }
+}
+
+/// Hop-by-hop headers, which a proxy does not forward.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// The request as sent to `addr`: absolute URI naming the endpoint (the
+/// client pools by it), the caller's authority kept in `Host`.
+fn upstream_request(
+    parts: &Parts,
+    addr: SocketAddr,
+    protocol: UpstreamProtocol,
+    body: Body,
+) -> Request<Body> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = format!("http://{addr}{path}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("http://invalid/"));
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = parts.headers.clone();
+    if !request.headers().contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, value);
+    }
+    *request.version_mut() = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    if protocol == UpstreamProtocol::Http2 {
+        request.headers_mut().remove(header::HOST);
+    }
+    request
+}
+
+fn preflight(cors: &Cors, origin: Option<&HeaderValue>) -> Response<Body> {
+    let mut response = local_reply(StatusCode::OK, "");
+    let Some(origin) = origin.filter(|o| o.to_str().is_ok_and(|o| cors.allows(o))) else {
+        return response;
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    for (name, value) in [
+        (header::ACCESS_CONTROL_ALLOW_METHODS, &cors.methods),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.headers),
+        (header::ACCESS_CONTROL_MAX_AGE, &cors.max_age),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
+        }
+    }
+    if cors.credentials {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+/// A response the waypoint makes itself instead of forwarding (boxed: it
+/// travels in `Err` through the forwarding path).
+type LocalReply = Box<Response<Body>>;
+
+/// [`local_reply`], boxed for the `Err` path.
+fn local_error(status: StatusCode, body: &str) -> LocalReply {
+    Box::new(local_reply(status, body))
+}
+
+/// A response made by the waypoint itself.
+fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body.to_owned()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    if !body.is_empty() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    response
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Adds `x-request-id` when the caller did not send one.
+fn ensure_request_id(headers: &mut HeaderMap) {
+    static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    if !headers.contains_key(&X_REQUEST_ID)
+        && let Ok(value) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+    {
+        headers.insert(X_REQUEST_ID.clone(), value);
+    }
+}
+
+/// `reviews-v1` from a uid `Kubernetes//Pod/default/reviews-v1-0`.
+fn workload_name(uid: &str) -> String {
+    uid.rsplit('/').next().unwrap_or(uid).to_owned()
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(next) = source {
+        out.push_str(": ");
+        out.push_str(&next.to_string());
+        source = next.source();
+    }
+    out
+}
+
+/// A random number (fast, not cryptographic).
+fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
+                ^ (std::process::id() as u64) << 32
+        );
+    }
+    STATE.with(|s| {
+        let next = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(next);
+        mix(next)
+    })
+}
+
+/// Uniform in `0..1_000_000`.
+fn roll_ppm() -> u32 {
+    (random() % 1_000_000) as u32
+}

@@ -1,0 +1,958 @@
+//! Route tables compiled from Envoy `RouteConfiguration`s: matchers with
+//! their regexes built once, actions with header names parsed once, so a
+//! request costs comparisons, not parsing.
+//!
+//! Anything the waypoint cannot honour (an unknown path specifier, a filter
+//! config it does not run, a regex that does not compile) fails compilation
+//! with the route and field named, and the update is NACKed.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, request::Parts};
+use mesh_api::envoy::{
+    envoy::{
+        config::{
+            core::v3::{HeaderValueOption, header_value_option::HeaderAppendAction},
+            route::v3::{
+                CorsPolicy, HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration,
+                header_matcher::HeaderMatchSpecifier, query_parameter_matcher, redirect_action,
+                route, route_action, route_match,
+            },
+        },
+        extensions::filters::http::fault::v3::{HttpFault, fault_abort},
+        r#type::{
+            matcher::v3::{StringMatcher, string_matcher::MatchPattern},
+            v3::{FractionalPercent, fractional_percent::DenominatorType},
+        },
+    },
+    google::protobuf::Duration as ProtoDuration,
+};
+use prost::Message;
+use regex::Regex;
+
+/// The fault filter's name, as routes key its per-route config.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// One service port's routes, in order: the first match wins.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// The route configuration's name.
+    pub name: String,
+    routes: Vec<CompiledRoute>,
+}
+
+impl RouteTable {
+    /// Compiles `config` (its first virtual host: a waypoint's route
+    /// configurations hold one, matching every authority).
+    pub fn compile(config: &RouteConfiguration) -> Result<Self, String> {
+        let mut routes = Vec::new();
+        for (h, host) in config.virtual_hosts.iter().enumerate() {
+            if !host.domains.iter().any(|d| d == "*") {
+                return Err(format!(
+                    "virtual_hosts[{h}]: domains must include \"*\" (the waypoint routes by destination service, not by Host)"
+                ));
+            }
+            for (i, route) in host.routes.iter().enumerate() {
+                routes.push(CompiledRoute::compile(route).map_err(|e| {
+                    format!("virtual_hosts[{h}].routes[{i}] ({}): {e}", route.name)
+                })?);
+            }
+        }
+        Ok(Self {
+            name: config.name.clone(),
+            routes,
+        })
+    }
+
+    /// The first route matching the request.
+    pub fn find(&self, request: &Parts) -> Option<&CompiledRoute> {
+        self.routes.iter().find(|r| r.matcher.matches(request))
+    }
+
+    /// How many routes it holds.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether it holds no route.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Route names, for `/config_dump`.
+    pub fn route_names(&self) -> Vec<&str> {
+        self.routes.iter().map(|r| r.name.as_str()).collect()
+    }
+}
+
+/// One route.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    /// Its name (Istio's `<ns>/<vs>.http[i]` or the route's `name`).
+    pub name: String,
+    matcher: Matcher,
+    /// What to do with a matching request.
+    pub action: Action,
+    /// Request header edits of the route.
+    pub request_headers: HeaderEdits,
+    /// Response header edits of the route.
+    pub response_headers: HeaderEdits,
+    /// Fault injection.
+    pub fault: Option<Fault>,
+}
+
+impl CompiledRoute {
+    /// The path prefix the route matched on, if it matches by prefix: the
+    /// part `prefix_rewrite` replaces.
+    pub fn matched_prefix(&self) -> Option<&str> {
+        match &self.matcher.path {
+            PathMatch::Prefix(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn compile(route: &Route) -> Result<Self, String> {
+        let matcher = Matcher::compile(route.r#match.as_ref().ok_or("match: missing")?)?;
+        let action = match &route.action {
+            Some(route::Action::Route(action)) => {
+                Action::Forward(Box::new(Forward::compile(action)?))
+            }
+            Some(route::Action::Redirect(redirect)) => Action::Redirect(Redirect {
+                host: non_empty(&redirect.host_redirect),
+                port: (redirect.port_redirect != 0).then_some(redirect.port_redirect as u16),
+                scheme: match &redirect.scheme_rewrite_specifier {
+                    Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s)) => {
+                        Some(s.clone())
+                    }
+                    Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => {
+                        Some("https".to_owned())
+                    }
+                    _ => None,
+                },
+                path: match &redirect.path_rewrite_specifier {
+                    Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => Some(p.clone()),
+                    None => None,
+                    Some(_) => return Err("redirect: only path_redirect is supported".into()),
+                },
+                status: match redirect_action::RedirectResponseCode::try_from(
+                    redirect.response_code,
+                ) {
+                    Ok(redirect_action::RedirectResponseCode::Found) => 302,
+                    Ok(redirect_action::RedirectResponseCode::SeeOther) => 303,
+                    Ok(redirect_action::RedirectResponseCode::TemporaryRedirect) => 307,
+                    Ok(redirect_action::RedirectResponseCode::PermanentRedirect) => 308,
+                    _ => 301,
+                },
+            }),
+            Some(route::Action::DirectResponse(direct)) => Action::Direct {
+                status: u16::try_from(direct.status)
+                    .ok()
+                    .filter(|s| (200..600).contains(s))
+                    .ok_or_else(|| {
+                        format!(
+                            "direct_response.status {} is not an HTTP status",
+                            direct.status
+                        )
+                    })?,
+            },
+            Some(_) => {
+                return Err(
+                    "action: only route, redirect and direct_response are supported".into(),
+                );
+            }
+            None => return Err("action: missing".into()),
+        };
+        let mut fault = None;
+        for (name, config) in &route.typed_per_filter_config {
+            if name != FAULT_FILTER {
+                return Err(format!(
+                    "typed_per_filter_config: filter {name} is not supported"
+                ));
+            }
+            let decoded = HttpFault::decode(config.value.as_slice())
+                .map_err(|e| format!("typed_per_filter_config[{name}]: {e}"))?;
+            fault = Some(Fault::compile(&decoded)?);
+        }
+        Ok(Self {
+            name: route.name.clone(),
+            matcher,
+            action,
+            request_headers: HeaderEdits::compile(
+                &route.request_headers_to_add,
+                &route.request_headers_to_remove,
+            )
+            .map_err(|e| format!("request headers: {e}"))?,
+            response_headers: HeaderEdits::compile(
+                &route.response_headers_to_add,
+                &route.response_headers_to_remove,
+            )
+            .map_err(|e| format!("response headers: {e}"))?,
+            fault,
+        })
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// A request matcher.
+#[derive(Debug)]
+struct Matcher {
+    path: PathMatch,
+    case_sensitive: bool,
+    headers: Vec<HeaderMatch>,
+    query: Vec<(String, Option<StrMatch>)>,
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+struct HeaderMatch {
+    name: String,
+    pattern: Option<StrMatch>,
+    invert: bool,
+}
+
+/// A string matcher.
+#[derive(Debug)]
+pub enum StrMatch {
+    /// Equal.
+    Exact(String, bool),
+    /// Starts with.
+    Prefix(String, bool),
+    /// Ends with.
+    Suffix(String, bool),
+    /// Contains.
+    Contains(String, bool),
+    /// Matches the whole value.
+    Regex(Regex),
+}
+
+impl StrMatch {
+    /// Compiles an Envoy string matcher.
+    pub fn compile(m: &StringMatcher) -> Result<Self, String> {
+        let ic = m.ignore_case;
+        let fold = |s: &str| {
+            if ic {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_owned()
+            }
+        };
+        Ok(match &m.match_pattern {
+            Some(MatchPattern::Exact(s)) => StrMatch::Exact(fold(s), ic),
+            Some(MatchPattern::Prefix(s)) => StrMatch::Prefix(fold(s), ic),
+            Some(MatchPattern::Suffix(s)) => StrMatch::Suffix(fold(s), ic),
+            Some(MatchPattern::Contains(s)) => StrMatch::Contains(fold(s), ic),
+            Some(MatchPattern::SafeRegex(r)) => StrMatch::Regex(full_regex(&r.regex)?),
+            _ => return Err("string matcher: unsupported pattern".into()),
+        })
+    }
+
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        let folded = |ic: bool| -> std::borrow::Cow<'_, str> {
+            if ic {
+                value.to_ascii_lowercase().into()
+            } else {
+                value.into()
+            }
+        };
+        match self {
+            StrMatch::Exact(s, ic) => *folded(*ic) == **s,
+            StrMatch::Prefix(s, ic) => folded(*ic).starts_with(s.as_str()),
+            StrMatch::Suffix(s, ic) => folded(*ic).ends_with(s.as_str()),
+            StrMatch::Contains(s, ic) => folded(*ic).contains(s.as_str()),
+            StrMatch::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+/// Envoy's safe_regex matches the whole string.
+fn full_regex(pattern: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("regex {pattern:?}: {e}"))
+}
+
+impl Matcher {
+    fn compile(m: &mesh_api::envoy::envoy::config::route::v3::RouteMatch) -> Result<Self, String> {
+        let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
+        let fold = |s: &str| {
+            if case_sensitive {
+                s.to_owned()
+            } else {
+                s.to_ascii_lowercase()
+            }
+        };
+        let path = match &m.path_specifier {
+            Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(fold(p)),
+            Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(fold(p)),
+            Some(route_match::PathSpecifier::SafeRegex(r)) => {
+                let pattern = if case_sensitive {
+                    r.regex.clone()
+                } else {
+                    format!("(?i){}", r.regex)
+                };
+                PathMatch::Regex(
+                    full_regex(&pattern).map_err(|e| format!("match.safe_regex: {e}"))?,
+                )
+            }
+            Some(_) => return Err("match: only prefix, path and safe_regex are supported".into()),
+            None => return Err("match: no path specifier".into()),
+        };
+        let headers = m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HeaderMatch::compile(h).map_err(|e| format!("match.headers[{i}]: {e}")))
+            .collect::<Result<_, _>>()?;
+        let query = m
+            .query_parameters
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let pattern = match &q.query_parameter_match_specifier {
+                    Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s)) => {
+                        Some(
+                            StrMatch::compile(s)
+                                .map_err(|e| format!("match.query_parameters[{i}]: {e}"))?,
+                        )
+                    }
+                    _ => None,
+                };
+                Ok((q.name.clone(), pattern))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            path,
+            case_sensitive,
+            headers,
+            query,
+        })
+    }
+
+    fn matches(&self, request: &Parts) -> bool {
+        let path = request.uri.path();
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) if self.case_sensitive => path.starts_with(p.as_str()),
+            PathMatch::Prefix(p) => path.to_ascii_lowercase().starts_with(p.as_str()),
+            PathMatch::Exact(p) if self.case_sensitive => path == p,
+            PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
+            PathMatch::Regex(r) => r.is_match(path),
+        };
+        path_ok
+            && self.headers.iter().all(|h| h.matches(request))
+            && self.query.iter().all(|(name, pattern)| {
+                let value = request.uri.query().and_then(|q| query_value(q, name));
+                match (value, pattern) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(p)) => p.matches(&v),
+                }
+            })
+    }
+}
+
+/// The first value of query parameter `name`, percent-decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl HeaderMatch {
+    fn compile(h: &HeaderMatcher) -> Result<Self, String> {
+        let pattern = match &h.header_match_specifier {
+            Some(HeaderMatchSpecifier::StringMatch(s)) => Some(StrMatch::compile(s)?),
+            Some(HeaderMatchSpecifier::PresentMatch(true)) | None => None,
+            Some(_) => return Err(format!("header {}: unsupported match", h.name)),
+        };
+        Ok(Self {
+            name: h.name.to_ascii_lowercase(),
+            pattern,
+            invert: h.invert_match,
+        })
+    }
+
+    fn matches(&self, request: &Parts) -> bool {
+        let value: Option<std::borrow::Cow<'_, str>> = match self.name.as_str() {
+            ":method" => Some(request.method.as_str().into()),
+            ":path" => request.uri.path_and_query().map(|p| p.as_str().into()),
+            ":authority" => authority(request).map(Into::into),
+            ":scheme" => Some(request.uri.scheme_str().unwrap_or("http").into()),
+            name => request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(Into::into),
+        };
+        let hit = match (&value, &self.pattern) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(v), Some(p)) => p.matches(v),
+        };
+        hit != self.invert
+    }
+}
+
+/// The request's authority: `:authority` (HTTP/2) or `Host`.
+pub fn authority(request: &Parts) -> Option<&str> {
+    request
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers.get(http::header::HOST)?.to_str().ok())
+}
+
+/// What a route does.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward to a cluster.
+    Forward(Box<Forward>),
+    /// Answer with a redirect.
+    Redirect(Redirect),
+    /// Answer with a status.
+    Direct {
+        /// The status.
+        status: u16,
+    },
+}
+
+/// A redirect.
+#[derive(Debug)]
+pub struct Redirect {
+    /// New authority.
+    pub host: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New path.
+    pub path: Option<String>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// Forwarding to one of weighted clusters.
+#[derive(Debug)]
+pub struct Forward {
+    /// `(cluster, weight, request edits, response edits)`.
+    pub clusters: Vec<WeightedTarget>,
+    total_weight: u32,
+    /// Overall timeout (none: no limit).
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retry: Option<Retry>,
+    /// Replaces the matched prefix.
+    pub prefix_rewrite: Option<String>,
+    /// Regex path rewrite.
+    pub regex_rewrite: Option<(Regex, String)>,
+    /// New authority.
+    pub host_rewrite: Option<HeaderValue>,
+    /// `(cluster, parts per million)` copies of each request.
+    pub mirrors: Vec<(String, u32)>,
+    /// CORS.
+    pub cors: Option<Cors>,
+}
+
+/// One weighted destination.
+#[derive(Debug)]
+pub struct WeightedTarget {
+    /// Cluster name.
+    pub cluster: String,
+    /// Weight.
+    pub weight: u32,
+    /// Its request header edits.
+    pub request_headers: HeaderEdits,
+    /// Its response header edits.
+    pub response_headers: HeaderEdits,
+}
+
+impl Forward {
+    fn compile(action: &RouteAction) -> Result<Self, String> {
+        let clusters = match &action.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(name)) => vec![WeightedTarget {
+                cluster: name.clone(),
+                weight: 1,
+                request_headers: HeaderEdits::default(),
+                response_headers: HeaderEdits::default(),
+            }],
+            Some(route_action::ClusterSpecifier::WeightedClusters(weighted)) => weighted
+                .clusters
+                .iter()
+                .map(|c| {
+                    Ok(WeightedTarget {
+                        cluster: c.name.clone(),
+                        weight: c.weight.as_ref().map_or(0, |w| w.value),
+                        request_headers: HeaderEdits::compile(
+                            &c.request_headers_to_add,
+                            &c.request_headers_to_remove,
+                        )?,
+                        response_headers: HeaderEdits::compile(
+                            &c.response_headers_to_add,
+                            &c.response_headers_to_remove,
+                        )?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            _ => return Err("route: only cluster and weighted_clusters are supported".into()),
+        };
+        let total_weight = clusters.iter().map(|c| c.weight).sum();
+        if total_weight == 0 {
+            return Err("route.weighted_clusters: weights sum to 0".into());
+        }
+        let regex_rewrite = match &action.regex_rewrite {
+            Some(r) => Some((
+                regex::Regex::new(&r.pattern.as_ref().ok_or("regex_rewrite: no pattern")?.regex)
+                    .map_err(|e| format!("regex_rewrite: {e}"))?,
+                r.substitution.clone(),
+            )),
+            None => None,
+        };
+        let host_rewrite = match &action.host_rewrite_specifier {
+            Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(
+                HeaderValue::from_str(h)
+                    .map_err(|_| format!("host_rewrite_literal {h:?}: not a header value"))?,
+            ),
+            None => None,
+            Some(_) => return Err("route: only host_rewrite_literal is supported".into()),
+        };
+        #[allow(deprecated)]
+        let cors = action.cors.as_ref().map(Cors::compile).transpose()?;
+        Ok(Self {
+            clusters,
+            total_weight,
+            timeout: action
+                .timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero()),
+            retry: action.retry_policy.as_ref().map(Retry::compile),
+            prefix_rewrite: non_empty(&action.prefix_rewrite),
+            regex_rewrite,
+            host_rewrite,
+            mirrors: action
+                .request_mirror_policies
+                .iter()
+                .map(|m| {
+                    let ppm = m
+                        .runtime_fraction
+                        .as_ref()
+                        .and_then(|f| f.default_value.as_ref())
+                        .map_or(1_000_000, parts_per_million);
+                    (m.cluster.clone(), ppm)
+                })
+                .collect(),
+            cors,
+        })
+    }
+
+    /// Picks a destination by weight; `roll` is uniform in `0..u32::MAX`.
+    pub fn pick(&self, roll: u32) -> &WeightedTarget {
+        let mut point = roll % self.total_weight;
+        for target in &self.clusters {
+            if point < target.weight {
+                return target;
+            }
+            point -= target.weight;
+        }
+        &self.clusters[self.clusters.len() - 1]
+    }
+}
+
+/// Retry policy.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Time limit of each try.
+    pub per_try_timeout: Option<Duration>,
+    /// On 5xx.
+    pub on_5xx: bool,
+    /// On 502, 503, 504.
+    pub on_gateway_error: bool,
+    /// On connection failures.
+    pub on_connect_failure: bool,
+    /// On resets.
+    pub on_reset: bool,
+    /// On `retriable_status_codes`.
+    pub status_codes: Vec<u16>,
+}
+
+impl Retry {
+    fn compile(policy: &RetryPolicy) -> Self {
+        let on: Vec<&str> = policy.retry_on.split(',').map(str::trim).collect();
+        let has = |k: &str| on.contains(&k);
+        Self {
+            attempts: policy.num_retries.as_ref().map_or(1, |n| n.value),
+            per_try_timeout: policy
+                .per_try_timeout
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero()),
+            on_5xx: has("5xx"),
+            on_gateway_error: has("gateway-error"),
+            on_connect_failure: has("connect-failure") || has("refused-stream"),
+            on_reset: has("reset") || has("unavailable") || has("cancelled"),
+            status_codes: if has("retriable-status-codes") {
+                policy
+                    .retriable_status_codes
+                    .iter()
+                    .filter_map(|c| u16::try_from(*c).ok())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Whether a response with `status` is retried.
+    pub fn retries_status(&self, status: u16) -> bool {
+        (self.on_5xx && status >= 500)
+            || (self.on_gateway_error && matches!(status, 502..=504))
+            || self.status_codes.contains(&status)
+    }
+}
+
+/// Fault injection of a route.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// `(delay, parts per million)`.
+    pub delay: Option<(Duration, u32)>,
+    /// `(status, parts per million)`.
+    pub abort: Option<(u16, u32)>,
+}
+
+impl Fault {
+    fn compile(fault: &HttpFault) -> Result<Self, String> {
+        use mesh_api::envoy::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+        let delay = match &fault.delay {
+            None => None,
+            Some(d) => match &d.fault_delay_secifier {
+                Some(FaultDelaySecifier::FixedDelay(fixed)) => Some((
+                    duration(fixed),
+                    d.percentage.as_ref().map_or(1_000_000, parts_per_million),
+                )),
+                _ => return Err("fault.delay: only fixed_delay is supported".into()),
+            },
+        };
+        let abort = match &fault.abort {
+            None => None,
+            Some(a) => match &a.error_type {
+                Some(fault_abort::ErrorType::HttpStatus(status)) => Some((
+                    u16::try_from(*status)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .ok_or_else(|| {
+                            format!("fault.abort.http_status {status} is not an HTTP status")
+                        })?,
+                    a.percentage.as_ref().map_or(1_000_000, parts_per_million),
+                )),
+                _ => return Err("fault.abort: only http_status is supported".into()),
+            },
+        };
+        Ok(Self { delay, abort })
+    }
+}
+
+/// CORS policy.
+#[derive(Debug)]
+pub struct Cors {
+    /// Allowed origins.
+    pub origins: Vec<StrMatch>,
+    /// `access-control-allow-methods`.
+    pub methods: Option<HeaderValue>,
+    /// `access-control-allow-headers`.
+    pub headers: Option<HeaderValue>,
+    /// `access-control-expose-headers`.
+    pub expose: Option<HeaderValue>,
+    /// `access-control-max-age`.
+    pub max_age: Option<HeaderValue>,
+    /// `access-control-allow-credentials: true`.
+    pub credentials: bool,
+}
+
+impl Cors {
+    fn compile(policy: &CorsPolicy) -> Result<Self, String> {
+        let value = |s: &str, field: &str| -> Result<Option<HeaderValue>, String> {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            HeaderValue::from_str(s)
+                .map(Some)
+                .map_err(|_| format!("cors.{field}: {s:?} is not a header value"))
+        };
+        Ok(Self {
+            origins: policy
+                .allow_origin_string_match
+                .iter()
+                .map(StrMatch::compile)
+                .collect::<Result<_, _>>()?,
+            methods: value(&policy.allow_methods, "allow_methods")?,
+            headers: value(&policy.allow_headers, "allow_headers")?,
+            expose: value(&policy.expose_headers, "expose_headers")?,
+            max_age: value(&policy.max_age, "max_age")?,
+            credentials: policy.allow_credentials.as_ref().is_some_and(|b| b.value),
+        })
+    }
+
+    /// Whether `origin` may call.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.origins.iter().any(|m| m.matches(origin))
+    }
+
+    /// Whether `request` is a CORS preflight.
+    pub fn is_preflight(request: &Parts) -> bool {
+        request.method == Method::OPTIONS
+            && request.headers.contains_key(http::header::ORIGIN)
+            && request
+                .headers
+                .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+    }
+}
+
+/// Header additions and removals.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    add: Vec<(HeaderName, HeaderValue, bool)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    fn compile(add: &[HeaderValueOption], remove: &[String]) -> Result<Self, String> {
+        let add = add
+            .iter()
+            .map(|option| {
+                let header = option
+                    .header
+                    .as_ref()
+                    .ok_or("header_value_option without header")?;
+                let name = HeaderName::from_bytes(header.key.as_bytes())
+                    .map_err(|_| format!("{:?} is not a header name", header.key))?;
+                let value = HeaderValue::from_str(&header.value)
+                    .map_err(|_| format!("header {}: value is not a header value", header.key))?;
+                let append = option.append_action == HeaderAppendAction::AppendIfExistsOrAdd as i32;
+                Ok((name, value, append))
+            })
+            .collect::<Result<_, String>>()?;
+        let remove = remove
+            .iter()
+            .map(|r| {
+                HeaderName::from_bytes(r.as_bytes())
+                    .map_err(|_| format!("{r:?} is not a header name"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { add, remove })
+    }
+
+    /// Applies the edits: removals, then additions.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value, append) in &self.add {
+            if *append {
+                headers.append(name.clone(), value.clone());
+            } else {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// A protobuf duration.
+pub fn duration(d: &ProtoDuration) -> Duration {
+    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
+/// A fraction as parts per million.
+pub fn parts_per_million(f: &FractionalPercent) -> u32 {
+    let scale = match DenominatorType::try_from(f.denominator) {
+        Ok(DenominatorType::Hundred) => 10_000,
+        Ok(DenominatorType::TenThousand) => 100,
+        _ => 1,
+    };
+    f.numerator.saturating_mul(scale).min(1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_api::envoy::envoy::config::route::v3::{RouteMatch, VirtualHost};
+
+    fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    fn table(routes: Vec<Route>) -> Result<RouteTable, String> {
+        RouteTable::compile(&RouteConfiguration {
+            name: "r".into(),
+            virtual_hosts: vec![VirtualHost {
+                domains: vec!["*".into()],
+                routes,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn to(cluster: &str, r#match: RouteMatch) -> Route {
+        Route {
+            name: cluster.into(),
+            r#match: Some(r#match),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_match_wins_with_headers_and_prefixes() {
+        let jason = RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            headers: vec![HeaderMatcher {
+                name: "end-user".into(),
+                header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(MatchPattern::Exact("jason".into())),
+                    ignore_case: false,
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let all = RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        };
+        let t = table(vec![to("v2", jason), to("v1", all)]).unwrap();
+        let hit = |r: &Parts| t.find(r).map(|r| r.name.clone());
+        assert_eq!(
+            hit(&request("GET", "/x", &[("end-user", "jason")])).as_deref(),
+            Some("v2")
+        );
+        assert_eq!(
+            hit(&request("GET", "/x", &[("end-user", "json")])).as_deref(),
+            Some("v1")
+        );
+        assert_eq!(hit(&request("GET", "/x", &[])).as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn regex_is_anchored_and_bad_regex_is_named() {
+        let m = |re: &str| RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::SafeRegex(
+                mesh_api::envoy::envoy::r#type::matcher::v3::RegexMatcher {
+                    regex: re.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let t = table(vec![to("a", m("/api/v[0-9]+"))]).unwrap();
+        assert!(t.find(&request("GET", "/api/v2", &[])).is_some());
+        assert!(t.find(&request("GET", "/api/v2/x", &[])).is_none());
+        let err = table(vec![to("a", m("(unclosed"))]).unwrap_err();
+        assert!(
+            err.contains("routes[0] (a)") && err.contains("regex"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn weights_split_by_roll() {
+        let f = Forward {
+            clusters: ["a", "b"]
+                .iter()
+                .zip([80, 20])
+                .map(|(c, w)| WeightedTarget {
+                    cluster: (*c).into(),
+                    weight: w,
+                    request_headers: HeaderEdits::default(),
+                    response_headers: HeaderEdits::default(),
+                })
+                .collect(),
+            total_weight: 100,
+            timeout: None,
+            retry: None,
+            prefix_rewrite: None,
+            regex_rewrite: None,
+            host_rewrite: None,
+            mirrors: Vec::new(),
+            cors: None,
+        };
+        let b = (0..100u32).filter(|r| f.pick(*r).cluster == "b").count();
+        assert_eq!(b, 20);
+    }
+
+    #[test]
+    fn query_and_inverted_header_matches() {
+        let m = RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            headers: vec![HeaderMatcher {
+                name: "x-debug".into(),
+                invert_match: true,
+                header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
+                ..Default::default()
+            }],
+            query_parameters: vec![
+                mesh_api::envoy::envoy::config::route::v3::QueryParameterMatcher {
+                    name: "v".into(),
+                    query_parameter_match_specifier: Some(
+                        query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                            StringMatcher {
+                                match_pattern: Some(MatchPattern::Exact("a b".into())),
+                                ignore_case: false,
+                            },
+                        ),
+                    ),
+                },
+            ],
+            ..Default::default()
+        };
+        let t = table(vec![to("q", m)]).unwrap();
+        assert!(t.find(&request("GET", "/?v=a%20b", &[])).is_some());
+        assert!(t.find(&request("GET", "/?v=a+b", &[])).is_some());
+        assert!(t.find(&request("GET", "/?v=ab", &[])).is_none());
+        assert!(
+            t.find(&request("GET", "/?v=a%20b", &[("x-debug", "1")]))
+                .is_none()
+        );
+    }
+}
