@@ -33,6 +33,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "ztunnel",
         "-p",
         "mesh-control",
+        "-p",
+        "waypoint",
     ]))?;
     let root = crate::root();
     let mut command = Command::new(root.join("target/release/mesh-lab"));

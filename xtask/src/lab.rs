@@ -149,6 +149,8 @@ pub fn build() -> anyhow::Result<Command> {
         "-p",
         "mesh-control",
         "-p",
+        "waypoint",
+        "-p",
         "meshctl",
     ]))?;
     Ok(mesh_lab())
