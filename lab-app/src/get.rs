@@ -37,6 +37,11 @@ pub struct GetArgs {
     /// How names are resolved.
     #[command(flatten)]
     pub resolve: ResolveArgs,
+    /// Instead of the bodies, print how many answers came from each
+    /// version (the `version` field of the app's JSON; non-2xx answers
+    /// count under their status), as one JSON object.
+    #[arg(long)]
+    pub tally: bool,
     /// Time limit for connecting, and for each request.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -69,6 +74,7 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
     let mut connection = connect().await?;
 
     let mut all_ok = true;
+    let mut tally: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
     for i in 0..args.count {
         if args.new_connection && i > 0 {
             connection = connect().await?;
@@ -79,7 +85,11 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
                 what: format!("GET {}", target.uri),
                 timeout,
             })??;
-        print_body(response.body()).context("writing to stdout")?;
+        if args.tally {
+            *tally.entry(answered_by(&response)).or_default() += 1;
+        } else {
+            print_body(response.body()).context("writing to stdout")?;
+        }
         if !response.status().is_success() {
             all_ok = false;
             eprintln!(
@@ -90,7 +100,24 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
             );
         }
     }
+    if args.tally {
+        println!(
+            "{}",
+            serde_json::to_string(&tally).context("encoding the tally")?
+        );
+    }
     Ok(all_ok)
+}
+
+/// The app version that answered, or `status <code>` when it was not a 2xx.
+fn answered_by(response: &http::Response<bytes::Bytes>) -> String {
+    if !response.status().is_success() {
+        return format!("status {}", response.status().as_u16());
+    }
+    serde_json::from_slice::<serde_json::Value>(response.body())
+        .ok()
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Writes `body` as one line (bodies that already end in a newline are kept as is).

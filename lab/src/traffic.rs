@@ -50,7 +50,8 @@ pub fn run(state: &LabState) -> anyhow::Result<()> {
             }
         }
     };
-    for pod in &plan.pods {
+    // Waypoints are the mesh's own proxies, not apps: they are not probed.
+    for pod in plan.pods.iter().filter(|p| p.waypoint().is_none()) {
         for (port, protocol) in &pod.ports {
             if *protocol == mesh_lab::PortProtocol::Http {
                 let url = format!("http://{}:{port}/", pod.ip);
@@ -64,13 +65,16 @@ pub fn run(state: &LabState) -> anyhow::Result<()> {
     }
     for svc in &plan.services {
         for port in &svc.ports {
+            let backends: Vec<&PodPlan> = plan
+                .pods
+                .iter()
+                .filter(|p| port.endpoints.iter().any(|e| *e.ip() == p.ip))
+                .collect();
+            if backends.iter().any(|p| p.waypoint().is_some()) {
+                continue;
+            }
             for host in [svc.vip.to_string(), svc.name.clone()] {
                 let url = format!("http://{host}:{}/", port.port);
-                let backends: Vec<&PodPlan> = plan
-                    .pods
-                    .iter()
-                    .filter(|p| port.endpoints.iter().any(|e| *e.ip() == p.ip))
-                    .collect();
                 report(
                     format!("svc {url}"),
                     probe::http_get(state, client, &url, &[]),

@@ -22,7 +22,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         command.args(["--name", &args.name]);
         Ok(command)
     };
-    cmd::run(build()?.arg("up").arg("-f").arg(lab::bookinfo()?))?;
+    let waypoint = crate::root().join("tests/manifests/waypoint.yaml");
+    cmd::run(
+        build()?
+            .arg("up")
+            .arg("-f")
+            .arg(lab::bookinfo()?)
+            .arg("-f")
+            .arg(&waypoint),
+    )?;
     eprintln!("\n== the control plane and the ztunnels it feeds ==");
     cmd::run(build()?.args(["meshctl", "--", "proxy-status"]))?;
     eprintln!("\n== bookinfo without the mesh ==");
@@ -44,6 +52,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\n== the calls above, as the destination ztunnels recorded them (mTLS, both identities) =="
     );
     cmd::run(build()?.arg("connections"))?;
+    l7(&build)?;
     if args.down {
         cmd::run(build()?.arg("down"))?;
     } else {
@@ -52,4 +61,66 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     traffic
+}
+
+/// Binds namespace default to its waypoint and shows VirtualService routing
+/// live: bookinfo's 80/20 split, then header-based routing.
+fn l7(build: &dyn Fn() -> anyhow::Result<std::process::Command>) -> anyhow::Result<()> {
+    let networking = lab::bookinfo()?
+        .parent()
+        .and_then(|platform| platform.parent())
+        .map(|bookinfo| bookinfo.join("networking"))
+        .ok_or_else(|| anyhow::anyhow!("bookinfo samples directory"))?;
+    let tally = |headers: &[&str]| -> anyhow::Result<()> {
+        let mut command = build()?;
+        command.args([
+            "exec",
+            "productpage",
+            "--",
+            "lab-app",
+            "get",
+            "http://reviews:9080/reviews/0",
+            "--count",
+            "100",
+            "--new-connection",
+            "--tally",
+        ]);
+        for header in headers {
+            command.args(["--header", header]);
+        }
+        cmd::run(&mut command)
+    };
+    eprintln!("\n== L7: namespace default uses its waypoint (istio.io/use-waypoint=waypoint) ==");
+    cmd::run(build()?.args([
+        "label",
+        "namespace",
+        "default",
+        "istio.io/use-waypoint=waypoint",
+    ]))?;
+    cmd::run(
+        build()?
+            .arg("apply")
+            .arg("-f")
+            .arg(networking.join("destination-rule-all.yaml")),
+    )?;
+    cmd::run(
+        build()?
+            .arg("apply")
+            .arg("-f")
+            .arg(networking.join("virtual-service-reviews-80-20.yaml")),
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    eprintln!("\n== virtual-service-reviews-80-20: 100 calls to reviews, by version ==");
+    tally(&[])?;
+    cmd::run(build()?.args(["unapply", "virtual-service-reviews-80-20.yaml"]))?;
+    cmd::run(
+        build()?
+            .arg("apply")
+            .arg("-f")
+            .arg(networking.join("virtual-service-reviews-test-v2.yaml")),
+    )?;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    eprintln!("\n== virtual-service-reviews-test-v2: as end-user jason, then as anyone else ==");
+    tally(&["end-user:jason"])?;
+    tally(&[])
 }

@@ -9,11 +9,12 @@ use clap::Args;
 use crate::{build_ebpf, cmd};
 
 /// The targets, in the order they run.
-const TARGETS: [&str; 4] = [
+const TARGETS: [&str; 5] = [
     "config_load",
     "hbone_server",
     "xds_resources",
     "ads_requests",
+    "waypoint_config",
 ];
 /// The cargo-fuzz release installed when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
