@@ -21,21 +21,7 @@ pub struct BenchArgs {
 /// Builds release binaries and runs the harness.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     build_ebpf::run()?;
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "mesh-lab",
-        "-p",
-        "lab-app",
-        "-p",
-        "ztunnel",
-        "-p",
-        "mesh-control",
-        "-p",
-        "waypoint",
-    ]))?;
+    crate::lab::build_packages(&crate::lab::LAB_PACKAGES, &["--release"])?;
     let root = crate::root();
     let mut command = Command::new(root.join("target/release/mesh-lab"));
     command

@@ -134,25 +134,25 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     cmd::run(&mut lab)
 }
 
+/// The packages whose binaries the lab runs (`meshctl` only on request).
+pub const LAB_PACKAGES: [&str; 5] = ["mesh-lab", "lab-app", "ztunnel", "mesh-control", "waypoint"];
+
+/// `cargo build` of `packages`, plus `extra` arguments (e.g. `--release`).
+pub fn build_packages(packages: &[&str], extra: &[&str]) -> anyhow::Result<()> {
+    let mut command = cmd::cargo();
+    command.args(["build", "--quiet"]).args(extra);
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    cmd::run(&mut command)
+}
+
 /// Builds the eBPF object and every binary the lab runs; returns a `mesh-lab` command.
 pub fn build() -> anyhow::Result<Command> {
     build_ebpf::run()?;
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "mesh-lab",
-        "-p",
-        "lab-app",
-        "-p",
-        "ztunnel",
-        "-p",
-        "mesh-control",
-        "-p",
-        "waypoint",
-        "-p",
-        "meshctl",
-    ]))?;
+    let mut packages = LAB_PACKAGES.to_vec();
+    packages.push("meshctl");
+    build_packages(&packages, &[])?;
     Ok(mesh_lab())
 }
 
