@@ -67,3 +67,39 @@ pub fn response(status: StatusCode, content_type: &str, body: String) -> Respons
 pub fn not_found() -> Response<Full<Bytes>> {
     response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
 }
+
+/// A JSON response of `value` (pretty-printed: it is read by people).
+pub fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => response(StatusCode::OK, "application/json", body),
+        Err(err) => response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{err}\n"),
+        ),
+    }
+}
+
+/// The metrics endpoint (`/metrics`, `/stats/prometheus`) of `registry`.
+pub fn metrics(
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> impl Fn(&str) -> Response<Full<Bytes>> {
+    move |path| match path {
+        "/metrics" | "/stats/prometheus" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                Ok(()) => response(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                ),
+                Err(_) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding failed\n".into(),
+                ),
+            }
+        }
+        _ => not_found(),
+    }
+}

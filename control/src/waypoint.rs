@@ -657,9 +657,8 @@ fn route_match(m: Option<&net::HttpMatchRequest>) -> RouteMatch {
     }
 }
 
-/// An Istio string match as an Envoy one; `None` when it only asks for
-/// presence (`{}` or an empty `exact`... is not presence: Istio treats an
-/// empty match object as presence).
+/// An Istio string match as an Envoy one; `None` for an empty match object
+/// (`{}`), which Istio reads as "present".
 fn string_matcher(value: &net::StringMatch, ignore_case: bool) -> Option<StringMatcher> {
     let pattern = if let Some(exact) = &value.exact {
         string_matcher::MatchPattern::Exact(exact.clone())

@@ -81,6 +81,8 @@ pub struct Config {
     pub clusters: HashMap<String, Arc<ClusterEntry>>,
     /// Endpoint address to its identity (HBONE) or none (plaintext).
     pub identities: HashMap<SocketAddr, Option<Identity>>,
+    /// Listener names, for `/config_dump`.
+    pub listeners: Vec<String>,
 }
 
 /// The published config.
@@ -89,7 +91,6 @@ pub struct Store {
     current: ArcSwap<Config>,
     /// Every type has had its first response.
     pub synced: AtomicBool,
-    dump: ArcSwap<serde_json::Value>,
 }
 
 impl Store {
@@ -98,9 +99,36 @@ impl Store {
         self.current.load_full()
     }
 
-    /// `/config_dump`'s body.
-    pub fn dump(&self) -> Arc<serde_json::Value> {
-        self.dump.load_full()
+    /// `/config_dump`'s body, built from the current config on request.
+    pub fn dump(&self) -> serde_json::Value {
+        let config = self.load();
+        let mut chains: Vec<_> = config.chains.iter().collect();
+        chains.sort_by_key(|(addr, _)| **addr);
+        let mut routes: Vec<_> = config.routes.values().collect();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut clusters: Vec<_> = config.clusters.values().collect();
+        clusters.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        json!({
+            "listeners": config.listeners,
+            "filter_chains": chains.iter().map(|(addr, chain)| match chain {
+                Chain::Http { name, route_config } => json!({"match": addr.to_string(), "name": name, "rds": route_config}),
+                Chain::Tcp { name, clusters } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters}),
+            }).collect::<Vec<_>>(),
+            "routes": routes.iter().map(|t| json!({"name": t.name, "routes": t.route_names()})).collect::<Vec<_>>(),
+            "clusters": clusters.iter().map(|c| json!({
+                "name": c.config.name,
+                "lb": format!("{:?}", c.config.lb),
+                "protocol": format!("{:?}", c.config.protocol),
+                "limits": format!("{:?}", c.config.limits),
+                "outlier": c.config.outlier.map(|o| format!("{o:?}")),
+                "endpoints": c.endpoints.iter().map(|(e, _)| json!({
+                    "address": e.addr.to_string(),
+                    "workload": e.workload,
+                    "identity": e.identity.as_ref().map(ToString::to_string),
+                    "healthy": e.healthy,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
     }
 }
 
@@ -159,34 +187,8 @@ impl XdsHandler {
                 }),
             );
         }
-        let dump = json!({
-            "listeners": self.listeners.iter().map(|(name, chains)| json!({
-                "name": name,
-                "filter_chains": chains.iter().map(|(addr, chain)| match chain {
-                    Chain::Http { name, route_config } => json!({"match": addr.to_string(), "name": name, "rds": route_config}),
-                    Chain::Tcp { name, clusters } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters}),
-                }).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "routes": self.routes.values().map(|t| json!({"name": t.name, "routes": t.route_names()})).collect::<Vec<_>>(),
-            "clusters": self.clusters.values().map(|c| json!({
-                "name": c.name,
-                "lb": format!("{:?}", c.lb),
-                "protocol": format!("{:?}", c.protocol),
-                "limits": format!("{:?}", c.limits),
-                "outlier": c.outlier.map(|o| format!("{o:?}")),
-            })).collect::<Vec<_>>(),
-            "endpoints": self.endpoints.iter().map(|(name, list)| json!({
-                "cluster": name,
-                "endpoints": list.iter().map(|e| json!({
-                    "address": e.addr.to_string(),
-                    "workload": e.workload,
-                    "identity": e.identity.as_ref().map(ToString::to_string),
-                    "healthy": e.healthy,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        });
+        config.listeners = self.listeners.keys().cloned().collect();
         self.store.current.store(Arc::new(config));
-        self.store.dump.store(Arc::new(dump));
     }
 }
 
@@ -194,71 +196,19 @@ impl mesh_xds::Handler for XdsHandler {
     fn apply(&mut self, update: mesh_xds::Update) -> Result<(), mesh_xds::Rejected> {
         let mut rejected = Vec::new();
         match update.type_url.as_str() {
-            type_url::LISTENER => {
-                for name in &update.removed {
-                    self.listeners.remove(name);
-                }
-                for r in update.resources {
-                    match Listener::decode(r.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|l| compile_listener(&l))
-                    {
-                        Ok(chains) => {
-                            self.listeners.insert(r.name, chains);
-                        }
-                        Err(e) => rejected.push((r.name, e)),
-                    }
-                }
-            }
-            type_url::ROUTE => {
-                for name in &update.removed {
-                    self.routes.remove(name);
-                }
-                for r in update.resources {
-                    match RouteConfiguration::decode(r.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|c| RouteTable::compile(&c))
-                    {
-                        Ok(table) => {
-                            self.routes.insert(r.name, Arc::new(table));
-                        }
-                        Err(e) => rejected.push((r.name, e)),
-                    }
-                }
-            }
-            type_url::CLUSTER => {
-                for name in &update.removed {
-                    self.clusters.remove(name);
-                }
-                for r in update.resources {
-                    match Cluster::decode(r.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|c| ClusterConfig::compile(&c))
-                    {
-                        Ok(cluster) => {
-                            self.clusters.insert(r.name, Arc::new(cluster));
-                        }
-                        Err(e) => rejected.push((r.name, e)),
-                    }
-                }
-            }
-            type_url::ENDPOINT => {
-                for name in &update.removed {
-                    self.endpoints.remove(name);
-                }
-                for r in update.resources {
-                    match ClusterLoadAssignment::decode(r.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|a| compile_endpoints(&a))
-                    {
-                        Ok(list) => {
-                            self.endpoints
-                                .insert(r.name, list.into_iter().map(Arc::new).collect());
-                        }
-                        Err(e) => rejected.push((r.name, e)),
-                    }
-                }
-            }
+            type_url::LISTENER => apply_type(&mut self.listeners, update, &mut rejected, |bytes| {
+                compile_listener(&decode::<Listener>(bytes)?)
+            }),
+            type_url::ROUTE => apply_type(&mut self.routes, update, &mut rejected, |bytes| {
+                RouteTable::compile(&decode::<RouteConfiguration>(bytes)?).map(Arc::new)
+            }),
+            type_url::CLUSTER => apply_type(&mut self.clusters, update, &mut rejected, |bytes| {
+                ClusterConfig::compile(&decode::<Cluster>(bytes)?).map(Arc::new)
+            }),
+            type_url::ENDPOINT => apply_type(&mut self.endpoints, update, &mut rejected, |bytes| {
+                let list = compile_endpoints(&decode::<ClusterLoadAssignment>(bytes)?)?;
+                Ok(list.into_iter().map(Arc::new).collect())
+            }),
             other => {
                 return Err(mesh_xds::Rejected(vec![(
                     other.to_owned(),
@@ -276,6 +226,32 @@ impl mesh_xds::Handler for XdsHandler {
 
     fn synced(&mut self) {
         self.store.synced.store(true, Ordering::Release);
+    }
+}
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, String> {
+    M::decode(bytes).map_err(|e| e.to_string())
+}
+
+/// Applies one type's update to its compiled map: removals, then each
+/// resource compiled; one that fails is named in `rejected` and its previous
+/// version stays.
+fn apply_type<T>(
+    map: &mut BTreeMap<String, T>,
+    update: mesh_xds::Update,
+    rejected: &mut Vec<(String, String)>,
+    compile: impl Fn(&[u8]) -> Result<T, String>,
+) {
+    for name in &update.removed {
+        map.remove(name);
+    }
+    for resource in update.resources {
+        match compile(&resource.value) {
+            Ok(compiled) => {
+                map.insert(resource.name, compiled);
+            }
+            Err(reason) => rejected.push((resource.name, reason)),
+        }
     }
 }
 
@@ -362,4 +338,76 @@ pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>,
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_api::envoy::envoy::config::{
+        cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType},
+        core::v3::{Address, SocketAddress, address, socket_address},
+        endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+    };
+    use mesh_xds::{Handler, Resource, Update};
+
+    fn update(type_url: &str, name: &str, message: &impl Message) -> Update {
+        Update {
+            type_url: type_url.to_owned(),
+            resources: vec![Resource {
+                name: name.to_owned(),
+                version: "1".to_owned(),
+                value: message.encode_to_vec(),
+            }],
+            removed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bad_resource_is_nacked_alone_and_dump_shows_what_is_held() {
+        let store = Arc::new(Store::default());
+        let mut handler = XdsHandler::new(store.clone());
+        let cluster = Cluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..Default::default()
+        };
+        handler
+            .apply(update(type_url::CLUSTER, "c", &cluster))
+            .unwrap();
+        let endpoint = |ip: &str| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: ip.into(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(80)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let assignment = |ip: &str| ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint(ip)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        handler
+            .apply(update(type_url::ENDPOINT, "c", &assignment("10.0.0.1")))
+            .unwrap();
+        let Err(mesh_xds::Rejected(rejected)) =
+            handler.apply(update(type_url::ENDPOINT, "c", &assignment("not-an-ip")))
+        else {
+            panic!("a bad address must be rejected");
+        };
+        assert!(rejected[0].1.contains("not an IP"), "{rejected:?}");
+        let dump = store.dump();
+        assert_eq!(
+            dump["clusters"][0]["endpoints"][0]["address"], "10.0.0.1:80",
+            "the previous endpoints stay: {dump}"
+        );
+    }
 }

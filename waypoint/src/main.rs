@@ -126,26 +126,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(async move { server.serve(listener).await });
 
     let registry = Arc::new(metrics.registry());
-    mesh_admin::serve(cli.metrics_addr, move |path| match path {
-        "/metrics" | "/stats/prometheus" => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                Ok(()) => response(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
-                Err(err) => response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    err.to_string(),
-                ),
-            }
-        }
-        _ => not_found(),
-    })
-    .await
-    .with_context(|| format!("serving metrics on {}", cli.metrics_addr))?;
+    mesh_admin::serve(cli.metrics_addr, mesh_admin::metrics(registry))
+        .await
+        .with_context(|| format!("serving metrics on {}", cli.metrics_addr))?;
     let ready_store = store.clone();
     let ready_certs = certs.clone();
     let me = identity.clone();
@@ -158,16 +141,9 @@ async fn main() -> anyhow::Result<()> {
     let dump_certs = certs.clone();
     mesh_admin::serve(cli.admin_addr, move |path| match path {
         "/config_dump" => {
-            let mut dump = (*store.dump()).clone();
+            let mut dump = store.dump();
             dump["certificates"] = dump_certs.dump();
-            match serde_json::to_string_pretty(&dump) {
-                Ok(body) => response(StatusCode::OK, "application/json", body),
-                Err(err) => response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    err.to_string(),
-                ),
-            }
+            mesh_admin::json(&dump)
         }
         _ => not_found(),
     })

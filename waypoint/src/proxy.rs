@@ -886,23 +886,10 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// A random number (fast, not cryptographic).
 fn random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0x9e37_79b9, |d| d.as_nanos() as u64)
-                ^ (std::process::id() as u64) << 32
-        );
-    }
-    STATE.with(|s| {
-        let next = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        s.set(next);
-        mix(next)
-    })
+    fastrand::u64(..)
 }
 
 /// Uniform in `0..1_000_000`.
 fn roll_ppm() -> u32 {
-    (random() % 1_000_000) as u32
+    fastrand::u32(..1_000_000)
 }

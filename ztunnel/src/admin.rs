@@ -38,19 +38,12 @@ pub fn config_dump(
     certs: Arc<CertManager>,
 ) -> impl Fn(&str) -> Response<Full<Bytes>> {
     move |path| match path {
-        "/config_dump" => match serde_json::to_string_pretty(&{
+        "/config_dump" => mesh_admin::json(&{
             let mut dump = discovery.dump();
             dump["certificates"] = certs.dump();
             dump["policies"] = policy.dump();
             dump
-        }) {
-            Ok(body) => response(StatusCode::OK, "application/json", body),
-            Err(err) => response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("{err}\n"),
-            ),
-        },
+        }),
         _ => not_found(),
     }
 }

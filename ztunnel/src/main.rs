@@ -176,7 +176,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     admin::serve(
         args.metrics_addr,
-        metrics::responder(metrics::registry(agent.capture(), &tcp_metrics)),
+        mesh_admin::metrics(metrics::registry(agent.capture(), &tcp_metrics)),
     )
     .await
     .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;

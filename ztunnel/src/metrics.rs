@@ -6,9 +6,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Response, StatusCode};
 use mesh_ebpf_loader::capture::Capture;
 use prometheus_client::{
     collector::Collector,
@@ -136,26 +133,4 @@ pub fn registry(capture: Arc<Mutex<Capture>>, tcp: &TcpMetrics) -> Arc<Registry>
         tcp.sent_bytes.clone(),
     );
     Arc::new(registry)
-}
-
-/// The metrics endpoint's responder (`/metrics`, `/stats/prometheus`).
-pub fn responder(registry: Arc<Registry>) -> impl Fn(&str) -> Response<Full<Bytes>> {
-    move |path| match path {
-        "/metrics" | "/stats/prometheus" => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                Ok(()) => crate::admin::response(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
-                Err(_) => crate::admin::response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    "encoding failed\n".into(),
-                ),
-            }
-        }
-        _ => crate::admin::not_found(),
-    }
 }

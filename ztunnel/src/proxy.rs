@@ -228,27 +228,28 @@ impl Proxy {
                 reset(client);
                 return;
             }
-            if let Resolved::Waypoint { workload, addr, .. } = &resolved {
-                // The waypoint terminates HBONE itself; the tunnel's target
-                // is the service address the pod dialled.
-                access.labels.connection_security_policy = "mutual_tls";
-                let tunnel = self
-                    .tunnel(&pod, workload, source, *addr, destination, service)
-                    .await;
-                relay(&mut access, client, tunnel).await;
-                return;
-            }
-            match target.filter(|w| w.hbone) {
-                Some(workload) => {
+            // HBONE peer and CONNECT target: a waypoint terminates HBONE
+            // itself and gets the service address the pod dialled; a mesh
+            // workload is reached through its own 15008.
+            let hbone = match &resolved {
+                Resolved::Waypoint { workload, addr, .. } => {
+                    Some((&**workload, *addr, destination))
+                }
+                _ => target.filter(|w| w.hbone).map(|workload| {
+                    let peer = SocketAddr::new(endpoint.ip(), mesh_hbone::HBONE_PORT);
+                    (workload, peer, endpoint)
+                }),
+            };
+            match hbone {
+                Some((workload, peer, target)) => {
                     access.labels.connection_security_policy = "mutual_tls";
-                    let peer = SocketAddr::new(access.endpoint.ip(), mesh_hbone::HBONE_PORT);
                     let tunnel = self
-                        .tunnel(&pod, workload, source, peer, access.endpoint, service)
+                        .tunnel(&pod, workload, source, peer, target, service)
                         .await;
                     relay(&mut access, client, tunnel).await;
                 }
                 None => {
-                    let upstream = pod.netns.connect(access.endpoint).await;
+                    let upstream = pod.netns.connect(endpoint).await;
                     relay(&mut access, client, upstream).await;
                 }
             }
