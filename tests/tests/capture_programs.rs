@@ -3,12 +3,12 @@
 //! to them. (ztunnel itself is tested end to end elsewhere once it proxies.)
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsFd,
     path::PathBuf,
     process::{Child, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
@@ -50,10 +50,22 @@ fn finish(child: Child) -> (bool, String, String) {
     )
 }
 
-/// Accepts one connection, reads what the client sent, answers `reply`.
+/// Accepts one connection within a few seconds (a connection that was not
+/// steered here fails the test instead of hanging it), reads what the client
+/// sent, answers `reply`.
 fn serve_once(listener: &TcpListener, reply: &str) -> (TcpStream, SocketAddr, String) {
-    listener.set_nonblocking(false).expect("blocking");
-    let (mut stream, peer) = listener.accept().expect("accept");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut stream, peer) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(err) if err.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => panic!("no connection reached {:?}: {err}", listener.local_addr()),
+        }
+    };
+    stream.set_nonblocking(false).expect("blocking");
     stream
         .set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
@@ -67,13 +79,18 @@ fn serve_once(listener: &TcpListener, reply: &str) -> (TcpStream, SocketAddr, St
 
 #[test]
 fn capture_steers_enrolled_pods_only_and_fails_closed() {
-    let lab = Lab::bookinfo("tcap");
+    let mut lab = Lab::bookinfo("tcap");
+    // The test stands in for the node's ztunnel; the real one would release
+    // the pod it does not know as enrolled from the shared pinned maps.
+    let node = lab.state.pod("productpage").expect("productpage").node;
+    lab.state
+        .stop_ztunnel(node)
+        .expect("stop the node's ztunnel");
     let state = &lab.state;
     let productpage = state.pod("productpage").expect("productpage");
     let details = state.pod("details").expect("details");
     let ratings = state.pod("ratings").expect("ratings");
-    let node = productpage.node;
-    let pin_dir: PathBuf = mesh_lab::pin_dir(&state.plan.name).join(&state.plan.nodes[node].name);
+    let pin_dir = state.node_pin_dir(node);
     let target = PodTarget {
         ip: productpage.ip,
         cgroup: state.pod_cgroup(productpage),
