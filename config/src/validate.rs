@@ -901,6 +901,27 @@ fn authorization_policy(at: &mut At, spec: &AuthorizationPolicySpec) {
             "only one of selector and targetRef(s) may be set",
         );
     }
+    let refs = spec
+        .target_ref
+        .iter()
+        .map(|r| ("spec.targetRef".to_owned(), r));
+    let refs = refs.chain(
+        spec.target_refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
+    );
+    for (path, target) in refs {
+        for field in ["kind", "name"] {
+            if target
+                .get(field)
+                .and_then(|v| v.as_str())
+                .is_none_or(str::is_empty)
+            {
+                at.error(format!("{path}.{field}"), format!("{field} is required"));
+            }
+        }
+    }
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
         for (j, from) in rule.from.iter().enumerate() {
@@ -948,12 +969,42 @@ fn authorization_policy(at: &mut At, spec: &AuthorizationPolicySpec) {
             let p = format!("{path}.when[{j}]");
             if condition.key.is_empty() {
                 at.error(format!("{p}.key"), "key is required");
+            } else if !known_condition_key(&condition.key) {
+                at.error(
+                    format!("{p}.key"),
+                    format!("unknown key `{}`", condition.key),
+                );
             }
             if condition.values.is_empty() && condition.not_values.is_empty() {
                 at.error(p, "values or notValues is required");
             }
         }
     }
+}
+
+/// The attributes Istio accepts in an AuthorizationPolicy `when` condition.
+fn known_condition_key(key: &str) -> bool {
+    const EXACT: [&str; 10] = [
+        "source.ip",
+        "remote.ip",
+        "source.namespace",
+        "source.principal",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "destination.ip",
+        "destination.port",
+        "connection.sni",
+    ];
+    let bracketed = |prefix: &str| {
+        key.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|name| !name.is_empty())
+    };
+    EXACT.contains(&key)
+        || bracketed("request.headers[")
+        || bracketed("request.auth.claims[")
+        || key.starts_with("experimental.envoy.filters.")
 }
 
 fn peer_authentication(at: &mut At, spec: &PeerAuthenticationSpec) {
@@ -1129,6 +1180,20 @@ mod tests {
                 "t.yaml: AuthorizationPolicy a/p: field `spec.rules[0].from[0].source.ipBlocks[1]`: `nope` is not an IP address or CIDR",
                 "t.yaml: AuthorizationPolicy a/p: field `spec.rules[0].to[0].operation.ports[0]`: `http` is not a port number",
                 "t.yaml: PeerAuthentication a/pa: field `spec.portLevelMtls`: port-level mTLS needs a workload selector",
+            ]
+        );
+    }
+
+    #[test]
+    fn condition_keys_and_target_refs_are_checked() {
+        let errs = errors(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  targetRefs: [{kind: Service, group: ''}]\n  rules: [{when: [{key: 'request.headers[x-user]', values: [a]}, {key: 'request.header[x]', values: [a]}, {key: 'request.auth.claims[groups]', values: [g]}]}]\n",
+        );
+        assert_eq!(
+            errs,
+            [
+                "t.yaml: AuthorizationPolicy a/p: field `spec.targetRefs[0].name`: name is required",
+                "t.yaml: AuthorizationPolicy a/p: field `spec.rules[0].when[1].key`: unknown key `request.header[x]`",
             ]
         );
     }

@@ -14,6 +14,7 @@ pub mod ca;
 pub mod ca_service;
 pub mod metrics;
 pub mod model;
+pub mod rbac;
 pub mod source;
 pub mod status;
 pub mod waypoint;

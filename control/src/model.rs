@@ -24,6 +24,7 @@ use mesh_config::{Manifests, node::is_enrolled};
 
 use crate::{
     authz::Policies,
+    rbac::WaypointPolicies,
     waypoint::{self, EndpointRef, EnvoyResources, ServiceRef},
 };
 
@@ -197,11 +198,15 @@ impl Model {
                 },
             );
         }
+        let waypoint_policies =
+            WaypointPolicies::new(manifests, &settings.root_namespace, &mut model.warnings);
         model.envoy = waypoint::build(
             manifests,
             &service_refs,
+            &waypoints,
             &bound,
             &endpoints,
+            &waypoint_policies,
             &mut model.warnings,
         );
         model.authorizations = policies.authorizations;

@@ -84,6 +84,10 @@ use mesh_config::{
 };
 use prost::{Message, Name};
 
+use crate::rbac::{
+    self, HTTP_RBAC_FILTER, Layer, NETWORK_RBAC_FILTER, RbacFilter, WaypointPolicies,
+};
+
 /// Gateway class of waypoints.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// Service or namespace label naming the waypoint to use.
@@ -242,8 +246,10 @@ pub fn binding(
 pub fn build(
     manifests: &Manifests,
     services: &[ServiceRef],
+    waypoints: &BTreeMap<String, WaypointRef>,
     bound: &BTreeMap<String, String>,
     endpoints: &HashMap<String, Vec<EndpointRef>>,
+    policies: &WaypointPolicies<'_>,
     warnings: &mut Vec<String>,
 ) -> EnvoyResources {
     let mut out = EnvoyResources::default();
@@ -280,7 +286,10 @@ pub fn build(
     let mut listeners: BTreeMap<String, Vec<FilterChain>> = BTreeMap::new();
     for svc in services {
         let service_key = format!("{}/{}", svc.namespace, svc.hostname);
-        let Some(waypoint) = bound.get(&service_key) else {
+        let Some((waypoint, waypoint_ref)) = bound
+            .get(&service_key)
+            .and_then(|key| Some((key, waypoints.get(key)?)))
+        else {
             continue;
         };
         let virtual_services: Vec<&VirtualService> = manifests
@@ -290,8 +299,26 @@ pub fn build(
             .collect();
         for &(port, protocol) in &svc.ports {
             let chain_name = route_name(port, &svc.hostname);
-            let filter = if protocol == Protocol::Tcp {
-                tcp_filter(svc, port, &virtual_services, warnings)
+            let layer = if protocol == Protocol::Tcp {
+                Layer::Tcp
+            } else {
+                Layer::Http
+            };
+            let authz = policies.filters(waypoint_ref, svc, layer, warnings);
+            let filters = if protocol == Protocol::Tcp {
+                let mut filters: Vec<Filter> = authz
+                    .iter()
+                    .map(|f| Filter {
+                        name: NETWORK_RBAC_FILTER.to_owned(),
+                        config_type: Some(filter::ConfigType::TypedConfig(rbac::typed_config(
+                            f,
+                            Layer::Tcp,
+                            &chain_name,
+                        ))),
+                    })
+                    .collect();
+                filters.push(tcp_filter(svc, port, &virtual_services, warnings));
+                filters
             } else {
                 let routes = http_routes(svc, port, &virtual_services, &by_host, warnings);
                 out.routes.insert(
@@ -310,7 +337,7 @@ pub fn build(
                         },
                     ),
                 );
-                hcm_filter(&chain_name)
+                vec![hcm_filter(&chain_name, &authz)]
             };
             listeners
                 .entry(waypoint.clone())
@@ -331,7 +358,7 @@ pub fn build(
                             .collect(),
                         ..Default::default()
                     }),
-                    filters: vec![filter],
+                    filters,
                     ..Default::default()
                 });
         }
@@ -402,7 +429,19 @@ fn vs_namespace(vs: &VirtualService) -> &str {
         .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
 }
 
-fn hcm_filter(route_config: &str) -> Filter {
+fn hcm_filter(route_config: &str, authz: &[RbacFilter]) -> Filter {
+    let mut http_filters: Vec<HttpFilter> = authz
+        .iter()
+        .map(|f| HttpFilter {
+            name: HTTP_RBAC_FILTER.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(rbac::typed_config(
+                f,
+                Layer::Http,
+                route_config,
+            ))),
+            ..Default::default()
+        })
+        .collect();
     let fault = HttpFilter {
         name: FAULT_FILTER.to_owned(),
         config_type: Some(http_filter::ConfigType::TypedConfig(any(
@@ -420,7 +459,10 @@ fn hcm_filter(route_config: &str) -> Filter {
             route_config_name: route_config.to_owned(),
             config_source: Some(ads()),
         })),
-        http_filters: vec![fault, router],
+        http_filters: {
+            http_filters.extend([fault, router]);
+            http_filters
+        },
         ..Default::default()
     };
     Filter {

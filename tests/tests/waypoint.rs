@@ -1,7 +1,9 @@
 //! L7 traffic management through a waypoint: bookinfo's `networking/`
 //! samples applied to a lab whose default namespace uses a waypoint, with
 //! the observed behaviour asserted: version routing, the 80/20 split within
-//! statistical bounds, header-based routing, fault aborts and delays.
+//! statistical bounds, header-based routing, fault aborts and delays; then
+//! L7 AuthorizationPolicies bound to the waypoint, by caller, path and
+//! header.
 
 use std::{
     collections::BTreeMap,
@@ -19,8 +21,10 @@ fn sample(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn waypoint_manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("manifests/waypoint.yaml")
+fn manifest(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests")
+        .join(name)
 }
 
 /// Sends `count` GETs from `from` (a new connection each) and returns each
@@ -75,7 +79,11 @@ fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
 }
 
 fn apply(lab: &Lab, file: &str) {
-    mesh_lab::cluster::apply(&lab.state.plan.name, &sample(file)).expect("apply");
+    apply_path(lab, &sample(file));
+}
+
+fn apply_path(lab: &Lab, path: &std::path::Path) {
+    mesh_lab::cluster::apply(&lab.state.plan.name, path).expect("apply");
 }
 
 fn unapply(lab: &Lab, file: &str) {
@@ -84,7 +92,11 @@ fn unapply(lab: &Lab, file: &str) {
 
 #[test]
 fn bookinfo_networking_samples_through_the_waypoint() {
-    let mut lab = Lab::up("twp", vec![bookinfo_manifest(), waypoint_manifest()], 2);
+    let mut lab = Lab::up(
+        "twp",
+        vec![bookinfo_manifest(), manifest("waypoint.yaml")],
+        2,
+    );
     lab.enrol_namespace("default");
     lab.state
         .set_label(
@@ -204,4 +216,62 @@ fn bookinfo_networking_samples_through_the_waypoint() {
         started.elapsed() < Duration::from_secs(2),
         "others are not delayed"
     );
+    unapply(&lab, "virtual-service-ratings-test-delay.yaml");
+
+    authorization_policies(&lab, &client, &waypoint);
+}
+
+/// L7 AuthorizationPolicies at the waypoint: an ALLOW policy on reviews by
+/// caller, method and path, and a DENY policy on every service by header.
+fn authorization_policies(lab: &Lab, productpage: &PodPlan, waypoint: &PodPlan) {
+    let details = lab.state.pod("details").expect("details").clone();
+    let reviews = "http://reviews:9080/reviews/0";
+    let ratings = "http://ratings:9080/ratings/0";
+    let denied = "body RBAC: access denied";
+    apply_path(lab, &manifest("waypoint-authz.yaml"));
+    eventually("reviews only for productpage", || {
+        let from_details = versions(lab, &details, reviews, 3, &[]);
+        (from_details.iter().all(|v| v == denied))
+            .then_some(())
+            .ok_or(format!("details got {from_details:?}"))
+    });
+    let ok = |seen: &[String]| seen.iter().all(|v| v.starts_with('v'));
+    let allowed = versions(lab, productpage, reviews, 10, &[]);
+    assert!(ok(&allowed), "productpage GET /reviews/0: {allowed:?}");
+    assert_eq!(
+        versions(lab, productpage, "http://reviews:9080/health", 1, &[]),
+        [denied],
+        "a path outside /reviews/* is not allowed"
+    );
+    // The DENY policy covers every service bound to the waypoint.
+    assert_eq!(
+        versions(lab, productpage, reviews, 1, &["x-debug:1"]),
+        [denied]
+    );
+    assert_eq!(
+        versions(lab, &details, ratings, 1, &["x-debug:1"]),
+        [denied]
+    );
+    let others = versions(lab, &details, ratings, 3, &["x-debug:0"]);
+    assert!(ok(&others), "ratings without x-debug: {others:?}");
+
+    let metrics = lab.state.waypoint_metrics(waypoint).expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("response_code=\"403\"")
+                && l.contains(
+                    "source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-details\""
+                )
+                && l.contains("destination_service=\"reviews.default.svc.cluster.local\"")),
+        "no 403 from details to reviews in\n{metrics}"
+    );
+
+    // Removed, the policies stop applying.
+    unapply(lab, "waypoint-authz.yaml");
+    eventually("policies removed", || {
+        let seen = versions(lab, &details, reviews, 3, &["x-debug:1"]);
+        ok(&seen).then_some(()).ok_or(format!("{seen:?}"))
+    });
 }

@@ -21,9 +21,15 @@ use mesh_api::{
             listener::v3::{Listener, filter},
             route::v3::RouteConfiguration,
         },
-        extensions::filters::network::{
-            http_connection_manager::v3::{HttpConnectionManager, http_connection_manager},
-            tcp_proxy::v3::{TcpProxy, tcp_proxy},
+        extensions::filters::{
+            http::rbac::v3::Rbac as HttpRbac,
+            network::{
+                http_connection_manager::v3::{
+                    HttpConnectionManager, http_connection_manager, http_filter,
+                },
+                rbac::v3::Rbac as NetworkRbac,
+                tcp_proxy::v3::{TcpProxy, tcp_proxy},
+            },
         },
     },
     type_url,
@@ -34,12 +40,15 @@ use serde_json::json;
 
 use crate::{
     cluster::{ClusterConfig, ClusterEntry, ClusterRuntime, EndpointConfig, compile_endpoints},
+    rbac::Authorizer,
     route::{FAULT_FILTER, RouteTable},
 };
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const ROUTER: &str = "envoy.filters.http.router";
+const HTTP_RBAC: &str = "envoy.filters.http.rbac";
+const NETWORK_RBAC: &str = "envoy.filters.network.rbac";
 
 /// What a tunnel to one service address gets.
 #[derive(Debug, Clone)]
@@ -50,6 +59,8 @@ pub enum Chain {
         name: String,
         /// RDS name.
         route_config: String,
+        /// The RBAC filters, checked per request.
+        authz: Arc<Authorizer>,
     },
     /// Opaque TCP to weighted clusters.
     Tcp {
@@ -57,6 +68,8 @@ pub enum Chain {
         name: String,
         /// `(cluster, weight)`.
         clusters: Vec<(String, u32)>,
+        /// The RBAC filters, checked per connection.
+        authz: Arc<Authorizer>,
     },
 }
 
@@ -67,6 +80,13 @@ impl Chain {
             Chain::Http { name, .. } | Chain::Tcp { name, .. } => name,
         };
         name.rsplit('|').next().unwrap_or(name)
+    }
+
+    /// The chain's authorization.
+    pub fn authz(&self) -> &Authorizer {
+        match self {
+            Chain::Http { authz, .. } | Chain::Tcp { authz, .. } => authz,
+        }
     }
 }
 
@@ -111,8 +131,8 @@ impl Store {
         json!({
             "listeners": config.listeners,
             "filter_chains": chains.iter().map(|(addr, chain)| match chain {
-                Chain::Http { name, route_config } => json!({"match": addr.to_string(), "name": name, "rds": route_config}),
-                Chain::Tcp { name, clusters } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters}),
+                Chain::Http { name, route_config, authz } => json!({"match": addr.to_string(), "name": name, "rds": route_config, "rbac": authz.summary()}),
+                Chain::Tcp { name, clusters, authz } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
             }).collect::<Vec<_>>(),
             "routes": routes.iter().map(|t| json!({"name": t.name, "routes": t.route_names()})).collect::<Vec<_>>(),
             "clusters": clusters.iter().map(|c| json!({
@@ -272,30 +292,67 @@ pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>,
             .ok_or_else(|| {
                 format!("{at}.filter_chain_match.destination_port: missing or out of range")
             })?;
-        let [filter] = chain.filters.as_slice() else {
-            return Err(format!("{at}.filters: exactly one filter is supported"));
+        // Network RBAC filters, then one terminal filter.
+        let Some((terminal, rbac_filters)) = chain.filters.split_last() else {
+            return Err(format!("{at}.filters: no filter"));
         };
-        let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
-            return Err(format!("{at}.filters[0]: no typed_config"));
+        let mut authz = Authorizer::default();
+        for (j, f) in rbac_filters.iter().enumerate() {
+            let at = format!("{at}.filters[{j}]");
+            if f.name != NETWORK_RBAC {
+                return Err(format!(
+                    "{at}: network filter {} is not supported before the terminal filter",
+                    f.name
+                ));
+            }
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                return Err(format!("{at}: no typed_config"));
+            };
+            let rbac =
+                NetworkRbac::decode(any.value.as_slice()).map_err(|e| format!("{at}: {e}"))?;
+            if rbac.matcher.is_some() {
+                return Err(format!("{at}.matcher: the matcher API is not supported"));
+            }
+            authz.push(rbac.rules.as_ref(), &at)?;
+        }
+        let at_terminal = format!("{at}.filters[{}]", rbac_filters.len());
+        let Some(filter::ConfigType::TypedConfig(any)) = &terminal.config_type else {
+            return Err(format!("{at_terminal}: no typed_config"));
         };
-        let built = match filter.name.as_str() {
-            HCM => {
+        let built = match terminal.name.as_str() {
+            HCM if rbac_filters.is_empty() => {
                 let hcm = HttpConnectionManager::decode(any.value.as_slice())
                     .map_err(|e| format!("{at}: {e}"))?;
                 let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = &hcm.route_specifier
                 else {
                     return Err(format!("{at}: the HTTP connection manager must use RDS"));
                 };
-                if let Some(f) = hcm
-                    .http_filters
-                    .iter()
-                    .find(|f| f.name != ROUTER && f.name != FAULT_FILTER)
-                {
-                    return Err(format!("{at}: HTTP filter {} is not supported", f.name));
+                let mut authz = Authorizer::default();
+                for (j, f) in hcm.http_filters.iter().enumerate() {
+                    let at = format!("{at}.http_filters[{j}]");
+                    match f.name.as_str() {
+                        ROUTER | FAULT_FILTER => {}
+                        HTTP_RBAC => {
+                            let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
+                            else {
+                                return Err(format!("{at}: no typed_config"));
+                            };
+                            let rbac = HttpRbac::decode(any.value.as_slice())
+                                .map_err(|e| format!("{at}: {e}"))?;
+                            if rbac.matcher.is_some() || rbac.shadow_matcher.is_some() {
+                                return Err(format!(
+                                    "{at}.matcher: the matcher API is not supported"
+                                ));
+                            }
+                            authz.push(rbac.rules.as_ref(), &at)?;
+                        }
+                        other => return Err(format!("{at}: HTTP filter {other} is not supported")),
+                    }
                 }
                 Chain::Http {
                     name: chain.name.clone(),
                     route_config: rds.route_config_name.clone(),
+                    authz: Arc::new(authz),
                 }
             }
             TCP_PROXY => {
@@ -314,9 +371,19 @@ pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>,
                 Chain::Tcp {
                     name: chain.name.clone(),
                     clusters,
+                    authz: Arc::new(authz),
                 }
             }
-            other => return Err(format!("{at}: network filter {other} is not supported")),
+            HCM => {
+                return Err(format!(
+                    "{at}.filters: network RBAC before an HTTP connection manager is not supported; use the HTTP RBAC filter"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "{at_terminal}: network filter {other} is not supported"
+                ));
+            }
         };
         if m.prefix_ranges.is_empty() {
             return Err(format!(

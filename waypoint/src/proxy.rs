@@ -33,6 +33,7 @@ use crate::{
     },
     config::{Chain, Config, Store},
     metrics::{Metrics, RequestLabels},
+    rbac::{DENIED_BODY, Decision, Subject},
     route::{Action, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority},
     upstream::{Body, BoxError, Clients, Connector},
 };
@@ -68,7 +69,29 @@ struct TunnelContext {
     peer_namespace: String,
     /// The original client.
     source: SocketAddr,
+    /// The service address the tunnel is for.
+    destination: SocketAddr,
     conn: u64,
+}
+
+impl TunnelContext {
+    /// What RBAC checks: the caller and, on HTTP chains, the request.
+    fn subject<'a>(&'a self, request: Option<&'a Parts>) -> Subject<'a> {
+        Subject {
+            principal: &self.peer,
+            source: self.source.ip(),
+            destination: self.destination,
+            request,
+        }
+    }
+}
+
+/// Envoy's response code details for an RBAC denial.
+fn denial_detail(policy: Option<String>) -> String {
+    match policy {
+        Some(name) => format!("rbac_access_denied_matched_policy[{name}]"),
+        None => "rbac_access_denied_matched_policy[none]".to_owned(),
+    }
 }
 
 /// The HBONE handler: one server task per tunnel.
@@ -91,6 +114,7 @@ impl mesh_hbone::Handler for Tunnels {
             peer: req.peer_identity.to_string(),
             peer_namespace: req.peer_identity.namespace.clone(),
             source: req.forwarded_for.unwrap_or(req.peer_addr),
+            destination: req.authority,
             conn: req.connection_id,
         });
         let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
@@ -100,10 +124,7 @@ impl mesh_hbone::Handler for Tunnels {
             async move {
                 match &ctx.chain {
                     Chain::Http { .. } => serve_http(waypoint, ctx, ours).await,
-                    Chain::Tcp { clusters, .. } => {
-                        let clusters = clusters.clone();
-                        relay_tcp(waypoint, clusters, ours).await
-                    }
+                    Chain::Tcp { .. } => relay_tcp(waypoint, ctx, ours).await,
                 }
             }
             .instrument(span),
@@ -133,7 +154,17 @@ async fn serve_http(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: Duplex
     }
 }
 
-async fn relay_tcp(waypoint: Arc<Waypoint>, clusters: Vec<(String, u32)>, mut io: DuplexStream) {
+async fn relay_tcp(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: DuplexStream) {
+    let Chain::Tcp {
+        clusters, authz, ..
+    } = &ctx.chain
+    else {
+        return;
+    };
+    if let Decision::Deny(policy) = authz.check(&ctx.subject(None)) {
+        info!(target: "waypoint::access", src = %ctx.source, src_identity = %ctx.peer, detail = %denial_detail(policy), "tcp connection denied");
+        return;
+    }
     let total: u32 = clusters.iter().map(|c| c.1).sum();
     let mut point = (random() as u32) % total.max(1);
     let name = clusters
@@ -263,9 +294,18 @@ impl Waypoint {
         body: Incoming,
         outcome: &mut Outcome,
     ) -> Response<Body> {
-        let Chain::Http { route_config, .. } = &ctx.chain else {
+        let Chain::Http {
+            route_config,
+            authz,
+            ..
+        } = &ctx.chain
+        else {
             return local_reply(StatusCode::INTERNAL_SERVER_ERROR, "not an HTTP chain");
         };
+        if let Decision::Deny(policy) = authz.check(&ctx.subject(Some(&parts))) {
+            outcome.detail = denial_detail(policy);
+            return local_reply(StatusCode::FORBIDDEN, DENIED_BODY);
+        }
         let Some(route) = config
             .routes
             .get(route_config)

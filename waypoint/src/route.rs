@@ -212,8 +212,9 @@ enum PathMatch {
     Regex(Regex),
 }
 
+/// A header matcher (Envoy's `HeaderMatcher`, pseudo-headers included).
 #[derive(Debug)]
-struct HeaderMatch {
+pub struct HeaderMatch {
     name: String,
     pattern: Option<StrMatch>,
     invert: bool,
@@ -374,7 +375,8 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 }
 
 impl HeaderMatch {
-    fn compile(h: &HeaderMatcher) -> Result<Self, String> {
+    /// Compiles an Envoy header matcher.
+    pub fn compile(h: &HeaderMatcher) -> Result<Self, String> {
         let pattern = match &h.header_match_specifier {
             Some(HeaderMatchSpecifier::StringMatch(s)) => Some(StrMatch::compile(s)?),
             Some(HeaderMatchSpecifier::PresentMatch(true)) | None => None,
@@ -387,7 +389,8 @@ impl HeaderMatch {
         })
     }
 
-    fn matches(&self, request: &Parts) -> bool {
+    /// Whether `request` matches.
+    pub fn matches(&self, request: &Parts) -> bool {
         let value: Option<std::borrow::Cow<'_, str>> = match self.name.as_str() {
             ":method" => Some(request.method.as_str().into()),
             ":path" => request.uri.path_and_query().map(|p| p.as_str().into()),
