@@ -320,7 +320,8 @@ pub fn build(
                 filters.push(tcp_filter(svc, port, &virtual_services, warnings));
                 filters
             } else {
-                let routes = http_routes(svc, port, &virtual_services, &by_host, warnings);
+                let mut routes = http_routes(svc, port, &virtual_services, &by_host, warnings);
+                add_hash_policies(&mut routes, &rules, warnings);
                 out.routes.insert(
                     chain_name.clone(),
                     (
@@ -598,6 +599,86 @@ fn http_routes(
         });
     }
     routes
+}
+
+/// Gives each route the hash policy of its destinations' DestinationRule
+/// `consistentHash` (Envoy hashes per route, Istio configures per
+/// destination): when every destination agrees; otherwise none, with a
+/// warning, as Istio does.
+fn add_hash_policies(
+    routes: &mut [Route],
+    rules: &DestinationRules<'_>,
+    warnings: &mut Vec<String>,
+) {
+    for route in routes {
+        let Some(route::Action::Route(action)) = &mut route.action else {
+            continue;
+        };
+        let clusters: Vec<&str> = match &action.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => vec![c.as_str()],
+            Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                w.clusters.iter().map(|c| c.name.as_str()).collect()
+            }
+            _ => continue,
+        };
+        let hashes: Vec<Option<net::ConsistentHash>> = clusters
+            .iter()
+            .map(|cluster| {
+                let mut fields = cluster.splitn(4, '|').skip(1);
+                let (Some(port), Some(subset), Some(host)) =
+                    (fields.next(), fields.next(), fields.next())
+                else {
+                    return None;
+                };
+                let rule = rules.for_host(host)?;
+                let subset = rule.spec.subsets.iter().find(|s| s.name == subset);
+                effective_policy(&rule.spec, subset, port.parse().ok()?)
+                    .load_balancer?
+                    .consistent_hash
+            })
+            .collect();
+        let Some(first) = hashes.first().cloned().flatten() else {
+            continue;
+        };
+        if hashes.iter().any(|h| h.as_ref() != Some(&first)) {
+            warnings.push(format!(
+                "route {}: its destinations use different consistentHash settings; requests are not hashed",
+                route.name
+            ));
+            continue;
+        }
+        action.hash_policy = hash_policy(&first);
+    }
+}
+
+/// Envoy's hash policy for a DestinationRule `consistentHash`.
+fn hash_policy(hash: &net::ConsistentHash) -> Vec<route_action::HashPolicy> {
+    use route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+    };
+    let specifier = if let Some(name) = &hash.http_header_name {
+        PolicySpecifier::Header(Header {
+            header_name: name.clone(),
+            ..Default::default()
+        })
+    } else if let Some(cookie) = &hash.http_cookie {
+        PolicySpecifier::Cookie(Cookie {
+            name: cookie.name.clone(),
+            ttl: cookie.ttl.map(|d| proto_duration(d.0)),
+            path: cookie.path.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    } else if let Some(name) = &hash.http_query_parameter_name {
+        PolicySpecifier::QueryParameter(QueryParameter { name: name.clone() })
+    } else if hash.use_source_ip == Some(true) {
+        PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+    } else {
+        return Vec::new();
+    };
+    vec![route_action::HashPolicy {
+        policy_specifier: Some(specifier),
+        ..Default::default()
+    }]
 }
 
 fn prefix_match(prefix: &str) -> RouteMatch {

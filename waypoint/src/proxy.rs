@@ -376,15 +376,21 @@ impl Waypoint {
         }
         let target = forward.pick(random() as u32);
         outcome.cluster.clone_from(&target.cluster);
+        let hash = forward.request_hash(&parts, ctx.source.ip(), random);
         prepare_request(&mut parts, route, forward, target);
 
         let mut response = match self
-            .forward(config, ctx, parts, body, forward, target, outcome)
+            .forward(
+                config, ctx, parts, body, forward, target, hash.value, outcome,
+            )
             .await
         {
             Ok(response) => response,
             Err(reply) => *reply,
         };
+        if let Some(cookie) = hash.set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         route.response_headers.apply(response.headers_mut());
         target.response_headers.apply(response.headers_mut());
         if let (Some(cors), Some(origin)) = (&forward.cors, origin)
@@ -413,6 +419,7 @@ impl Waypoint {
         body: Incoming,
         forward: &Forward,
         target: &WeightedTarget,
+        hash: Option<u64>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, LocalReply> {
         // Replayable bodies are buffered, so retries and mirrors can resend.
@@ -458,9 +465,9 @@ impl Waypoint {
                 let result = self
                     .try_once(
                         &cluster,
-                        ctx,
                         &parts,
                         body,
+                        hash,
                         retry.and_then(|r| r.per_try_timeout),
                         outcome,
                     )
@@ -510,9 +517,9 @@ impl Waypoint {
     async fn try_once(
         &self,
         cluster: &ClusterEntry,
-        ctx: &TunnelContext,
         parts: &Parts,
         body: Body,
+        hash: Option<u64>,
         per_try_timeout: Option<Duration>,
         outcome: &mut Outcome,
     ) -> Result<Response<Incoming>, LocalReply> {
@@ -545,11 +552,10 @@ impl Waypoint {
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
             return Err(Box::new(reply));
         }
+        // Without a hash key (none configured, or none present) a hashing
+        // cluster picks at random, as Envoy's ring hash does.
         let hash = match cluster.config.lb {
-            LbKind::Hash => mix(match ctx.source.ip() {
-                std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
-                std::net::IpAddr::V6(v6) => u128::from(v6) as u64,
-            }),
+            LbKind::Hash => hash.unwrap_or_else(random),
             _ => 0,
         };
         let (endpoint, health) = match cluster.pick(hash, random()) {

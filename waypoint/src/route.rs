@@ -469,6 +469,39 @@ pub struct Forward {
     pub mirrors: Vec<(String, u32)>,
     /// CORS.
     pub cors: Option<Cors>,
+    /// What a consistent-hash load balancer hashes, in order.
+    pub hash_policy: Vec<HashKey>,
+}
+
+/// One part of a request's hash key (Envoy's route `hash_policy`).
+#[derive(Debug)]
+pub enum HashKey {
+    /// A request header's value.
+    Header(HeaderName),
+    /// A cookie's value; with a `ttl`, a missing cookie is generated and
+    /// set on the response so the client sticks from then on.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// Lifetime of a generated cookie.
+        ttl: Option<Duration>,
+        /// `Path` of a generated cookie.
+        path: String,
+    },
+    /// The original client's IP.
+    SourceIp,
+    /// A query parameter's value.
+    Query(String),
+}
+
+/// A request's hash: the value (none: no key applied, pick at random) and a
+/// cookie to set on the response.
+#[derive(Debug, Default)]
+pub struct RequestHash {
+    /// The hash.
+    pub value: Option<u64>,
+    /// `Set-Cookie` for a generated cookie.
+    pub set_cookie: Option<HeaderValue>,
 }
 
 /// One weighted destination.
@@ -560,7 +593,75 @@ impl Forward {
                 })
                 .collect(),
             cors,
+            hash_policy: action
+                .hash_policy
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    HashKey::compile(h).map_err(|e| format!("route.hash_policy[{i}]: {e}"))
+                })
+                .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// The request's hash key from the route's hash policy; `generate`
+    /// makes a value for a missing cookie that has a ttl.
+    pub fn request_hash(
+        &self,
+        request: &Parts,
+        source: std::net::IpAddr,
+        generate: impl FnOnce() -> u64,
+    ) -> RequestHash {
+        use std::hash::{Hash, Hasher};
+        let mut out = RequestHash::default();
+        let mut generate = Some(generate);
+        let mut combine = |part: &dyn Fn(&mut std::hash::DefaultHasher)| {
+            // Fixed keys: every waypoint replica hashes a request alike.
+            let mut hasher = std::hash::DefaultHasher::new();
+            part(&mut hasher);
+            let h = hasher.finish();
+            out.value = Some(out.value.map_or(h, |prev| prev.rotate_left(1) ^ h));
+        };
+        for key in &self.hash_policy {
+            match key {
+                HashKey::Header(name) => {
+                    let values: Vec<&[u8]> = request
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| v.as_bytes())
+                        .collect();
+                    if !values.is_empty() {
+                        combine(&|h| values.hash(h));
+                    }
+                }
+                HashKey::Cookie { name, ttl, path } => {
+                    if let Some(value) = cookie(&request.headers, name) {
+                        combine(&|h| value.hash(h));
+                    } else if let (Some(ttl), Some(generate)) = (ttl, generate.take()) {
+                        let value = format!("{:016x}", generate());
+                        combine(&|h| value.as_str().hash(h));
+                        let path = if path.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; Path={path}")
+                        };
+                        out.set_cookie = HeaderValue::from_str(&format!(
+                            "{name}=\"{value}\"; Max-Age={}{path}; HttpOnly",
+                            ttl.as_secs()
+                        ))
+                        .ok();
+                    }
+                }
+                HashKey::SourceIp => combine(&|h| source.hash(h)),
+                HashKey::Query(name) => {
+                    if let Some(value) = request.uri.query().and_then(|q| query_value(q, name)) {
+                        combine(&|h| value.hash(h));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Picks a destination by weight; `roll` is uniform in `0..u32::MAX`.
@@ -574,6 +675,62 @@ impl Forward {
         }
         &self.clusters[self.clusters.len() - 1]
     }
+}
+
+impl HashKey {
+    fn compile(policy: &route_action::HashPolicy) -> Result<Self, String> {
+        use route_action::hash_policy::PolicySpecifier;
+        Ok(match &policy.policy_specifier {
+            Some(PolicySpecifier::Header(h)) => {
+                if h.regex_rewrite.is_some() {
+                    return Err("header.regex_rewrite is not supported".into());
+                }
+                HashKey::Header(
+                    HeaderName::from_bytes(h.header_name.as_bytes())
+                        .map_err(|_| format!("header {:?}: not a header name", h.header_name))?,
+                )
+            }
+            Some(PolicySpecifier::Cookie(c)) => {
+                if c.name.is_empty()
+                    || !c
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+                {
+                    return Err(format!("cookie {:?}: not a cookie name", c.name));
+                }
+                if !c.attributes.is_empty() {
+                    return Err("cookie.attributes are not supported".into());
+                }
+                HashKey::Cookie {
+                    name: c.name.clone(),
+                    ttl: c.ttl.as_ref().map(duration),
+                    path: c.path.clone(),
+                }
+            }
+            Some(PolicySpecifier::ConnectionProperties(p)) if p.source_ip => HashKey::SourceIp,
+            Some(PolicySpecifier::QueryParameter(q)) => HashKey::Query(q.name.clone()),
+            _ => {
+                return Err(
+                    "only header, cookie, source IP and query parameter hashing are supported"
+                        .into(),
+                );
+            }
+        })
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.trim_matches('"'))
+        })
 }
 
 /// Retry policy.
@@ -901,6 +1058,7 @@ mod tests {
             host_rewrite: None,
             mirrors: Vec::new(),
             cors: None,
+            hash_policy: Vec::new(),
         };
         let b = (0..100u32).filter(|r| f.pick(*r).cluster == "b").count();
         assert_eq!(b, 20);
@@ -938,6 +1096,101 @@ mod tests {
         assert!(
             t.find(&request("GET", "/?v=a%20b", &[("x-debug", "1")]))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn hash_keys_read_headers_cookies_and_queries_and_generate_cookies() {
+        use route_action::hash_policy::{Cookie, Header, PolicySpecifier, QueryParameter};
+        let forward = |specifier: PolicySpecifier| {
+            Forward::compile(&RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("c".into())),
+                hash_policy: vec![route_action::HashPolicy {
+                    policy_specifier: Some(specifier),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let source = "10.0.0.1".parse().unwrap();
+        let never = || -> u64 { panic!("nothing to generate") };
+
+        let by_user = forward(PolicySpecifier::Header(Header {
+            header_name: "x-user".into(),
+            ..Default::default()
+        }));
+        let alice =
+            by_user.request_hash(&request("GET", "/", &[("x-user", "alice")]), source, never);
+        let again =
+            by_user.request_hash(&request("GET", "/x", &[("x-user", "alice")]), source, never);
+        let bob = by_user.request_hash(&request("GET", "/", &[("x-user", "bob")]), source, never);
+        assert!(alice.value.is_some());
+        assert_eq!(alice.value, again.value);
+        assert_ne!(alice.value, bob.value);
+        assert_eq!(
+            by_user
+                .request_hash(&request("GET", "/", &[]), source, never)
+                .value,
+            None
+        );
+
+        let by_query = forward(PolicySpecifier::QueryParameter(QueryParameter {
+            name: "u".into(),
+        }));
+        assert_eq!(
+            by_query
+                .request_hash(&request("GET", "/?a=1&u=alice", &[]), source, never)
+                .value,
+            by_query
+                .request_hash(&request("GET", "/?u=alice", &[]), source, never)
+                .value
+        );
+
+        let by_cookie = forward(PolicySpecifier::Cookie(Cookie {
+            name: "sticky".into(),
+            ttl: Some(ProtoDuration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            path: "/".into(),
+            ..Default::default()
+        }));
+        let fresh = by_cookie.request_hash(&request("GET", "/", &[]), source, || 0xabc);
+        assert_eq!(
+            fresh.set_cookie.unwrap(),
+            "sticky=\"0000000000000abc\"; Max-Age=60; Path=/; HttpOnly"
+        );
+        let returning = by_cookie.request_hash(
+            &request(
+                "GET",
+                "/",
+                &[("cookie", "a=b; sticky=\"0000000000000abc\"")],
+            ),
+            source,
+            never,
+        );
+        assert_eq!(
+            returning.value, fresh.value,
+            "the client sticks with its cookie"
+        );
+        assert!(returning.set_cookie.is_none());
+
+        let bad = Forward::compile(&RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("c".into())),
+            hash_policy: vec![route_action::HashPolicy {
+                policy_specifier: Some(PolicySpecifier::Cookie(Cookie {
+                    name: "a b".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            bad,
+            "route.hash_policy[0]: cookie \"a b\": not a cookie name"
         );
     }
 }
