@@ -209,6 +209,13 @@ impl Model {
             &waypoint_policies,
             &mut model.warnings,
         );
+        crate::ingress::build(
+            manifests,
+            &service_refs,
+            &mut model.envoy.listeners,
+            &mut model.envoy.routes,
+            &mut model.warnings,
+        );
         model.authorizations = policies.authorizations;
         model
     }

@@ -253,7 +253,9 @@ pub fn build(
     warnings: &mut Vec<String>,
 ) -> EnvoyResources {
     let mut out = EnvoyResources::default();
-    if bound.is_empty() {
+    // Clusters serve waypoints and ingress gateways; without either there
+    // is nobody to send them to.
+    if bound.is_empty() && manifests.istio_gateways.is_empty() {
         return out;
     }
     let rules = DestinationRules::new(&manifests.destination_rules);
@@ -416,7 +418,7 @@ fn applies_to(vs: &VirtualService, hostname: &str) -> bool {
 }
 
 /// Istio host matching: exact, or a `*.suffix` wildcard.
-fn host_matches(pattern: &str, hostname: &str) -> bool {
+pub(crate) fn host_matches(pattern: &str, hostname: &str) -> bool {
     match pattern.strip_prefix('*') {
         Some(suffix) => hostname.ends_with(suffix),
         None => pattern == hostname,
@@ -430,7 +432,7 @@ fn vs_namespace(vs: &VirtualService) -> &str {
         .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
 }
 
-fn hcm_filter(route_config: &str, authz: &[RbacFilter]) -> Filter {
+pub(crate) fn hcm_filter(route_config: &str, authz: &[RbacFilter]) -> Filter {
     let mut http_filters: Vec<HttpFilter> = authz
         .iter()
         .map(|f| HttpFilter {
@@ -605,7 +607,7 @@ fn http_routes(
 /// `consistentHash` (Envoy hashes per route, Istio configures per
 /// destination): when every destination agrees; otherwise none, with a
 /// warning, as Istio does.
-fn add_hash_policies(
+pub(crate) fn add_hash_policies(
     routes: &mut [Route],
     rules: &DestinationRules<'_>,
     warnings: &mut Vec<String>,
@@ -688,7 +690,7 @@ fn prefix_match(prefix: &str) -> RouteMatch {
     }
 }
 
-fn http_route(
+pub(crate) fn http_route(
     name: &str,
     http: &HttpRoute,
     m: Option<&net::HttpMatchRequest>,
@@ -1102,7 +1104,7 @@ fn any<M: Message + Name>(message: &M) -> Any {
     }
 }
 
-fn socket_address(ip: IpAddr, port: u32) -> EnvoyAddress {
+pub(crate) fn socket_address(ip: IpAddr, port: u32) -> EnvoyAddress {
     EnvoyAddress {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
@@ -1113,12 +1115,12 @@ fn socket_address(ip: IpAddr, port: u32) -> EnvoyAddress {
 }
 
 /// DestinationRules by the FQDN of their host.
-struct DestinationRules<'a> {
+pub(crate) struct DestinationRules<'a> {
     by_host: HashMap<String, &'a DestinationRule>,
 }
 
 impl<'a> DestinationRules<'a> {
-    fn new(rules: &'a [DestinationRule]) -> Self {
+    pub(crate) fn new(rules: &'a [DestinationRule]) -> Self {
         let by_host = rules
             .iter()
             .map(|r| {

@@ -329,9 +329,13 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
             let mut endpoints = Vec::new();
             for &i in &selected {
                 let pod = &mut pods[i];
+                let gateway = pod.waypoint().is_some();
                 match pod.ports.iter_mut().find(|(p, _)| *p == target) {
                     Some(entry) if is_tcp => entry.1 = PortProtocol::Tcp,
                     Some(_) => {}
+                    // A gateway proxy binds its ports from its config; the
+                    // stand-in app is what serves every target port.
+                    None if gateway => {}
                     None => pod.ports.push((
                         target,
                         if is_tcp {
@@ -387,77 +391,148 @@ pub fn add_waypoints(manifests: &mut Manifests) {
         })
         .collect();
     for (namespace, name) in gateways {
-        let exists = manifests.deployments.iter().any(|d| {
-            d.metadata.name.as_deref() == Some(&name)
-                && d.metadata.namespace.as_deref() == Some(&namespace)
-        });
-        if exists {
-            continue;
-        }
-        let selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.clone())]);
-        let mut labels = selector.clone();
-        labels.insert(
-            mesh_config::node::DATAPLANE_MODE_LABEL.to_owned(),
-            "none".to_owned(),
+        add_gateway_deployment(
+            manifests,
+            &namespace,
+            &name,
+            BTreeMap::new(),
+            &WAYPOINT_PORTS,
+            &[("mesh", 15008, 15008), ("status-port", 15021, 15021)],
         );
-        let meta = |labels: Option<BTreeMap<String, String>>| ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(namespace.clone()),
-            labels,
-            ..Default::default()
-        };
-        manifests.deployments.push(Deployment {
-            metadata: meta(None),
-            spec: DeploymentSpec {
-                replicas: Some(1),
-                template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(labels),
+    }
+}
+
+/// Namespace and name of the ingress gateway the lab deploys, as Istio's
+/// default install does.
+pub const INGRESS_GATEWAY: (&str, &str) = ("istio-system", "istio-ingressgateway");
+/// Ports the ingress gateway pod listens on from the start: metrics and
+/// readiness. It binds its Gateway servers' ports (8080, 8443 in Istio's
+/// samples) when their config arrives.
+pub const INGRESS_PORTS: [u16; 2] = [15020, 15021];
+
+/// For Istio `Gateway` resources selecting `istio: ingressgateway` (Istio's
+/// default ingress) when no Deployment provides it, adds Istio's
+/// `istio-ingressgateway` Deployment and Service in `istio-system`, as an
+/// Istio install would have: Service ports 80 and 443 to the pod's 8080 and
+/// 8443. The lab runs the waypoint binary in such pods; it binds the ports
+/// of the Gateway servers it is sent.
+pub fn add_ingress_gateway(manifests: &mut Manifests) {
+    let wanted = manifests
+        .istio_gateways
+        .iter()
+        .any(|gw| gw.spec.selector.get("istio").map(String::as_str) == Some("ingressgateway"));
+    let provided = manifests.deployments.iter().any(|d| {
+        let labels = d
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref());
+        labels.and_then(|l| l.get("istio")).map(String::as_str) == Some("ingressgateway")
+    });
+    if !wanted || provided {
+        return;
+    }
+    let (namespace, name) = INGRESS_GATEWAY;
+    add_gateway_deployment(
+        manifests,
+        namespace,
+        name,
+        BTreeMap::from([
+            ("istio".to_owned(), "ingressgateway".to_owned()),
+            ("app".to_owned(), name.to_owned()),
+        ]),
+        &INGRESS_PORTS,
+        &[
+            ("http2", 80, 8080),
+            ("https", 443, 8443),
+            ("status-port", 15021, 15021),
+        ],
+    );
+}
+
+/// Adds a gateway proxy's Deployment (one replica, outside the mesh's
+/// capture, labelled with [`GATEWAY_NAME_LABEL`] so the lab runs the
+/// proxy) and its Service with `service_ports` (`name`, port, target port),
+/// unless a Deployment of that name exists.
+fn add_gateway_deployment(
+    manifests: &mut Manifests,
+    namespace: &str,
+    name: &str,
+    extra_labels: BTreeMap<String, String>,
+    container_ports: &[u16],
+    service_ports: &[(&str, i32, i32)],
+) {
+    let exists = manifests.deployments.iter().any(|d| {
+        d.metadata.name.as_deref() == Some(name)
+            && d.metadata.namespace.as_deref() == Some(namespace)
+    });
+    if exists {
+        return;
+    }
+    let mut selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.to_owned())]);
+    selector.extend(extra_labels);
+    let mut labels = selector.clone();
+    labels.insert(
+        mesh_config::node::DATAPLANE_MODE_LABEL.to_owned(),
+        "none".to_owned(),
+    );
+    let meta = |labels: Option<BTreeMap<String, String>>| ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels,
+        ..Default::default()
+    };
+    manifests.deployments.push(Deployment {
+        metadata: meta(None),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.to_owned()),
+                    containers: vec![Container {
+                        name: "istio-proxy".into(),
+                        ports: Some(
+                            container_ports
+                                .iter()
+                                .map(|p| ContainerPort {
+                                    container_port: i32::from(*p),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                        ),
                         ..Default::default()
-                    }),
-                    spec: Some(PodSpec {
-                        service_account_name: Some(name.clone()),
-                        containers: vec![Container {
-                            name: "istio-proxy".into(),
-                            ports: Some(
-                                WAYPOINT_PORTS
-                                    .iter()
-                                    .map(|p| ContainerPort {
-                                        container_port: i32::from(*p),
-                                        ..Default::default()
-                                    })
-                                    .collect(),
-                            ),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }),
-                },
-                ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
             },
             ..Default::default()
-        });
-        manifests.services.push(Service {
-            metadata: meta(Some(selector.clone())),
-            spec: Some(ServiceSpec {
-                selector: Some(selector),
-                ports: Some(vec![
-                    ServicePort {
-                        name: Some("mesh".into()),
-                        port: 15008,
+        },
+        ..Default::default()
+    });
+    manifests.services.push(Service {
+        metadata: meta(Some(selector.clone())),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(
+                service_ports
+                    .iter()
+                    .map(|(port_name, port, target)| ServicePort {
+                        name: Some((*port_name).into()),
+                        port: *port,
+                        target_port: Some(IntOrString::Int(*target)),
                         ..Default::default()
-                    },
-                    ServicePort {
-                        name: Some("status-port".into()),
-                        port: 15021,
-                        ..Default::default()
-                    },
-                ]),
-                ..Default::default()
-            }),
+                    })
+                    .collect(),
+            ),
             ..Default::default()
-        });
-    }
+        }),
+        ..Default::default()
+    });
 }
 
 /// The call graph of the samples the lab knows, so their traffic is real:

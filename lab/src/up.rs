@@ -68,6 +68,7 @@ pub fn up(options: &UpOptions) -> Result<LabState> {
         manifests.extend(loaded.manifests);
     }
     plan::add_waypoints(&mut manifests);
+    plan::add_ingress_gateway(&mut manifests);
     let plan = plan::plan(&options.name, options.nodes, &manifests)?;
     crate::down(&options.name)?;
     build(plan, &manifests.services, options).inspect_err(|_| {

@@ -17,8 +17,9 @@ use mesh_api::{
     envoy::envoy::{
         config::{
             cluster::v3::Cluster,
+            core::v3::{address, socket_address},
             endpoint::v3::ClusterLoadAssignment,
-            listener::v3::{Listener, filter},
+            listener::v3::{FilterChain, Listener, filter},
             route::v3::RouteConfiguration,
         },
         extensions::filters::{
@@ -93,8 +94,10 @@ impl Chain {
 /// One consistent version of everything.
 #[derive(Debug, Default)]
 pub struct Config {
-    /// Service address (VIP and port) to its chain.
+    /// Service address (VIP and port) to its chain (waypoint, over HBONE).
     pub chains: HashMap<SocketAddr, Chain>,
+    /// Port to its chain (ingress gateway, plain listeners).
+    pub ingress: BTreeMap<u16, Chain>,
     /// Route tables by name.
     pub routes: HashMap<String, Arc<RouteTable>>,
     /// Clusters by name.
@@ -111,6 +114,8 @@ pub struct Store {
     current: ArcSwap<Config>,
     /// Every type has had its first response.
     pub synced: AtomicBool,
+    /// Signalled on every publish (the ingress listener manager waits on it).
+    pub changed: tokio::sync::Notify,
 }
 
 impl Store {
@@ -130,6 +135,10 @@ impl Store {
         clusters.sort_by(|a, b| a.config.name.cmp(&b.config.name));
         json!({
             "listeners": config.listeners,
+            "ingress": config.ingress.iter().map(|(port, chain)| match chain {
+                Chain::Http { name, route_config, authz } => json!({"port": port, "name": name, "rds": route_config, "rbac": authz.summary()}),
+                Chain::Tcp { name, clusters, authz } => json!({"port": port, "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
+            }).collect::<Vec<_>>(),
             "filter_chains": chains.iter().map(|(addr, chain)| match chain {
                 Chain::Http { name, route_config, authz } => json!({"match": addr.to_string(), "name": name, "rds": route_config, "rbac": authz.summary()}),
                 Chain::Tcp { name, clusters, authz } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
@@ -156,7 +165,7 @@ impl Store {
 #[derive(Default)]
 pub struct XdsHandler {
     store: Arc<Store>,
-    listeners: BTreeMap<String, Vec<(SocketAddr, Chain)>>,
+    listeners: BTreeMap<String, Compiled>,
     routes: BTreeMap<String, Arc<RouteTable>>,
     clusters: BTreeMap<String, Arc<ClusterConfig>>,
     endpoints: BTreeMap<String, Vec<Arc<EndpointConfig>>>,
@@ -174,9 +183,16 @@ impl XdsHandler {
 
     fn publish(&mut self) {
         let mut config = Config::default();
-        for chains in self.listeners.values() {
-            for (addr, chain) in chains {
-                config.chains.insert(*addr, chain.clone());
+        for listener in self.listeners.values() {
+            match listener {
+                Compiled::Waypoint(chains) => {
+                    for (addr, chain) in chains {
+                        config.chains.insert(*addr, chain.clone());
+                    }
+                }
+                Compiled::Ingress(port, chain) => {
+                    config.ingress.insert(*port, chain.clone());
+                }
             }
         }
         config.routes = self
@@ -209,6 +225,7 @@ impl XdsHandler {
         }
         config.listeners = self.listeners.keys().cloned().collect();
         self.store.current.store(Arc::new(config));
+        self.store.changed.notify_waiters();
     }
 }
 
@@ -275,9 +292,62 @@ fn apply_type<T>(
     }
 }
 
-/// Reads a listener's filter chains: each matches one service address and
-/// runs one HTTP connection manager (RDS) or TCP proxy.
-pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>, String> {
+/// A compiled listener.
+#[derive(Debug, Clone)]
+pub enum Compiled {
+    /// The waypoint's HBONE listener: a chain per service address.
+    Waypoint(Vec<(SocketAddr, Chain)>),
+    /// An ingress gateway port: one chain for every connection.
+    Ingress(u16, Chain),
+}
+
+/// The port of the waypoint's HBONE listener; listeners on any other port
+/// are ingress gateway listeners.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Reads a listener: the waypoint's (filter chains matching service
+/// addresses) or an ingress gateway's (one chain for its port).
+pub fn compile_listener(listener: &Listener) -> Result<Compiled, String> {
+    let port = listener
+        .address
+        .as_ref()
+        .and_then(|a| match &a.address {
+            Some(address::Address::SocketAddress(s)) => match s.port_specifier {
+                Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p).ok(),
+                _ => None,
+            },
+            _ => None,
+        })
+        .ok_or("address: a socket address with a port value is required")?;
+    if port == HBONE_PORT {
+        return compile_waypoint_listener(listener).map(Compiled::Waypoint);
+    }
+    let [chain] = listener.filter_chains.as_slice() else {
+        return Err(format!(
+            "filter_chains: an ingress listener (port {port}) has exactly one filter chain"
+        ));
+    };
+    if chain
+        .filter_chain_match
+        .as_ref()
+        .is_some_and(|m| *m != Default::default())
+    {
+        return Err(
+            "filter_chains[0].filter_chain_match: not supported on ingress listeners".into(),
+        );
+    }
+    if chain.transport_socket.is_some() {
+        return Err(
+            "filter_chains[0].transport_socket: TLS is not supported on ingress listeners yet"
+                .into(),
+        );
+    }
+    let built = compile_chain(chain, &format!("filter_chains[0] ({})", chain.name))?;
+    Ok(Compiled::Ingress(port, built))
+}
+
+/// The waypoint listener's chains, each matching one service address.
+fn compile_waypoint_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>, String> {
     let mut out = Vec::new();
     for (i, chain) in listener.filter_chains.iter().enumerate() {
         let at = format!("filter_chains[{i}] ({})", chain.name);
@@ -292,99 +362,7 @@ pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>,
             .ok_or_else(|| {
                 format!("{at}.filter_chain_match.destination_port: missing or out of range")
             })?;
-        // Network RBAC filters, then one terminal filter.
-        let Some((terminal, rbac_filters)) = chain.filters.split_last() else {
-            return Err(format!("{at}.filters: no filter"));
-        };
-        let mut authz = Authorizer::default();
-        for (j, f) in rbac_filters.iter().enumerate() {
-            let at = format!("{at}.filters[{j}]");
-            if f.name != NETWORK_RBAC {
-                return Err(format!(
-                    "{at}: network filter {} is not supported before the terminal filter",
-                    f.name
-                ));
-            }
-            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
-                return Err(format!("{at}: no typed_config"));
-            };
-            let rbac =
-                NetworkRbac::decode(any.value.as_slice()).map_err(|e| format!("{at}: {e}"))?;
-            if rbac.matcher.is_some() {
-                return Err(format!("{at}.matcher: the matcher API is not supported"));
-            }
-            authz.push(rbac.rules.as_ref(), &at)?;
-        }
-        let at_terminal = format!("{at}.filters[{}]", rbac_filters.len());
-        let Some(filter::ConfigType::TypedConfig(any)) = &terminal.config_type else {
-            return Err(format!("{at_terminal}: no typed_config"));
-        };
-        let built = match terminal.name.as_str() {
-            HCM if rbac_filters.is_empty() => {
-                let hcm = HttpConnectionManager::decode(any.value.as_slice())
-                    .map_err(|e| format!("{at}: {e}"))?;
-                let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = &hcm.route_specifier
-                else {
-                    return Err(format!("{at}: the HTTP connection manager must use RDS"));
-                };
-                let mut authz = Authorizer::default();
-                for (j, f) in hcm.http_filters.iter().enumerate() {
-                    let at = format!("{at}.http_filters[{j}]");
-                    match f.name.as_str() {
-                        ROUTER | FAULT_FILTER => {}
-                        HTTP_RBAC => {
-                            let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
-                            else {
-                                return Err(format!("{at}: no typed_config"));
-                            };
-                            let rbac = HttpRbac::decode(any.value.as_slice())
-                                .map_err(|e| format!("{at}: {e}"))?;
-                            if rbac.matcher.is_some() || rbac.shadow_matcher.is_some() {
-                                return Err(format!(
-                                    "{at}.matcher: the matcher API is not supported"
-                                ));
-                            }
-                            authz.push(rbac.rules.as_ref(), &at)?;
-                        }
-                        other => return Err(format!("{at}: HTTP filter {other} is not supported")),
-                    }
-                }
-                Chain::Http {
-                    name: chain.name.clone(),
-                    route_config: rds.route_config_name.clone(),
-                    authz: Arc::new(authz),
-                }
-            }
-            TCP_PROXY => {
-                let proxy =
-                    TcpProxy::decode(any.value.as_slice()).map_err(|e| format!("{at}: {e}"))?;
-                let clusters = match proxy.cluster_specifier {
-                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![(c, 1)],
-                    Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-                        w.clusters.into_iter().map(|c| (c.name, c.weight)).collect()
-                    }
-                    None => return Err(format!("{at}: tcp_proxy without a cluster")),
-                };
-                if clusters.iter().map(|c| c.1).sum::<u32>() == 0 {
-                    return Err(format!("{at}: tcp_proxy weights sum to 0"));
-                }
-                Chain::Tcp {
-                    name: chain.name.clone(),
-                    clusters,
-                    authz: Arc::new(authz),
-                }
-            }
-            HCM => {
-                return Err(format!(
-                    "{at}.filters: network RBAC before an HTTP connection manager is not supported; use the HTTP RBAC filter"
-                ));
-            }
-            other => {
-                return Err(format!(
-                    "{at_terminal}: network filter {other} is not supported"
-                ));
-            }
-        };
+        let built = compile_chain(chain, &at)?;
         if m.prefix_ranges.is_empty() {
             return Err(format!(
                 "{at}.filter_chain_match.prefix_ranges: a service address is required"
@@ -405,6 +383,99 @@ pub fn compile_listener(listener: &Listener) -> Result<Vec<(SocketAddr, Chain)>,
         }
     }
     Ok(out)
+}
+
+/// One filter chain: network RBAC filters, then an HTTP connection manager
+/// (RDS, with RBAC, fault and router HTTP filters) or a TCP proxy.
+fn compile_chain(chain: &FilterChain, at: &str) -> Result<Chain, String> {
+    // Network RBAC filters, then one terminal filter.
+    let Some((terminal, rbac_filters)) = chain.filters.split_last() else {
+        return Err(format!("{at}.filters: no filter"));
+    };
+    let mut authz = Authorizer::default();
+    for (j, f) in rbac_filters.iter().enumerate() {
+        let at = format!("{at}.filters[{j}]");
+        if f.name != NETWORK_RBAC {
+            return Err(format!(
+                "{at}: network filter {} is not supported before the terminal filter",
+                f.name
+            ));
+        }
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            return Err(format!("{at}: no typed_config"));
+        };
+        let rbac = NetworkRbac::decode(any.value.as_slice()).map_err(|e| format!("{at}: {e}"))?;
+        if rbac.matcher.is_some() {
+            return Err(format!("{at}.matcher: the matcher API is not supported"));
+        }
+        authz.push(rbac.rules.as_ref(), &at)?;
+    }
+    let at_terminal = format!("{at}.filters[{}]", rbac_filters.len());
+    let Some(filter::ConfigType::TypedConfig(any)) = &terminal.config_type else {
+        return Err(format!("{at_terminal}: no typed_config"));
+    };
+    Ok(match terminal.name.as_str() {
+        HCM if rbac_filters.is_empty() => {
+            let hcm = HttpConnectionManager::decode(any.value.as_slice())
+                .map_err(|e| format!("{at}: {e}"))?;
+            let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = &hcm.route_specifier
+            else {
+                return Err(format!("{at}: the HTTP connection manager must use RDS"));
+            };
+            let mut authz = Authorizer::default();
+            for (j, f) in hcm.http_filters.iter().enumerate() {
+                let at = format!("{at}.http_filters[{j}]");
+                match f.name.as_str() {
+                    ROUTER | FAULT_FILTER => {}
+                    HTTP_RBAC => {
+                        let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                            return Err(format!("{at}: no typed_config"));
+                        };
+                        let rbac = HttpRbac::decode(any.value.as_slice())
+                            .map_err(|e| format!("{at}: {e}"))?;
+                        if rbac.matcher.is_some() || rbac.shadow_matcher.is_some() {
+                            return Err(format!("{at}.matcher: the matcher API is not supported"));
+                        }
+                        authz.push(rbac.rules.as_ref(), &at)?;
+                    }
+                    other => return Err(format!("{at}: HTTP filter {other} is not supported")),
+                }
+            }
+            Chain::Http {
+                name: chain.name.clone(),
+                route_config: rds.route_config_name.clone(),
+                authz: Arc::new(authz),
+            }
+        }
+        TCP_PROXY => {
+            let proxy = TcpProxy::decode(any.value.as_slice()).map_err(|e| format!("{at}: {e}"))?;
+            let clusters = match proxy.cluster_specifier {
+                Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => vec![(c, 1)],
+                Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                    w.clusters.into_iter().map(|c| (c.name, c.weight)).collect()
+                }
+                None => return Err(format!("{at}: tcp_proxy without a cluster")),
+            };
+            if clusters.iter().map(|c| c.1).sum::<u32>() == 0 {
+                return Err(format!("{at}: tcp_proxy weights sum to 0"));
+            }
+            Chain::Tcp {
+                name: chain.name.clone(),
+                clusters,
+                authz: Arc::new(authz),
+            }
+        }
+        HCM => {
+            return Err(format!(
+                "{at}.filters: network RBAC before an HTTP connection manager is not supported; use the HTTP RBAC filter"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "{at_terminal}: network filter {other} is not supported"
+            ));
+        }
+    })
 }
 
 #[cfg(test)]

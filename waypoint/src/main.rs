@@ -18,7 +18,7 @@ use tracing::info;
 use waypoint::{
     config::{Store, XdsHandler},
     metrics::Metrics,
-    proxy::{Tunnels, Waypoint},
+    proxy::{Tunnels, Waypoint, run_ingress},
     upstream::{Clients, Connector, ConnectorInner},
 };
 
@@ -118,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
         XdsHandler::new(store.clone()),
     ));
 
+    // Ingress gateway listeners, when the config has any (a waypoint's has none).
+    tokio::spawn(run_ingress(waypoint.clone()));
     let server = Server::new(certs.store().clone(), identity.clone(), Tunnels(waypoint))
         .context("building the HBONE server")?;
     let listener = TcpListener::bind(cli.hbone_addr)

@@ -5,9 +5,13 @@
 //! picked by the cluster's load balancer behind its circuit breaker.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -24,8 +28,8 @@ use hyper_util::{
     server::conn::auto,
 };
 use mesh_hbone::{InboundRequest, Refusal};
-use tokio::io::DuplexStream;
-use tracing::{Instrument, debug, info, info_span};
+use tokio::{io::DuplexStream, net::TcpListener};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     cluster::{
@@ -60,9 +64,14 @@ pub struct Waypoint {
     pub metrics: Metrics,
 }
 
-/// What one tunnel's requests know about it.
+/// What one tunnel's (or ingress connection's) requests know about it.
 struct TunnelContext {
     chain: Chain,
+    /// `reporter` of the request metrics: `waypoint`, or `source` at an
+    /// ingress gateway.
+    reporter: &'static str,
+    /// `connection_security_policy` of the request metrics.
+    security: &'static str,
     /// The caller's SPIFFE identity.
     peer: String,
     /// The caller's namespace (from its identity).
@@ -111,6 +120,8 @@ impl mesh_hbone::Handler for Tunnels {
         })?;
         let ctx = Arc::new(TunnelContext {
             chain,
+            reporter: "waypoint",
+            security: "mutual_tls",
             peer: req.peer_identity.to_string(),
             peer_namespace: req.peer_identity.namespace.clone(),
             source: req.forwarded_for.unwrap_or(req.peer_addr),
@@ -133,7 +144,10 @@ impl mesh_hbone::Handler for Tunnels {
     }
 }
 
-async fn serve_http(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: DuplexStream) {
+async fn serve_http<IO>(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -154,7 +168,10 @@ async fn serve_http(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: Duplex
     }
 }
 
-async fn relay_tcp(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: DuplexStream) {
+async fn relay_tcp<IO>(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let Chain::Tcp {
         clusters, authz, ..
     } = &ctx.chain
@@ -192,6 +209,111 @@ async fn relay_tcp(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: Dup
         Err(err) => {
             info!(target: "waypoint::access", cluster = %name, endpoint = %endpoint.addr, flags = "UF", error = %err, "tcp connect failed");
         }
+    }
+}
+
+/// Runs the ingress gateway's listeners: binds each port of the current
+/// config, closes ports that left it, and retries ports that could not be
+/// bound. Each connection is served as HTTP by its port's chain.
+pub async fn run_ingress(waypoint: Arc<Waypoint>) {
+    let mut bound: HashMap<u16, tokio::task::JoinHandle<()>> = HashMap::new();
+    let connections = Arc::new(AtomicU64::new(1));
+    loop {
+        // Registered before reading, so no publish is missed.
+        let changed = waypoint.store.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let config = waypoint.store.load();
+        bound.retain(|port, task| {
+            let keep = config.ingress.contains_key(port);
+            if !keep {
+                task.abort();
+                info!(port, "ingress listener closed");
+            }
+            keep
+        });
+        let mut failed = false;
+        for &port in config.ingress.keys() {
+            if bound.contains_key(&port) {
+                continue;
+            }
+            match bind_ingress(port) {
+                Ok(listener) => {
+                    info!(port, "ingress listener bound");
+                    let task = tokio::spawn(accept_ingress(
+                        waypoint.clone(),
+                        listener,
+                        port,
+                        connections.clone(),
+                    ));
+                    bound.insert(port, task);
+                }
+                Err(err) => {
+                    failed = true;
+                    warn!(port, error = %err, "binding the ingress listener failed; retrying");
+                }
+            }
+        }
+        if failed {
+            let _ = tokio::time::timeout(Duration::from_secs(2), changed).await;
+        } else {
+            changed.await;
+        }
+    }
+}
+
+fn bind_ingress(port: u16) -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    socket.listen(1024)
+}
+
+async fn accept_ingress(
+    waypoint: Arc<Waypoint>,
+    listener: TcpListener,
+    port: u16,
+    connections: Arc<AtomicU64>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors and the like: pause, keep serving.
+                warn!(port, error = %err, "ingress accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(chain) = waypoint.store.load().ingress.get(&port).cloned() else {
+            continue; // the port is being closed
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
+        let conn = connections.fetch_add(1, Ordering::Relaxed);
+        let ctx = Arc::new(TunnelContext {
+            chain,
+            reporter: "source",
+            security: "none",
+            peer: String::new(),
+            peer_namespace: String::new(),
+            source: peer,
+            destination: local,
+            conn,
+        });
+        let span = info_span!("ingress", conn, port, src = %peer);
+        let waypoint = waypoint.clone();
+        tokio::spawn(
+            async move {
+                match &ctx.chain {
+                    Chain::Http { .. } => serve_http(waypoint, ctx, stream).await,
+                    Chain::Tcp { .. } => relay_tcp(waypoint, ctx, stream).await,
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -233,10 +355,24 @@ impl Waypoint {
         let status = response.status().as_u16();
         let response_bytes = content_length(response.headers()).unwrap_or(0);
         let labels = RequestLabels {
-            reporter: "waypoint",
-            source_workload_namespace: ctx.peer_namespace.clone(),
-            source_principal: ctx.peer.clone(),
-            destination_service: ctx.chain.service().to_owned(),
+            reporter: ctx.reporter,
+            source_workload_namespace: if ctx.peer_namespace.is_empty() {
+                "unknown".to_owned()
+            } else {
+                ctx.peer_namespace.clone()
+            },
+            source_principal: if ctx.peer.is_empty() {
+                "unknown".to_owned()
+            } else {
+                ctx.peer.clone()
+            },
+            // The service the request went to (a route may send it
+            // elsewhere than the address it was for), else the chain's.
+            destination_service: match outcome.cluster.rsplit('|').next() {
+                Some(host) if !host.is_empty() => host.to_owned(),
+                _ if ctx.reporter == "waypoint" => ctx.chain.service().to_owned(),
+                _ => "unknown".to_owned(),
+            },
             destination_workload: outcome
                 .endpoint
                 .as_ref()
@@ -249,7 +385,7 @@ impl Waypoint {
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: status,
             response_flags: outcome.flags,
-            connection_security_policy: "mutual_tls",
+            connection_security_policy: ctx.security,
         };
         let elapsed = started.elapsed();
         self.metrics.requests.get_or_create(&labels).inc();

@@ -33,55 +33,142 @@ use regex::Regex;
 /// The fault filter's name, as routes key its per-route config.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
-/// One service port's routes, in order: the first match wins.
+/// One route configuration: virtual hosts chosen by the request's
+/// authority, each with its routes in order (the first match wins). A
+/// waypoint's configurations hold one host matching `*`; an ingress
+/// gateway's hold one per VirtualService host.
 #[derive(Debug)]
 pub struct RouteTable {
     /// The route configuration's name.
     pub name: String,
+    hosts: Vec<CompiledHost>,
+}
+
+#[derive(Debug)]
+struct CompiledHost {
+    domains: Vec<Domain>,
     routes: Vec<CompiledRoute>,
 }
 
-impl RouteTable {
-    /// Compiles `config` (its first virtual host: a waypoint's route
-    /// configurations hold one, matching every authority).
-    pub fn compile(config: &RouteConfiguration) -> Result<Self, String> {
-        let mut routes = Vec::new();
-        for (h, host) in config.virtual_hosts.iter().enumerate() {
-            if !host.domains.iter().any(|d| d == "*") {
-                return Err(format!(
-                    "virtual_hosts[{h}]: domains must include \"*\" (the waypoint routes by destination service, not by Host)"
-                ));
+/// An Envoy virtual host domain.
+#[derive(Debug)]
+enum Domain {
+    Any,
+    Exact(String),
+    /// `*.example.com` (the suffix keeps its dot).
+    Suffix(String),
+    /// `example.*`.
+    Prefix(String),
+}
+
+impl Domain {
+    fn parse(domain: &str) -> Result<Self, String> {
+        let d = domain.to_ascii_lowercase();
+        Ok(if d == "*" {
+            Domain::Any
+        } else if let Some(suffix) = d.strip_prefix('*') {
+            Domain::Suffix(suffix.to_owned())
+        } else if let Some(prefix) = d.strip_suffix('*') {
+            Domain::Prefix(prefix.to_owned())
+        } else if d.contains('*') || d.is_empty() {
+            return Err(format!("domain {domain:?}: wildcards only at either end"));
+        } else {
+            Domain::Exact(d)
+        })
+    }
+
+    /// Envoy's precedence: exact, then the longest suffix, then the longest
+    /// prefix, then `*`; `None` when it does not match.
+    fn rank(&self, host: &str) -> Option<(u8, usize)> {
+        match self {
+            Domain::Exact(d) => (d == host).then_some((3, d.len())),
+            Domain::Suffix(s) => {
+                (host.len() > s.len() && host.ends_with(s.as_str())).then_some((2, s.len()))
             }
+            Domain::Prefix(p) => {
+                (host.len() > p.len() && host.starts_with(p.as_str())).then_some((1, p.len()))
+            }
+            Domain::Any => Some((0, 0)),
+        }
+    }
+}
+
+impl RouteTable {
+    /// Compiles `config`.
+    pub fn compile(config: &RouteConfiguration) -> Result<Self, String> {
+        let mut hosts = Vec::new();
+        for (h, host) in config.virtual_hosts.iter().enumerate() {
+            let domains = host
+                .domains
+                .iter()
+                .map(|d| Domain::parse(d).map_err(|e| format!("virtual_hosts[{h}]: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if domains.is_empty() {
+                return Err(format!("virtual_hosts[{h}]: no domains"));
+            }
+            let mut routes = Vec::new();
             for (i, route) in host.routes.iter().enumerate() {
                 routes.push(CompiledRoute::compile(route).map_err(|e| {
                     format!("virtual_hosts[{h}].routes[{i}] ({}): {e}", route.name)
                 })?);
             }
+            hosts.push(CompiledHost { domains, routes });
         }
         Ok(Self {
             name: config.name.clone(),
-            routes,
+            hosts,
         })
     }
 
-    /// The first route matching the request.
+    /// The first route matching the request, in the virtual host its
+    /// authority (without port, case-insensitive) selects.
     pub fn find(&self, request: &Parts) -> Option<&CompiledRoute> {
-        self.routes.iter().find(|r| r.matcher.matches(request))
+        let host = self.host_for(request)?;
+        host.routes.iter().find(|r| r.matcher.matches(request))
+    }
+
+    fn host_for(&self, request: &Parts) -> Option<&CompiledHost> {
+        if let [only] = self.hosts.as_slice()
+            && matches!(only.domains.as_slice(), [Domain::Any])
+        {
+            return Some(only);
+        }
+        let authority = authority(request).unwrap_or("");
+        let name = match authority.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => authority,
+        };
+        let name = name.to_ascii_lowercase();
+        self.hosts
+            .iter()
+            .filter_map(|h| {
+                h.domains
+                    .iter()
+                    .filter_map(|d| d.rank(&name))
+                    .max()
+                    .map(|r| (r, h))
+            })
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, h)| h)
     }
 
     /// How many routes it holds.
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.hosts.iter().map(|h| h.routes.len()).sum()
     }
 
     /// Whether it holds no route.
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len() == 0
     }
 
     /// Route names, for `/config_dump`.
     pub fn route_names(&self) -> Vec<&str> {
-        self.routes.iter().map(|r| r.name.as_str()).collect()
+        self.hosts
+            .iter()
+            .flat_map(|h| &h.routes)
+            .map(|r| r.name.as_str())
+            .collect()
     }
 }
 
@@ -1191,6 +1278,55 @@ mod tests {
         assert_eq!(
             bad,
             "route.hash_policy[0]: cookie \"a b\": not a cookie name"
+        );
+    }
+
+    #[test]
+    fn virtual_hosts_are_chosen_by_authority_with_envoy_precedence() {
+        let host = |name: &str, domains: &[&str]| VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| (*d).to_owned()).collect(),
+            routes: vec![to(
+                name,
+                RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let table = RouteTable::compile(&RouteConfiguration {
+            name: "http.8080".into(),
+            virtual_hosts: vec![
+                host("any", &["*"]),
+                host("suffix", &["*.example.com"]),
+                host("exact", &["api.example.com"]),
+                host("prefix", &["api.*"]),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let chosen = |authority: &str| {
+            let Action::Forward(f) = &table
+                .find(&request("GET", "/", &[("host", authority)]))
+                .unwrap()
+                .action
+            else {
+                panic!()
+            };
+            f.clusters[0].cluster.clone()
+        };
+        assert_eq!(chosen("API.example.com:8080"), "exact");
+        assert_eq!(chosen("www.example.com"), "suffix");
+        assert_eq!(chosen("api.internal"), "prefix");
+        assert_eq!(chosen("10.0.0.1:8080"), "any");
+        assert!(
+            RouteTable::compile(&RouteConfiguration {
+                virtual_hosts: vec![host("bad", &["a*b"])],
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("wildcards only at either end")
         );
     }
 }

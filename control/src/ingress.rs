@@ -1,0 +1,398 @@
+//! Ingress gateways: Istio `Gateway` resources (networking.istio.io) and the
+//! VirtualServices bound to them, as Envoy listeners and routes for the
+//! gateway deployments they select.
+//!
+//! - A Gateway selects gateway pods by `selector` (in any namespace, Istio's
+//!   default). Each selected pod's owning Deployment, `<namespace>/<name>`,
+//!   is the scope of the resources built for it: the gateway proxy announces
+//!   the same key in its node metadata, as a waypoint does.
+//! - Each server port becomes a Listener `gateway~<ns>~<deployment>~<port>`
+//!   bound on `0.0.0.0:<port>` with an HTTP connection manager whose routes
+//!   (RDS `http.<port>~<ns>~<deployment>`) hold one virtual host per
+//!   VirtualService host, Host-matched, with that VirtualService's `http`
+//!   routes (matches restricted to the gateway by their `gateways`).
+//! - A VirtualService is bound when its `gateways` names the Gateway
+//!   (`<name>` in its own namespace, or `<namespace>/<name>`); its hosts
+//!   must be allowed by a server's `hosts` (`*`, `*.suffix`, exact, with an
+//!   optional `<namespace>/` restricting which namespaces may bind).
+//! - Destinations use the mesh's clusters (`outbound|<port>|<subset>|<host>`),
+//!   so DestinationRules apply at the gateway too.
+//!
+//! HTTP servers are served; HTTPS, TLS and TCP servers are reported as not
+//! supported yet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use mesh_api::envoy::envoy::config::{
+    listener::v3::{FilterChain, Listener},
+    route::v3::{RouteConfiguration, VirtualHost},
+};
+use mesh_config::{
+    Manifests,
+    istio::{IstioGateway, VirtualService, networking as net},
+};
+
+use crate::waypoint::{
+    DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, http_route,
+    socket_address,
+};
+
+/// A gateway deployment's key: `<namespace>/<deployment>`.
+type GatewayKey = String;
+
+/// Listener name of `port` on gateway deployment `key`.
+pub fn listener_name(key: &str, port: u32) -> String {
+    format!("gateway~{}~{port}", key.replace('/', "~"))
+}
+
+/// Route configuration name of `port` on gateway deployment `key`.
+pub fn route_name(key: &str, port: u32) -> String {
+    format!("http.{port}~{}", key.replace('/', "~"))
+}
+
+/// One server of one Gateway, as served by a deployment.
+struct BoundServer<'a> {
+    gateway: &'a IstioGateway,
+    server: &'a net::Server,
+}
+
+/// Builds the listeners and route configurations of every gateway
+/// deployment selected by a Gateway, each scoped to its deployment key.
+pub fn build(
+    manifests: &Manifests,
+    services: &[ServiceRef],
+    listeners: &mut BTreeMap<String, (String, Listener)>,
+    routes: &mut BTreeMap<String, (String, RouteConfiguration)>,
+    warnings: &mut Vec<String>,
+) {
+    let by_host: HashMap<&str, &ServiceRef> =
+        services.iter().map(|s| (s.hostname.as_str(), s)).collect();
+    let rules = DestinationRules::new(&manifests.destination_rules);
+
+    // Deployment key -> port -> the servers it serves there.
+    let mut served: BTreeMap<GatewayKey, BTreeMap<u32, Vec<BoundServer<'_>>>> = BTreeMap::new();
+    for gateway in &manifests.istio_gateways {
+        let id = gateway_id(gateway);
+        if gateway.spec.selector.is_empty() {
+            warnings.push(format!(
+                "Gateway {id}: no selector; it selects no gateway workload"
+            ));
+            continue;
+        }
+        let keys = selected_deployments(manifests, &gateway.spec.selector);
+        if keys.is_empty() {
+            warnings.push(format!(
+                "Gateway {id}: no gateway pod matches its selector {:?}",
+                gateway.spec.selector
+            ));
+        }
+        for (i, server) in gateway.spec.servers.iter().enumerate() {
+            let Some(port) = &server.port else { continue };
+            let protocol = port.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
+            if !matches!(protocol.as_str(), "HTTP" | "HTTP2" | "GRPC") {
+                warnings.push(format!(
+                    "Gateway {id}: servers[{i}] protocol {protocol} is not served by the ingress gateway yet; only HTTP, HTTP2 and GRPC"
+                ));
+                continue;
+            }
+            for key in &keys {
+                served
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(port.number)
+                    .or_default()
+                    .push(BoundServer { gateway, server });
+            }
+        }
+    }
+
+    for (key, ports) in served {
+        for (port, servers) in ports {
+            let route_config = route_name(&key, port);
+            let virtual_hosts =
+                virtual_hosts(manifests, &servers, port, &by_host, &rules, warnings);
+            routes.insert(
+                route_config.clone(),
+                (
+                    key.clone(),
+                    RouteConfiguration {
+                        name: route_config.clone(),
+                        virtual_hosts,
+                        ..Default::default()
+                    },
+                ),
+            );
+            let name = listener_name(&key, port);
+            listeners.insert(
+                name.clone(),
+                (
+                    key.clone(),
+                    Listener {
+                        name,
+                        address: Some(socket_address("0.0.0.0".parse().expect("literal"), port)),
+                        filter_chains: vec![FilterChain {
+                            name: route_config.clone(),
+                            filters: vec![hcm_filter(&route_config, &[])],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    },
+                ),
+            );
+        }
+    }
+}
+
+/// The virtual hosts of one gateway port: one per bound VirtualService
+/// host, holding that VirtualService's routes for this gateway.
+fn virtual_hosts(
+    manifests: &Manifests,
+    servers: &[BoundServer<'_>],
+    port: u32,
+    services: &HashMap<&str, &ServiceRef>,
+    rules: &DestinationRules<'_>,
+    warnings: &mut Vec<String>,
+) -> Vec<VirtualHost> {
+    // Domain -> routes, in VirtualService order.
+    let mut hosts: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for vs in &manifests.virtual_services {
+        let vs_ns = vs
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
+        let bound: Vec<&BoundServer<'_>> = servers
+            .iter()
+            .filter(|s| names_gateway(&vs.spec.gateways, vs_ns, s.gateway))
+            .collect();
+        if bound.is_empty() {
+            continue;
+        }
+        let gateway_names: BTreeSet<String> = bound.iter().map(|s| gateway_id(s.gateway)).collect();
+        for host in &vs.spec.hosts {
+            let allowed = bound.iter().any(|s| {
+                let gateway_ns = s.gateway.metadata.namespace.as_deref();
+                let gateway_ns = gateway_ns.unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+                s.server
+                    .hosts
+                    .iter()
+                    .any(|pattern| server_allows(pattern, gateway_ns, vs_ns, host))
+            });
+            if !allowed {
+                warnings.push(format!(
+                    "VirtualService {vs_ns}/{vs_name}: host {host} is not among the hosts of its gateway's servers on port {port}"
+                ));
+                continue;
+            }
+            let entry = hosts.entry(host.to_ascii_lowercase()).or_default();
+            entry.extend(gateway_routes(
+                vs,
+                vs_ns,
+                vs_name,
+                port,
+                &gateway_names,
+                services,
+            ));
+        }
+    }
+    hosts
+        .into_iter()
+        .map(|(domain, mut routes)| {
+            add_hash_policies(&mut routes, rules, warnings);
+            VirtualHost {
+                name: format!("{domain}:{port}"),
+                domains: vec![domain],
+                routes,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// The routes of `vs` that apply at a gateway named by `gateway_names`.
+fn gateway_routes(
+    vs: &VirtualService,
+    namespace: &str,
+    vs_name: &str,
+    port: u32,
+    gateway_names: &BTreeSet<String>,
+    services: &HashMap<&str, &ServiceRef>,
+) -> Vec<mesh_api::envoy::envoy::config::route::v3::Route> {
+    let mut out = Vec::new();
+    for (index, http) in vs.spec.http.iter().enumerate() {
+        let name = http
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{namespace}/{vs_name}.http[{index}]"));
+        let matches: Vec<Option<&net::HttpMatchRequest>> = if http.matches.is_empty() {
+            vec![None]
+        } else {
+            http.matches.iter().map(Some).collect()
+        };
+        for m in matches {
+            if let Some(m) = m {
+                if m.port.is_some_and(|p| p != port) {
+                    continue;
+                }
+                if !m.gateways.is_empty()
+                    && !m
+                        .gateways
+                        .iter()
+                        .any(|g| gateway_names.contains(&qualified(g, namespace)))
+                {
+                    continue;
+                }
+            }
+            out.push(http_route(&name, http, m, namespace, port, services));
+        }
+    }
+    out
+}
+
+/// `<namespace>/<name>` of a Gateway.
+fn gateway_id(gateway: &IstioGateway) -> String {
+    format!(
+        "{}/{}",
+        gateway
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(mesh_config::DEFAULT_NAMESPACE),
+        gateway.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// `ns/name` for a `gateways` entry written in namespace `namespace`.
+fn qualified(reference: &str, namespace: &str) -> String {
+    if reference.contains('/') {
+        reference.to_owned()
+    } else {
+        format!("{namespace}/{reference}")
+    }
+}
+
+/// Whether a VirtualService's `gateways` (in `namespace`) names `gateway`.
+fn names_gateway(gateways: &[String], namespace: &str, gateway: &IstioGateway) -> bool {
+    let id = gateway_id(gateway);
+    gateways.iter().any(|g| qualified(g, namespace) == id)
+}
+
+/// Whether server host `pattern` (`[ns/]host`; `.` is the Gateway's own
+/// namespace) of a Gateway in `gateway_ns` lets a VirtualService of
+/// namespace `vs_ns` serve `host`.
+fn server_allows(pattern: &str, gateway_ns: &str, vs_ns: &str, host: &str) -> bool {
+    let (ns, host_pattern) = match pattern.split_once('/') {
+        Some((ns, h)) => (ns, h),
+        None => ("*", pattern),
+    };
+    let ns_ok = ns == "*" || (ns == "." && vs_ns == gateway_ns) || ns == vs_ns;
+    let host = host.to_ascii_lowercase();
+    let host_pattern = host_pattern.to_ascii_lowercase();
+    ns_ok
+        && (host_pattern == "*"
+            || host_matches(&host_pattern, &host)
+            || (host.starts_with('*') && host_matches(&host, &host_pattern)))
+}
+
+/// The gateway deployments (`<namespace>/<deployment>`) whose pods match
+/// `selector`.
+fn selected_deployments(
+    manifests: &Manifests,
+    selector: &BTreeMap<String, String>,
+) -> BTreeSet<GatewayKey> {
+    manifests
+        .pods
+        .iter()
+        .filter(|pod| {
+            let labels = pod.metadata.labels.as_ref();
+            selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+        .filter_map(|pod| {
+            let namespace = pod
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+            let owner = pod
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Deployment")
+                .map(|o| o.name.clone())
+                .or_else(|| pod.metadata.name.clone())?;
+            Some(format!("{namespace}/{owner}"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MeshSettings, Model};
+
+    #[test]
+    fn bookinfo_gateway_becomes_a_listener_and_host_routes_for_its_deployment() {
+        let samples = std::env::var_os("MESH_ISTIO_SAMPLES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples")
+            });
+        let mut text =
+            std::fs::read_to_string(samples.join("bookinfo/platform/bookinfo.yaml")).unwrap();
+        text.push_str("\n---\n");
+        text.push_str(
+            &std::fs::read_to_string(samples.join("bookinfo/networking/bookinfo-gateway.yaml"))
+                .unwrap(),
+        );
+        text.push_str(
+            "\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: istio-ingressgateway-0\n  namespace: istio-system\n  labels: {istio: ingressgateway}\n  ownerReferences: [{apiVersion: apps/v1, kind: Deployment, name: istio-ingressgateway, uid: u}]\nspec: {containers: [{name: istio-proxy}]}\nstatus: {podIP: 10.244.0.9}\n",
+        );
+        let loaded = mesh_config::load_str("t.yaml", &text);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let model = Model::build(&loaded.manifests, &MeshSettings::default());
+        let key = "istio-system/istio-ingressgateway";
+        let (scope, listener) = &model.envoy.listeners[&listener_name(key, 8080)];
+        assert_eq!(scope, key);
+        assert_eq!(listener.filter_chains.len(), 1);
+        let (_, routes) = &model.envoy.routes[&route_name(key, 8080)];
+        assert_eq!(routes.virtual_hosts.len(), 1);
+        assert_eq!(routes.virtual_hosts[0].domains, ["*"]);
+        // One route per match: /productpage, /static, /login, /logout, /api/v1/products.
+        assert_eq!(routes.virtual_hosts[0].routes.len(), 5);
+    }
+
+    #[test]
+    fn server_hosts_restrict_hosts_and_namespaces() {
+        assert!(server_allows("*", "gw", "bk", "bookinfo.example.com"));
+        assert!(server_allows(
+            "bk/*.example.com",
+            "gw",
+            "bk",
+            "bookinfo.example.com"
+        ));
+        assert!(!server_allows(
+            "other/*.example.com",
+            "gw",
+            "bk",
+            "bookinfo.example.com"
+        ));
+        assert!(!server_allows("./*", "gw", "bk", "bookinfo.example.com"));
+        assert!(server_allows("./*", "bk", "bk", "bookinfo.example.com"));
+        assert!(!server_allows(
+            "api.example.com",
+            "gw",
+            "bk",
+            "bookinfo.example.com"
+        ));
+        assert!(server_allows(
+            "api.example.com",
+            "gw",
+            "bk",
+            "*.example.com"
+        ));
+    }
+}
