@@ -15,7 +15,7 @@ pub use load::{LoadError, LoadErrorKind, LoadWarning, Loaded, load_dir, load_fil
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod, Service, ServiceAccount},
+        core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -32,6 +32,8 @@ pub enum Resource {
     Service(Box<Service>),
     /// `v1/ServiceAccount`.
     ServiceAccount(Box<ServiceAccount>),
+    /// `v1/Secret` (gateway certificates).
+    Secret(Box<Secret>),
     /// `apps/v1/Deployment`.
     Deployment(Box<Deployment>),
     /// `v1/Pod`.
@@ -86,6 +88,8 @@ pub struct Manifests {
     pub services: Vec<Service>,
     /// Service accounts.
     pub service_accounts: Vec<ServiceAccount>,
+    /// Secrets (only gateway certificates are read).
+    pub secrets: Vec<Secret>,
     /// Deployments.
     pub deployments: Vec<Deployment>,
     /// Bare pods.
@@ -117,6 +121,7 @@ impl Manifests {
             Resource::Namespace(r) => self.namespaces.push(*r),
             Resource::Service(r) => self.services.push(*r),
             Resource::ServiceAccount(r) => self.service_accounts.push(*r),
+            Resource::Secret(r) => self.secrets.push(*r),
             Resource::Deployment(r) => self.deployments.push(*r),
             Resource::Pod(r) => self.pods.push(*r),
             Resource::VirtualService(r) => self.virtual_services.push(*r),
@@ -135,6 +140,7 @@ impl Manifests {
         self.namespaces.extend(other.namespaces);
         self.services.extend(other.services);
         self.service_accounts.extend(other.service_accounts);
+        self.secrets.extend(other.secrets);
         self.deployments.extend(other.deployments);
         self.pods.extend(other.pods);
         self.virtual_services.extend(other.virtual_services);
@@ -154,6 +160,7 @@ impl Manifests {
         self.namespaces.len()
             + self.services.len()
             + self.service_accounts.len()
+            + self.secrets.len()
             + self.deployments.len()
             + self.pods.len()
             + self.virtual_services.len()
@@ -197,6 +204,9 @@ impl Manifests {
             "ServiceAccount" => Resource::ServiceAccount(Box::new(
                 named(&self.service_accounts, id, |r| &r.metadata)?.clone(),
             )),
+            "Secret" => {
+                Resource::Secret(Box::new(named(&self.secrets, id, |r| &r.metadata)?.clone()))
+            }
             "Deployment" => Resource::Deployment(Box::new(
                 named(&self.deployments, id, |r| &r.metadata)?.clone(),
             )),

@@ -223,6 +223,7 @@ fn parse_resource(
         "Namespace" if api == "v1" => Resource::Namespace(typed(value, unknown).map_err(with_id)?),
         "Service" if api == "v1" => parse!(Service),
         "ServiceAccount" if api == "v1" => parse!(ServiceAccount),
+        "Secret" if api == "v1" => parse!(Secret),
         "Pod" if api == "v1" => parse!(Pod),
         "Deployment" if api == "apps/v1" => parse!(Deployment),
         "VirtualService" if networking => parse!(VirtualService),
@@ -255,6 +256,7 @@ macro_rules! has_metadata {
 has_metadata!(
     k8s_openapi::api::core::v1::Service,
     k8s_openapi::api::core::v1::ServiceAccount,
+    k8s_openapi::api::core::v1::Secret,
     k8s_openapi::api::core::v1::Pod,
     k8s_openapi::api::apps::v1::Deployment
 );

@@ -18,19 +18,37 @@
 //! - Destinations use the mesh's clusters (`outbound|<port>|<subset>|<host>`),
 //!   so DestinationRules apply at the gateway too.
 //!
-//! HTTP servers are served; HTTPS, TLS and TCP servers are reported as not
+//! - HTTPS servers with `tls.mode: SIMPLE` terminate TLS at the gateway:
+//!   each gets its own filter chain, matched by SNI on the server's hosts
+//!   (a `*` host makes it the port's default chain), with its certificate
+//!   from the Secret `credentialName` in the gateway's namespace
+//!   (`tls.crt`/`tls.key`, or `cert`/`key`) inlined in the listener, or from
+//!   the `serverCertificate`/`privateKey` files on the gateway. Its routes
+//!   (`https.<port>.<i>~<ns>~<deployment>`) hold only that server's hosts.
+//!
+//! MUTUAL and passthrough TLS, and TCP servers, are reported as not
 //! supported yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use mesh_api::envoy::envoy::config::{
-    listener::v3::{FilterChain, Listener},
-    route::v3::{RouteConfiguration, VirtualHost},
+use mesh_api::envoy::{
+    envoy::{
+        config::{
+            core::v3::{DataSource, TransportSocket, data_source, transport_socket},
+            listener::v3::{FilterChain, FilterChainMatch, Listener},
+            route::v3::{RouteConfiguration, VirtualHost},
+        },
+        extensions::transport_sockets::tls::v3::{
+            CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+        },
+    },
+    google::protobuf::Any,
 };
 use mesh_config::{
     Manifests,
     istio::{IstioGateway, VirtualService, networking as net},
 };
+use prost::{Message, Name};
 
 use crate::waypoint::{
     DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, http_route,
@@ -49,6 +67,15 @@ pub fn listener_name(key: &str, port: u32) -> String {
 pub fn route_name(key: &str, port: u32) -> String {
     format!("http.{port}~{}", key.replace('/', "~"))
 }
+
+/// Route configuration name of HTTPS server `index` of `port` on gateway
+/// deployment `key`.
+pub fn https_route_name(key: &str, port: u32, index: usize) -> String {
+    format!("https.{port}.{index}~{}", key.replace('/', "~"))
+}
+
+/// The TLS transport socket's name.
+pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 
 /// One server of one Gateway, as served by a deployment.
 struct BoundServer<'a> {
@@ -89,9 +116,19 @@ pub fn build(
         for (i, server) in gateway.spec.servers.iter().enumerate() {
             let Some(port) = &server.port else { continue };
             let protocol = port.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
-            if !matches!(protocol.as_str(), "HTTP" | "HTTP2" | "GRPC") {
+            let simple_tls = server
+                .tls
+                .as_ref()
+                .is_some_and(|t| matches!(t.mode, None | Some(net::ServerTlsMode::Simple)));
+            let served_here = match protocol.as_str() {
+                "HTTP" | "HTTP2" | "GRPC" => true,
+                "HTTPS" => simple_tls,
+                _ => false,
+            };
+            if !served_here {
                 warnings.push(format!(
-                    "Gateway {id}: servers[{i}] protocol {protocol} is not served by the ingress gateway yet; only HTTP, HTTP2 and GRPC"
+                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC and HTTPS with tls.mode SIMPLE are",
+                    server.tls.as_ref().and_then(|t| t.mode).map(|m| format!(", tls.mode {m:?}")).unwrap_or_default()
                 ));
                 continue;
             }
@@ -108,20 +145,107 @@ pub fn build(
 
     for (key, ports) in served {
         for (port, servers) in ports {
-            let route_config = route_name(&key, port);
-            let virtual_hosts =
-                virtual_hosts(manifests, &servers, port, &by_host, &rules, warnings);
-            routes.insert(
-                route_config.clone(),
-                (
-                    key.clone(),
-                    RouteConfiguration {
+            let (https, http): (Vec<_>, Vec<_>) = servers.into_iter().partition(|s| {
+                s.server
+                    .port
+                    .as_ref()
+                    .and_then(|p| p.protocol.as_deref())
+                    .is_some_and(|p| p.eq_ignore_ascii_case("HTTPS"))
+            });
+            let mut filter_chains = Vec::new();
+            if !http.is_empty() {
+                for ignored in &https {
+                    warnings.push(format!(
+                        "Gateway {}: an HTTPS server on port {port} shares it with an HTTP server; the HTTPS server is not served",
+                        gateway_id(ignored.gateway)
+                    ));
+                }
+                let route_config = route_name(&key, port);
+                let virtual_hosts =
+                    virtual_hosts(manifests, &http, port, &by_host, &rules, warnings);
+                routes.insert(
+                    route_config.clone(),
+                    (
+                        key.clone(),
+                        RouteConfiguration {
+                            name: route_config.clone(),
+                            virtual_hosts,
+                            ..Default::default()
+                        },
+                    ),
+                );
+                filter_chains.push(FilterChain {
+                    name: route_config.clone(),
+                    filters: vec![hcm_filter(&route_config, &[])],
+                    ..Default::default()
+                });
+            } else {
+                let gateway_ns = key.split('/').next().unwrap_or_default();
+                for (index, bound) in https.iter().enumerate() {
+                    let id = gateway_id(bound.gateway);
+                    let Some(tls) = server_tls(bound.server, manifests, gateway_ns) else {
+                        warnings.push(format!(
+                            "Gateway {id}: the HTTPS server on port {port} has no usable certificate (credentialName names a Secret with tls.crt and tls.key in {gateway_ns}, or serverCertificate and privateKey files); it is not served"
+                        ));
+                        continue;
+                    };
+                    let route_config = https_route_name(&key, port, index);
+                    let virtual_hosts = virtual_hosts(
+                        manifests,
+                        std::slice::from_ref(bound),
+                        port,
+                        &by_host,
+                        &rules,
+                        warnings,
+                    );
+                    routes.insert(
+                        route_config.clone(),
+                        (
+                            key.clone(),
+                            RouteConfiguration {
+                                name: route_config.clone(),
+                                virtual_hosts,
+                                ..Default::default()
+                            },
+                        ),
+                    );
+                    let server_names: Vec<String> = bound
+                        .server
+                        .hosts
+                        .iter()
+                        .map(|h| {
+                            h.split_once('/')
+                                .map_or(h.as_str(), |(_, host)| host)
+                                .to_ascii_lowercase()
+                        })
+                        .collect();
+                    // A `*` host takes every SNI (and none): no SNI match.
+                    let server_names = if server_names.iter().any(|h| h == "*") {
+                        Vec::new()
+                    } else {
+                        server_names
+                    };
+                    filter_chains.push(FilterChain {
                         name: route_config.clone(),
-                        virtual_hosts,
+                        filter_chain_match: (!server_names.is_empty()).then(|| FilterChainMatch {
+                            server_names,
+                            ..Default::default()
+                        }),
+                        filters: vec![hcm_filter(&route_config, &[])],
+                        transport_socket: Some(TransportSocket {
+                            name: TLS_TRANSPORT_SOCKET.to_owned(),
+                            config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
+                                type_url: DownstreamTlsContext::type_url(),
+                                value: tls.encode_to_vec(),
+                            })),
+                        }),
                         ..Default::default()
-                    },
-                ),
-            );
+                    });
+                }
+            }
+            if filter_chains.is_empty() {
+                continue;
+            }
             let name = listener_name(&key, port);
             listeners.insert(
                 name.clone(),
@@ -130,17 +254,62 @@ pub fn build(
                     Listener {
                         name,
                         address: Some(socket_address("0.0.0.0".parse().expect("literal"), port)),
-                        filter_chains: vec![FilterChain {
-                            name: route_config.clone(),
-                            filters: vec![hcm_filter(&route_config, &[])],
-                            ..Default::default()
-                        }],
+                        filter_chains,
                         ..Default::default()
                     },
                 ),
             );
         }
     }
+}
+
+/// The TLS context of an HTTPS server: its certificate from the Secret
+/// `credentialName` (in the gateway's namespace) or from files.
+fn server_tls(
+    server: &net::Server,
+    manifests: &Manifests,
+    gateway_ns: &str,
+) -> Option<DownstreamTlsContext> {
+    let tls = server.tls.as_ref()?;
+    let (chain, key) = if let Some(name) = &tls.credential_name {
+        let secret = manifests.secrets.iter().find(|s| {
+            s.metadata.name.as_deref() == Some(name.as_str())
+                && s.metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
+                    == gateway_ns
+        })?;
+        let data = secret.data.as_ref()?;
+        let field = |names: [&str; 2]| names.iter().find_map(|n| data.get(*n)).map(|b| b.0.clone());
+        (
+            data_source::Specifier::InlineBytes(field(["tls.crt", "cert"])?),
+            data_source::Specifier::InlineBytes(field(["tls.key", "key"])?),
+        )
+    } else {
+        (
+            data_source::Specifier::Filename(tls.server_certificate.clone()?),
+            data_source::Specifier::Filename(tls.private_key.clone()?),
+        )
+    };
+    Some(DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificates: vec![TlsCertificate {
+                certificate_chain: Some(DataSource {
+                    specifier: Some(chain),
+                    ..Default::default()
+                }),
+                private_key: Some(DataSource {
+                    specifier: Some(key),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            alpn_protocols: vec!["h2".to_owned(), "http/1.1".to_owned()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 /// The virtual hosts of one gateway port: one per bound VirtualService

@@ -1,9 +1,10 @@
 //! A minimal HTTP client over one connection: HTTP/1.1 with keep-alive, or
-//! HTTP/2 with prior knowledge (h2c). Used by `lab-app get` and by the
+//! HTTP/2 with prior knowledge (h2c), in the clear or over TLS (`https://`,
+//! the server checked against a given CA). Used by `lab-app get` and by the
 //! server's outgoing calls. One [`Connection`] is one TCP connection, so the
 //! lab's connect-time load balancing sees every new connection.
 
-use std::{error::Error as StdError, io, net::SocketAddr, time::Duration};
+use std::{error::Error as StdError, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
@@ -26,7 +27,7 @@ pub const MAX_BODY: usize = 16 << 20;
 /// Why an HTTP exchange failed.
 #[derive(Debug, Error)]
 pub enum ClientError {
-    /// The URL is not `http://host[:port]/...`.
+    /// The URL is not `http(s)://host[:port]/...`.
     #[error("invalid URL {url}: {reason}")]
     InvalidUrl {
         /// The URL as given.
@@ -43,6 +44,15 @@ pub enum ClientError {
         /// The last address tried.
         addr: SocketAddr,
         /// The connect error.
+        #[source]
+        source: io::Error,
+    },
+    /// The TLS handshake failed, or TLS was not configured.
+    #[error("TLS with {addr}")]
+    Tls {
+        /// The peer.
+        addr: SocketAddr,
+        /// What went wrong.
         #[source]
         source: io::Error,
     },
@@ -97,15 +107,20 @@ pub fn error_chain(err: &dyn StdError) -> String {
     text
 }
 
-/// The parts of an `http://` URL a connection needs.
+/// The parts of an `http://` or `https://` URL a connection needs.
 #[derive(Clone, Debug)]
 pub struct Target {
     /// The whole URL, normalised to have a path.
     pub uri: Uri,
     /// The host as written (a name, an IP, or `[v6]`).
     pub host: String,
-    /// The port (80 if the URL has none).
+    /// The port (80, or 443 for https, if the URL has none).
     pub port: u16,
+    /// `https://`: TLS with the host as the server name.
+    pub tls: bool,
+    /// Where to connect instead of the URL's host and port (curl's
+    /// `--connect-to`): the URL still gives SNI and `Host`.
+    pub connect_to: Option<(String, u16)>,
 }
 
 impl Target {
@@ -116,24 +131,32 @@ impl Target {
             reason,
         };
         let uri: Uri = url.parse().map_err(|_| invalid("not a URL"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(invalid("only http:// is supported"));
-        }
+        let tls = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => false,
+            Some(s) if *s == Scheme::HTTPS => true,
+            _ => return Err(invalid("only http:// and https:// are supported")),
+        };
         let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
         let host = authority.host().to_owned();
         if host.is_empty() {
             return Err(invalid("no host"));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         // `http://host` has no path; requests need at least `/`.
         let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
             .authority(authority.clone())
             .path_and_query(path)
             .build()
             .map_err(|_| invalid("not a URL"))?;
-        Ok(Self { uri, host, port })
+        Ok(Self {
+            uri,
+            host,
+            port,
+            tls,
+            connect_to: None,
+        })
     }
 
     /// The `Host` header value: `host[:port]` as in the URL, without user info.
@@ -166,11 +189,54 @@ impl Connection {
         target: &Target,
         http2_prior_knowledge: bool,
     ) -> Result<Self, ClientError> {
-        let addrs = resolver.resolve(&target.host, target.port).await?;
+        Self::open_with(resolver, target, http2_prior_knowledge, None).await
+    }
+
+    /// As [`open`](Self::open), with TLS for `https://` targets (`tls`
+    /// holds the trusted roots; ALPN is set to the chosen protocol).
+    pub async fn open_with(
+        resolver: &Resolver,
+        target: &Target,
+        http2_prior_knowledge: bool,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ClientError> {
+        let (host, port) = match &target.connect_to {
+            Some((host, port)) => (host.as_str(), *port),
+            None => (target.host.as_str(), target.port),
+        };
+        let addrs = resolver.resolve(host, port).await?;
         let (stream, peer) = connect_any(&addrs).await?;
         let _ = stream.set_nodelay(true);
+        if !target.tls {
+            return Self::handshake(stream, peer, http2_prior_knowledge).await;
+        }
+        let tls_error = |source| ClientError::Tls { addr: peer, source };
+        let Some(config) = tls else {
+            return Err(tls_error(io::Error::other(
+                "https:// needs trusted roots (--ca-file)",
+            )));
+        };
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![if http2_prior_knowledge {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+            .map_err(|e| tls_error(io::Error::other(e.to_string())))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
+            .map_err(tls_error)?;
+        Self::handshake(stream, peer, http2_prior_knowledge).await
+    }
+
+    async fn handshake<IO>(stream: IO, peer: SocketAddr, http2: bool) -> Result<Self, ClientError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let io = TokioIo::new(stream);
-        let sender = if http2_prior_knowledge {
+        let sender = if http2 {
             let (sender, conn) =
                 http2::handshake(TokioExecutor::new(), io)
                     .await
@@ -325,8 +391,11 @@ mod tests {
         let t = Target::parse("http://[fd00::1]:8080/").expect("v6");
         assert_eq!((t.host.as_str(), t.port), ("[fd00::1]", 8080));
 
+        let t = Target::parse("https://bookinfo.example.com/productpage").expect("https");
+        assert_eq!((t.port, t.tls), (443, true));
+
         for bad in [
-            "https://x/",
+            "ftp://x/",
             "details:9080",
             "/path",
             "http://",

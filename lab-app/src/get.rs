@@ -3,6 +3,7 @@
 
 use std::{
     io::{self, Write},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,8 +19,15 @@ use crate::{
 /// Arguments of `lab-app get`.
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    /// The URL: `http://host[:port]/path[?query]`.
+    /// The URL: `http(s)://host[:port]/path[?query]`.
     pub url: String,
+    /// PEM file of the CA that signs the server's certificate (`https://`).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Connect to this `host:port` instead of the URL's, keeping the URL's
+    /// host for SNI and `Host` (as curl's `--connect-to`).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub connect_to: Option<(String, u16)>,
     /// Speak HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
     #[arg(long)]
     pub http2: bool,
@@ -47,6 +55,34 @@ pub struct GetArgs {
     pub timeout_ms: u64,
 }
 
+/// Parses `--connect-to HOST:PORT`.
+fn parse_host_port(value: &str) -> Result<(String, u16), String> {
+    let (host, port) = value.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    let port = port.parse().map_err(|_| format!("port {port:?}"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// Trusts the CA certificates of `path`.
+fn tls_config(path: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("a certificate in {}", path.display()))?)
+            .context("adding a trusted root")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// Parses `--header K:V`.
 fn parse_header(value: &str) -> Result<(HeaderName, HeaderValue), String> {
     let (name, value) = value.split_once(':').ok_or("expected K:V")?;
@@ -59,17 +95,22 @@ fn parse_header(value: &str) -> Result<(HeaderName, HeaderValue), String> {
 /// Runs the requests; `Ok(true)` if every response was 2xx.
 pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
     let resolver = args.resolve.resolver()?;
-    let target = Target::parse(&args.url)?;
+    let mut target = Target::parse(&args.url)?;
+    target.connect_to = args.connect_to.clone();
+    let tls = args.ca_file.as_deref().map(tls_config).transpose()?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let headers: HeaderMap = args.headers.into_iter().collect();
 
     let connect = || async {
-        tokio::time::timeout(timeout, Connection::open(&resolver, &target, args.http2))
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what: format!("connect {}", target.uri),
-                timeout,
-            })?
+        tokio::time::timeout(
+            timeout,
+            Connection::open_with(&resolver, &target, args.http2, tls.clone()),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            what: format!("connect {}", target.uri),
+            timeout,
+        })?
     };
     let mut connection = connect().await?;
 

@@ -163,7 +163,7 @@ pub(crate) fn write_initial(
     state.write_cluster_state()
 }
 
-/// Copies the config resources (Istio, Gateway API) of the manifest file or
+/// Copies the config resources (Istio, Gateway API, Secrets) of the manifest file or
 /// directory `path` into lab `lab`'s cluster, as `kubectl apply` would.
 /// Returns how many resources were applied.
 pub fn apply(lab: &str, path: &Path) -> Result<usize> {
@@ -191,10 +191,13 @@ pub fn apply(lab: &str, path: &Path) -> Result<usize> {
         for document in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(document)
                 .map_err(|e| Error::Config(format!("{}: {e}", file.display())))?;
-            let is_config = value
-                .get("apiVersion")
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| CONFIG_GROUPS.iter().any(|g| v.starts_with(g)));
+            let api_version = value.get("apiVersion").and_then(|v| v.as_str());
+            let kind = value.get("kind").and_then(|v| v.as_str());
+            // Istio and Gateway API resources, and Secrets (gateway
+            // certificates), which the lab does not deploy but serves.
+            let is_config = api_version
+                .is_some_and(|v| CONFIG_GROUPS.iter().any(|g| v.starts_with(g)))
+                || (api_version == Some("v1") && kind == Some("Secret"));
             if is_config {
                 documents.push(value);
             }

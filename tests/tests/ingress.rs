@@ -1,7 +1,9 @@
 //! The ingress gateway: bookinfo's `bookinfo-gateway` sample (an Istio
 //! `Gateway` selecting `istio: ingressgateway` and the VirtualService bound
 //! to it) lets clients outside the mesh reach productpage through the
-//! gateway the lab deploys, as Istio's install does.
+//! gateway the lab deploys, as Istio's install does; an HTTPS server
+//! (`tls.mode: SIMPLE`, certificate from a Secret) terminates TLS for its
+//! SNI host.
 
 use std::time::{Duration, Instant};
 
@@ -11,12 +13,11 @@ use serde_json::Value;
 
 const GATEWAY_URL: &str = "http://istio-ingressgateway.istio-system";
 
-/// One GET from `from`: the status line's code and the JSON body (if any).
-fn get(lab: &Lab, from: &PodPlan, url: &str, headers: &[&str]) -> (bool, Value, String) {
+/// One GET from `from`: whether it was a 2xx, the JSON body (if any), and
+/// everything printed. `extra` are more `lab-app get` arguments.
+fn get(lab: &Lab, from: &PodPlan, url: &str, extra: &[&str]) -> (bool, Value, String) {
     let mut args = vec!["get", url, "--timeout-ms", "5000"];
-    for h in headers {
-        args.extend(["--header", h]);
-    }
+    args.extend(extra);
     let output = lab
         .state
         .app_client(from, &args)
@@ -108,4 +109,102 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
                 && l.contains("response_flags=\"NR\"")),
         "no 404 NR in\n{metrics}"
     );
+
+    https_server(&lab, &outside);
+}
+
+/// An HTTPS server for `bookinfo.example.com` with a certificate from a
+/// Secret: the right SNI gets productpage over HTTP/1.1 and HTTP/2 (ALPN),
+/// another SNI gets no TLS handshake at all.
+fn https_server(lab: &Lab, client: &PodPlan) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["bookinfo.example.com".to_owned()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("leaf");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("bookinfo-credential".into()),
+            namespace: Some("istio-system".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [("tls.crt", leaf.pem()), ("tls.key", key.serialize_pem())]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    let config = format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&secret).expect("secret yaml"),
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: bookinfo-https, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: [bookinfo.example.com]
+    tls: {mode: SIMPLE, credentialName: bookinfo-credential}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo-https, namespace: default}
+spec:
+  hosts: [bookinfo.example.com]
+  gateways: [bookinfo-https]
+  http:
+  - match: [{uri: {exact: /productpage}}]
+    route: [{destination: {host: productpage, port: {number: 9080}}}]
+"#
+    );
+    let file = dir.path().join("bookinfo-https.yaml");
+    std::fs::write(&file, config).expect("write config");
+    mesh_lab::cluster::apply(&lab.state.plan.name, &file).expect("apply");
+
+    let ca = ca_file.to_str().expect("utf-8 path");
+    let via_gateway = [
+        "--connect-to",
+        "istio-ingressgateway.istio-system:443",
+        "--ca-file",
+        ca,
+    ];
+    eventually("HTTPS through the gateway", || {
+        let (ok, body, text) = get(
+            lab,
+            client,
+            "https://bookinfo.example.com/productpage",
+            &via_gateway,
+        );
+        (ok && body["app"] == "productpage")
+            .then_some(())
+            .ok_or(text)
+    });
+    let mut h2 = via_gateway.to_vec();
+    h2.push("--http2");
+    let (ok, body, text) = get(lab, client, "https://bookinfo.example.com/productpage", &h2);
+    assert!(
+        ok && body["app"] == "productpage",
+        "HTTP/2 over TLS: {text}"
+    );
+    // No server for that name: the gateway ends the handshake.
+    let (ok, _, text) = get(
+        lab,
+        client,
+        "https://other.example.com/productpage",
+        &via_gateway,
+    );
+    assert!(!ok && text.contains("TLS"), "{text}");
 }

@@ -19,7 +19,7 @@ use mesh_api::{
             cluster::v3::Cluster,
             core::v3::{address, socket_address},
             endpoint::v3::ClusterLoadAssignment,
-            listener::v3::{FilterChain, Listener, filter},
+            listener::v3::{FilterChain, FilterChainMatch, Listener, filter},
             route::v3::RouteConfiguration,
         },
         extensions::filters::{
@@ -41,6 +41,7 @@ use serde_json::json;
 
 use crate::{
     cluster::{ClusterConfig, ClusterEntry, ClusterRuntime, EndpointConfig, compile_endpoints},
+    ingress::{IngressChain, IngressListener, compile_chain_tls},
     rbac::Authorizer,
     route::{FAULT_FILTER, RouteTable},
 };
@@ -96,8 +97,8 @@ impl Chain {
 pub struct Config {
     /// Service address (VIP and port) to its chain (waypoint, over HBONE).
     pub chains: HashMap<SocketAddr, Chain>,
-    /// Port to its chain (ingress gateway, plain listeners).
-    pub ingress: BTreeMap<u16, Chain>,
+    /// Port to its filter chains (ingress gateway listeners).
+    pub ingress: BTreeMap<u16, Arc<IngressListener>>,
     /// Route tables by name.
     pub routes: HashMap<String, Arc<RouteTable>>,
     /// Clusters by name.
@@ -135,10 +136,10 @@ impl Store {
         clusters.sort_by(|a, b| a.config.name.cmp(&b.config.name));
         json!({
             "listeners": config.listeners,
-            "ingress": config.ingress.iter().map(|(port, chain)| match chain {
-                Chain::Http { name, route_config, authz } => json!({"port": port, "name": name, "rds": route_config, "rbac": authz.summary()}),
-                Chain::Tcp { name, clusters, authz } => json!({"port": port, "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
-            }).collect::<Vec<_>>(),
+            "ingress": config.ingress.iter().flat_map(|(port, listener)| listener.chains.iter().map(move |c| match &c.chain {
+                Chain::Http { name, route_config, authz } => json!({"port": port, "server_names": c.server_names, "tls": c.tls.is_some(), "name": name, "rds": route_config, "rbac": authz.summary()}),
+                Chain::Tcp { name, clusters, authz } => json!({"port": port, "server_names": c.server_names, "tls": c.tls.is_some(), "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
+            })).collect::<Vec<_>>(),
             "filter_chains": chains.iter().map(|(addr, chain)| match chain {
                 Chain::Http { name, route_config, authz } => json!({"match": addr.to_string(), "name": name, "rds": route_config, "rbac": authz.summary()}),
                 Chain::Tcp { name, clusters, authz } => json!({"match": addr.to_string(), "name": name, "tcp_proxy": clusters, "rbac": authz.summary()}),
@@ -190,8 +191,8 @@ impl XdsHandler {
                         config.chains.insert(*addr, chain.clone());
                     }
                 }
-                Compiled::Ingress(port, chain) => {
-                    config.ingress.insert(*port, chain.clone());
+                Compiled::Ingress(port, listener) => {
+                    config.ingress.insert(*port, listener.clone());
                 }
             }
         }
@@ -297,8 +298,8 @@ fn apply_type<T>(
 pub enum Compiled {
     /// The waypoint's HBONE listener: a chain per service address.
     Waypoint(Vec<(SocketAddr, Chain)>),
-    /// An ingress gateway port: one chain for every connection.
-    Ingress(u16, Chain),
+    /// An ingress gateway port: one plain chain, or TLS chains by SNI.
+    Ingress(u16, Arc<IngressListener>),
 }
 
 /// The port of the waypoint's HBONE listener; listeners on any other port
@@ -322,28 +323,37 @@ pub fn compile_listener(listener: &Listener) -> Result<Compiled, String> {
     if port == HBONE_PORT {
         return compile_waypoint_listener(listener).map(Compiled::Waypoint);
     }
-    let [chain] = listener.filter_chains.as_slice() else {
+    let mut chains = Vec::new();
+    for (i, chain) in listener.filter_chains.iter().enumerate() {
+        let at = format!("filter_chains[{i}] ({})", chain.name);
+        if let Some(m) = &chain.filter_chain_match {
+            let only_names = FilterChainMatch {
+                server_names: m.server_names.clone(),
+                ..Default::default()
+            };
+            if *m != only_names {
+                return Err(format!(
+                    "{at}.filter_chain_match: only server_names is supported on ingress listeners"
+                ));
+            }
+        }
+        let (server_names, tls) = compile_chain_tls(chain, &at)?;
+        chains.push(IngressChain {
+            server_names,
+            tls,
+            chain: compile_chain(chain, &at)?,
+        });
+    }
+    let plain = chains.iter().filter(|c| c.tls.is_none()).count();
+    if chains.is_empty() || (plain > 0 && chains.len() > 1) {
         return Err(format!(
-            "filter_chains: an ingress listener (port {port}) has exactly one filter chain"
+            "filter_chains: an ingress listener (port {port}) has one plain chain or TLS chains only"
         ));
-    };
-    if chain
-        .filter_chain_match
-        .as_ref()
-        .is_some_and(|m| *m != Default::default())
-    {
-        return Err(
-            "filter_chains[0].filter_chain_match: not supported on ingress listeners".into(),
-        );
     }
-    if chain.transport_socket.is_some() {
-        return Err(
-            "filter_chains[0].transport_socket: TLS is not supported on ingress listeners yet"
-                .into(),
-        );
-    }
-    let built = compile_chain(chain, &format!("filter_chains[0] ({})", chain.name))?;
-    Ok(Compiled::Ingress(port, built))
+    Ok(Compiled::Ingress(
+        port,
+        Arc::new(IngressListener { chains }),
+    ))
 }
 
 /// The waypoint listener's chains, each matching one service address.

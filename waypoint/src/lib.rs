@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod ingress;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;

@@ -285,7 +285,7 @@ async fn accept_ingress(
                 continue;
             }
         };
-        let Some(chain) = waypoint.store.load().ingress.get(&port).cloned() else {
+        let Some(ingress) = waypoint.store.load().ingress.get(&port).cloned() else {
             continue; // the port is being closed
         };
         let _ = stream.set_nodelay(true);
@@ -293,20 +293,50 @@ async fn accept_ingress(
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
         let conn = connections.fetch_add(1, Ordering::Relaxed);
-        let ctx = Arc::new(TunnelContext {
-            chain,
-            reporter: "source",
-            security: "none",
-            peer: String::new(),
-            peer_namespace: String::new(),
-            source: peer,
-            destination: local,
-            conn,
-        });
         let span = info_span!("ingress", conn, port, src = %peer);
         let waypoint = waypoint.clone();
         tokio::spawn(
             async move {
+                let context = |chain: Chain, security| {
+                    Arc::new(TunnelContext {
+                        chain,
+                        reporter: "source",
+                        security,
+                        peer: String::new(),
+                        peer_namespace: String::new(),
+                        source: peer,
+                        destination: local,
+                        conn,
+                    })
+                };
+                if !ingress.is_tls() {
+                    let Some(first) = ingress.chains.first() else { return };
+                    let ctx = context(first.chain.clone(), "none");
+                    return match &ctx.chain {
+                        Chain::Http { .. } => serve_http(waypoint, ctx, stream).await,
+                        Chain::Tcp { .. } => relay_tcp(waypoint, ctx, stream).await,
+                    };
+                }
+                // Read the ClientHello, pick the chain by SNI, then finish
+                // the handshake with that chain's certificate.
+                let acceptor =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+                let start = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor).await {
+                    Ok(Ok(start)) => start,
+                    Ok(Err(err)) => return debug!(error = %err, "TLS ClientHello failed"),
+                    Err(_) => return debug!("no TLS ClientHello in time"),
+                };
+                let sni = start.client_hello().server_name().map(str::to_owned);
+                let Some(chosen) = ingress.for_sni(sni.as_deref()) else {
+                    return info!(target: "waypoint::access", sni = sni.as_deref().unwrap_or(""), flags = "NR", "no filter chain for this SNI");
+                };
+                let Some(tls) = chosen.tls.clone() else { return };
+                let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, start.into_stream(tls)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(err)) => return debug!(error = %err, "TLS handshake failed"),
+                    Err(_) => return debug!("TLS handshake timed out"),
+                };
+                let ctx = context(chosen.chain.clone(), "none");
                 match &ctx.chain {
                     Chain::Http { .. } => serve_http(waypoint, ctx, stream).await,
                     Chain::Tcp { .. } => relay_tcp(waypoint, ctx, stream).await,
