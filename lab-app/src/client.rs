@@ -394,13 +394,7 @@ mod tests {
         let t = Target::parse("https://bookinfo.example.com/productpage").expect("https");
         assert_eq!((t.port, t.tls), (443, true));
 
-        for bad in [
-            "ftp://x/",
-            "details:9080",
-            "/path",
-            "http://",
-            "not a url",
-        ] {
+        for bad in ["ftp://x/", "details:9080", "/path", "http://", "not a url"] {
             assert!(Target::parse(bad).is_err(), "{bad} accepted");
         }
     }

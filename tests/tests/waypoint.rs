@@ -94,7 +94,11 @@ fn unapply(lab: &Lab, file: &str) {
 fn bookinfo_networking_samples_through_the_waypoint() {
     let mut lab = Lab::up(
         "twp",
-        vec![bookinfo_manifest(), manifest("waypoint.yaml")],
+        vec![
+            bookinfo_manifest(),
+            manifest("details-v2.yaml"),
+            manifest("waypoint.yaml"),
+        ],
         2,
     );
     lab.enrol_namespace("default");
@@ -164,8 +168,38 @@ fn bookinfo_networking_samples_through_the_waypoint() {
         "v1 got {v1} of 400 (expected 320 ± 40): {split:?}"
     );
 
-    // virtual-service-reviews-v3: everything to v3.
+    // virtual-service-reviews-v2-v3: 200 requests, v2's share within ±5σ of 50 %.
     unapply(&lab, "virtual-service-reviews-80-20.yaml");
+    apply(&lab, "virtual-service-reviews-v2-v3.yaml");
+    eventually("v2-v3 split applied", || {
+        let seen = tally(&versions(&lab, &client, reviews, 20, &[]));
+        (!seen.contains_key("v1") && seen.contains_key("v3"))
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+    let split = tally(&versions(&lab, &client, reviews, 200, &[]));
+    let v2 = split.get("v2").copied().unwrap_or(0);
+    let v3 = split.get("v3").copied().unwrap_or(0);
+    assert_eq!(v2 + v3, 200, "only v2 and v3 answer: {split:?}");
+    // σ = sqrt(200 · 0.5 · 0.5) ≈ 7.
+    assert!(
+        (65..=135).contains(&v2),
+        "v2 got {v2} of 200 (expected 100 ± 35): {split:?}"
+    );
+
+    // virtual-service-details-v2: details answers from v2 only.
+    let details = "http://details:9080/details/0";
+    apply(&lab, "virtual-service-details-v2.yaml");
+    eventually("details-v2", || {
+        let seen = tally(&versions(&lab, &client, details, 20, &[]));
+        (seen == BTreeMap::from([("v2".to_owned(), 20)]))
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+    unapply(&lab, "virtual-service-details-v2.yaml");
+
+    // virtual-service-reviews-v3: everything to v3.
+    unapply(&lab, "virtual-service-reviews-v2-v3.yaml");
     apply(&lab, "virtual-service-reviews-v3.yaml");
     eventually("v3", || {
         let seen = tally(&versions(&lab, &client, reviews, 20, &[]));
@@ -220,6 +254,26 @@ fn bookinfo_networking_samples_through_the_waypoint() {
 
     authorization_policies(&lab, &client, &waypoint);
     consistent_hashing(&lab, &client);
+
+    // fault-injection-details-v1 (its own DestinationRule for details, so
+    // after destination-rule-all is gone): every details call aborts 555.
+    apply(&lab, "fault-injection-details-v1.yaml");
+    eventually("details abort 555", || {
+        let seen = versions(&lab, &client, "http://details:9080/details/0", 5, &[]);
+        seen.iter()
+            .all(|v| v.contains("fault filter abort"))
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+    let metrics = lab.state.waypoint_metrics(&waypoint).expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("response_code=\"555\"")
+                && l.contains("response_flags=\"FI\"")),
+        "no FI 555 in\n{metrics}"
+    );
 }
 
 /// DestinationRule `consistentHash` on a header: one user, one pod.
@@ -253,7 +307,7 @@ fn consistent_hashing(lab: &Lab, client: &PodPlan) {
 /// L7 AuthorizationPolicies at the waypoint: an ALLOW policy on reviews by
 /// caller, method and path, and a DENY policy on every service by header.
 fn authorization_policies(lab: &Lab, productpage: &PodPlan, waypoint: &PodPlan) {
-    let details = lab.state.pod("details").expect("details").clone();
+    let details = lab.state.pod("details-v1").expect("details").clone();
     let reviews = "http://reviews:9080/reviews/0";
     let ratings = "http://ratings:9080/ratings/0";
     let denied = "body RBAC: access denied";
