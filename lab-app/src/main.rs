@@ -4,8 +4,8 @@
 //! - `lab-app serve` answers HTTP/1.1 and h2c with JSON naming the pod and the
 //!   caller (and can call further services), echoes TCP, and speaks a
 //!   server-first banner protocol.
-//! - `lab-app get URL` and `lab-app tcp ADDR` drive it from tests and demos;
-//!   `lab-app load ADDR` drives the benchmarks.
+//! - `lab-app get URL`, `lab-app upgrade URL` and `lab-app tcp ADDR` drive it
+//!   from tests and demos; `lab-app load ADDR` drives the benchmarks.
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -18,6 +18,7 @@ mod load;
 mod resolve;
 mod serve;
 mod tcp_client;
+mod upgrade;
 
 /// The stand-in app of the network-namespace lab.
 #[derive(Debug, Parser)]
@@ -35,6 +36,9 @@ enum Command {
     Get(get::GetArgs),
     /// Exchange bytes with a TCP echo or banner server; print what came back.
     Tcp(tcp_client::TcpArgs),
+    /// Switch an HTTP/1.1 connection to another protocol (as WebSocket
+    /// does), then exchange bytes; print what came back.
+    Upgrade(upgrade::UpgradeArgs),
     /// Drive a bounded load against a TCP echo server; print a JSON report.
     Load(load::LoadArgs),
 }
@@ -45,7 +49,7 @@ async fn main() -> ExitCode {
     // The server logs each request; the clients keep stderr for problems.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Get(_) | Command::Tcp(_) | Command::Load(_) => "warn",
+        Command::Get(_) | Command::Tcp(_) | Command::Load(_) | Command::Upgrade(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -59,6 +63,7 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args).await.map(|()| true),
         Command::Get(args) => get::run(args).await,
         Command::Tcp(args) => tcp_client::run(args).await.map(|()| true),
+        Command::Upgrade(args) => upgrade::run(args).await.map(|()| true),
         Command::Load(args) => load::run(args).await.map(|()| true),
     };
     match result {

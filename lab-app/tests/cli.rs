@@ -188,6 +188,14 @@ fn http1_and_http2_answer_with_identity_and_protocol() {
 }
 
 #[test]
+fn upgrade_switches_protocols_then_echoes() {
+    let server = Server::start("ws-0", &[]);
+    let out = lab_app(&["upgrade", &server.url("/ws"), "--send", "ping pong"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "app-of-ws-0-v7\nping pong");
+}
+
+#[test]
 fn call_hop_returns_the_callee_answer() {
     let callee = Server::start("callee-0", &[]);
     let caller = Server::start("caller-0", &[]);

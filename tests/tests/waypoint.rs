@@ -125,6 +125,28 @@ fn bookinfo_networking_samples_through_the_waypoint() {
             .ok_or(format!("{:?}", tally(&seen)))
     });
 
+    // An HTTP/1.1 upgrade (WebSocket's mechanism) is routed like any
+    // request, then the switched connection is relayed both ways.
+    let output = lab
+        .state
+        .app_client(
+            &client,
+            &["upgrade", "http://reviews:9080/ws", "--send", "hello"],
+        )
+        .expect("client")
+        .output()
+        .expect("lab-app upgrade");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "reviews-v1\nhello",
+        "the v1 pod switched protocols and echoed"
+    );
+
     // virtual-service-reviews-test-v2: jason gets v2, everyone else v1.
     unapply(&lab, "virtual-service-all-v1.yaml");
     apply(&lab, "virtual-service-reviews-test-v2.yaml");

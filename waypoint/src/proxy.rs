@@ -163,7 +163,10 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(waypoint.handle(&ctx, request).await) }
     });
-    if let Err(err) = builder.serve_connection(TokioIo::new(io), service).await {
+    if let Err(err) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         debug!(error = %err, "HTTP connection ended with an error");
     }
 }
@@ -543,7 +546,11 @@ impl Waypoint {
         let target = forward.pick(random() as u32);
         outcome.cluster.clone_from(&target.cluster);
         let hash = forward.request_hash(&parts, ctx.source.ip(), random);
+        let upgrade = Upgrade::take(&mut parts);
         prepare_request(&mut parts, route, forward, target);
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(&mut parts.headers);
+        }
 
         let mut response = match self
             .forward(
@@ -554,6 +561,9 @@ impl Waypoint {
             Ok(response) => response,
             Err(reply) => *reply,
         };
+        if let Some(upgrade) = upgrade {
+            upgrade.splice(&mut response, ctx.conn);
+        }
         if let Some(cookie) = hash.set_cookie {
             response.headers_mut().append(header::SET_COOKIE, cookie);
         }
@@ -806,6 +816,9 @@ impl Waypoint {
             entry.config.protocol,
             Full::new(body).map_err(|never| match never {}).boxed(),
         );
+        // A mirror never switches protocols.
+        copy.headers_mut().remove(header::CONNECTION);
+        copy.headers_mut().remove(header::UPGRADE);
         if let Some(host) = copy
             .headers()
             .get(header::HOST)
@@ -956,6 +969,70 @@ fn prepare_request(
     }
     if let Some(host) = &forward.host_rewrite {
         parts.headers.insert(header::HOST, host.clone());
+    }
+}
+
+/// An HTTP/1.1 protocol upgrade (WebSocket's mechanism) in flight: the
+/// requested protocol and the client side of the switched connection.
+struct Upgrade {
+    protocol: HeaderValue,
+    downstream: hyper::upgrade::OnUpgrade,
+}
+
+impl Upgrade {
+    /// The upgrade `parts` asks for (`Connection: upgrade` and `Upgrade`),
+    /// taking the client side of it; none for other requests.
+    fn take(parts: &mut Parts) -> Option<Self> {
+        let wants = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        if parts.version != Version::HTTP_11 || !wants {
+            return None;
+        }
+        let protocol = parts.headers.get(header::UPGRADE)?.clone();
+        let downstream = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some(Self {
+            protocol,
+            downstream,
+        })
+    }
+
+    /// Puts back the upgrade headers the hop-by-hop filter removed.
+    fn restore(&self, headers: &mut HeaderMap) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.protocol.clone());
+    }
+
+    /// When the upstream switched protocols (101), joins the two switched
+    /// connections and relays bytes both ways until both sides close.
+    fn splice(self, response: &mut Response<Body>, conn: u64) {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let Some(upstream) = response
+            .extensions_mut()
+            .remove::<hyper::upgrade::OnUpgrade>()
+        else {
+            return;
+        };
+        let downstream = self.downstream;
+        tokio::spawn(
+            async move {
+                let (down, up) = match tokio::try_join!(downstream, upstream) {
+                    Ok(both) => both,
+                    Err(err) => return debug!(error = %err, "protocol switch failed"),
+                };
+                let result =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up))
+                        .await;
+                debug!(?result, "upgraded connection closed");
+            }
+            .instrument(info_span!("upgraded", conn)),
+        );
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Version,
-    header::{CONTENT_TYPE, HOST},
+    header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE},
 };
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
@@ -23,7 +23,7 @@ use hyper_util::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 use tracing::{debug, info, warn};
 
 use super::{CallRoute, Identity};
@@ -90,7 +90,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
                 async move { Ok::<_, Infallible>(handle(app, peers, request).await) }
             });
             if let Err(err) = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
             {
                 debug!(%caller, %local, error = %err, "HTTP connection ended with an error");
@@ -122,10 +122,17 @@ async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Resp
     response
 }
 
-async fn respond(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    app: Arc<App>,
+    peers: Peers,
+    mut request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == "/healthz" {
         return text(StatusCode::OK, "ok");
+    }
+    if let Some(protocol) = upgrade_protocol(&request) {
+        return switch_protocols(&app, protocol, hyper::upgrade::on(&mut request));
     }
     let mut reply = Reply::new(&app.identity, peers, &request);
     let status = if let Some(urls) = app.routes.get(path) {
@@ -154,6 +161,56 @@ async fn respond(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Res
         }
     };
     json(status, &reply)
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
+/// upgrade` and `Upgrade: <protocol>`).
+fn upgrade_protocol(request: &Request<Incoming>) -> Option<HeaderValue> {
+    let wants = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    (request.version() == Version::HTTP_11 && wants)
+        .then(|| request.headers().get(UPGRADE).cloned())
+        .flatten()
+}
+
+/// Answers an upgrade with 101, then on the switched connection writes a
+/// line naming the pod and echoes what arrives until the client
+/// half-closes.
+fn switch_protocols(
+    app: &App,
+    protocol: HeaderValue,
+    upgrade: hyper::upgrade::OnUpgrade,
+) -> Response<Full<Bytes>> {
+    let banner = format!("{}-{}\n", app.identity.app, app.identity.version);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let mut io = TokioIo::new(upgraded);
+                let echoed = async {
+                    io.write_all(banner.as_bytes()).await?;
+                    let (mut reader, mut writer) = tokio::io::split(io);
+                    tokio::io::copy(&mut reader, &mut writer).await?;
+                    writer.shutdown().await
+                };
+                if let Err(err) = echoed.await {
+                    debug!(error = %err, "upgraded connection ended with an error");
+                }
+            }
+            Err(err) => debug!(error = %err, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    response.headers_mut().insert(UPGRADE, protocol);
+    response
 }
 
 /// `HTTP/1.1` or `HTTP/2`, as reported in answers.
