@@ -125,6 +125,37 @@ fn bookinfo_networking_samples_through_the_waypoint() {
             .ok_or(format!("{:?}", tally(&seen)))
     });
 
+    // The waypoint starts a W3C trace for requests without one.
+    let output = lab
+        .state
+        .app_client(&client, &["get", reviews])
+        .expect("client")
+        .output()
+        .expect("lab-app get");
+    let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON answer");
+    let traceparent = answer["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        traceparent.starts_with("00-") && traceparent.len() == 55,
+        "traceparent {traceparent:?} in {answer}"
+    );
+
+    // Request heads over the 64 KiB limit get 431; the waypoint stays up.
+    let big = format!("x-big:{}", "a".repeat(100 * 1024));
+    let output = lab
+        .state
+        .app_client(&client, &["get", reviews, "--header", &big])
+        .expect("client")
+        .output()
+        .expect("lab-app get");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("431"),
+        "an oversized head: {stderr}"
+    );
+    assert_eq!(versions(&lab, &client, reviews, 3, &[]), ["v1", "v1", "v1"]);
+
     // An HTTP/1.1 upgrade (WebSocket's mechanism) is routed like any
     // request, then the switched connection is relayed both ways.
     let output = lab

@@ -47,6 +47,13 @@ use crate::{
 pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
 /// Time to read a request's head on an HTTP/1 connection.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head answered normally (Istio's 60 KiB default);
+/// larger ones get 431.
+pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
+/// The connection-level cap on a request head: beyond it the connection is
+/// closed. Above [`MAX_REQUEST_HEADERS`], so a head somewhat over the limit
+/// is read whole and answered with 431 instead of a reset.
+const MAX_HEAD_BUFFER: usize = 256 * 1024;
 /// Buffer of the in-memory pipe between a tunnel and its HTTP server.
 const PIPE_BUFFER: usize = 64 * 1024;
 /// First retry back-off (Envoy's default base interval).
@@ -153,11 +160,11 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(MAX_HEAD_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
+        .max_header_list_size(MAX_HEAD_BUFFER as u32);
     let service = service_fn(move |request| {
         let waypoint = waypoint.clone();
         let ctx = ctx.clone();
@@ -369,6 +376,7 @@ impl Waypoint {
         let path = parts.uri.path().to_owned();
         let grpc = is_grpc(&parts.headers);
         ensure_request_id(&mut parts.headers);
+        ensure_traceparent(&mut parts.headers);
         let request_id = parts
             .headers
             .get("x-request-id")
@@ -384,7 +392,15 @@ impl Waypoint {
             detail: String::new(),
         };
         let config = self.store.load();
-        let response = self.route(&config, ctx, parts, body, &mut outcome).await;
+        let response = if head_size(&parts) > MAX_REQUEST_HEADERS {
+            outcome.detail = format!("request headers over {MAX_REQUEST_HEADERS} bytes");
+            local_reply(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request headers too large",
+            )
+        } else {
+            self.route(&config, ctx, parts, body, &mut outcome).await
+        };
         let status = response.status().as_u16();
         let response_bytes = content_length(response.headers()).unwrap_or(0);
         let labels = RequestLabels {
@@ -1157,6 +1173,34 @@ fn ensure_request_id(headers: &mut HeaderMap) {
     }
 }
 
+/// The size of a request head as Envoy counts it: target and headers.
+fn head_size(parts: &Parts) -> usize {
+    let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    target
+        + parts
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum::<usize>()
+}
+
+/// Starts a W3C trace for a request that carries none (`traceparent`
+/// version 00, random trace and parent ids, not sampled: there is no
+/// tracing backend to report spans to), so every hop after the waypoint
+/// shares one trace id. An existing `traceparent` (and B3 headers) passes
+/// through unchanged.
+fn ensure_traceparent(headers: &mut HeaderMap) {
+    static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    if headers.contains_key(&TRACEPARENT) {
+        return;
+    }
+    let trace = uuid::Uuid::new_v4().simple();
+    let value = format!("00-{trace}-{:016x}-00", random() | 1);
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(TRACEPARENT.clone(), value);
+    }
+}
+
 /// `reviews-v1` from a uid `Kubernetes//Pod/default/reviews-v1-0`.
 fn workload_name(uid: &str) -> String {
     uid.rsplit('/').next().unwrap_or(uid).to_owned()
@@ -1181,4 +1225,29 @@ fn random() -> u64 {
 /// Uniform in `0..1_000_000`.
 fn roll_ppm() -> u32 {
     fastrand::u32(..1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_started_once_and_kept() {
+        let mut headers = HeaderMap::new();
+        ensure_traceparent(&mut headers);
+        let started = headers["traceparent"].to_str().unwrap().to_owned();
+        let parts: Vec<&str> = started.split('-').collect();
+        assert_eq!(parts.len(), 4, "{started}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "00")
+        );
+        assert_ne!(parts[1], "0".repeat(32), "an all-zero trace id is invalid");
+        ensure_traceparent(&mut headers);
+        assert_eq!(
+            headers["traceparent"],
+            started.as_str(),
+            "an existing trace is kept"
+        );
+    }
 }
