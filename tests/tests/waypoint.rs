@@ -97,6 +97,7 @@ fn bookinfo_networking_samples_through_the_waypoint() {
         vec![
             bookinfo_manifest(),
             manifest("details-v2.yaml"),
+            manifest("echo-h2.yaml"),
             manifest("waypoint.yaml"),
         ],
         2,
@@ -155,6 +156,22 @@ fn bookinfo_networking_samples_through_the_waypoint() {
         "an oversized head: {stderr}"
     );
     assert_eq!(versions(&lab, &client, reviews, 3, &[]), ["v1", "v1", "v1"]);
+
+    // An HTTP/2 port (`grpc`): the waypoint speaks HTTP/2 to the endpoint
+    // and presents the service's authority, not the pod's address.
+    let output = lab
+        .state
+        .app_client(&client, &["get", "http://echo-h2:9090/echo"])
+        .expect("client")
+        .output()
+        .expect("lab-app get");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    assert_eq!(
+        (answer["protocol"].as_str(), answer["host"].as_str()),
+        (Some("HTTP/2"), Some("echo-h2:9090")),
+        "{answer} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // An HTTP/1.1 upgrade (WebSocket's mechanism) is routed like any
     // request, then the switched connection is relayed both ways.

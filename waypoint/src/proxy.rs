@@ -763,12 +763,10 @@ impl Waypoint {
         };
         outcome.endpoint = Some(endpoint.clone());
         let request = upstream_request(parts, endpoint.addr, cluster.config.protocol, body);
-        let client = match cluster.config.protocol {
-            UpstreamProtocol::Http1 => &self.clients.http1,
-            UpstreamProtocol::Http2 => &self.clients.http2,
-        };
         let _in_flight = InFlight::new(cluster, &health);
-        let send = client.request(request);
+        let send = self
+            .clients
+            .send(cluster.config.protocol, endpoint.addr, request);
         let result = match per_try_timeout {
             Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| ()),
             None => Ok(send.await),
@@ -835,25 +833,17 @@ impl Waypoint {
         // A mirror never switches protocols.
         copy.headers_mut().remove(header::CONNECTION);
         copy.headers_mut().remove(header::UPGRADE);
-        if let Some(host) = copy
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-        {
+        if let Some(host) = request_authority(&copy) {
             let shadow = match host.split_once(':') {
                 Some((name, port)) => format!("{name}-shadow:{port}"),
                 None => format!("{host}-shadow"),
             };
-            if let Ok(value) = HeaderValue::from_str(&shadow) {
-                copy.headers_mut().insert(header::HOST, value);
-            }
+            set_authority(&mut copy, entry.config.protocol, &shadow);
         }
-        let client = match entry.config.protocol {
-            UpstreamProtocol::Http1 => self.clients.http1.clone(),
-            UpstreamProtocol::Http2 => self.clients.http2.clone(),
-        };
+        let clients = self.clients.clone();
+        let (protocol, addr) = (entry.config.protocol, endpoint.addr);
         tokio::spawn(async move {
-            match client.request(copy).await {
+            match clients.send(protocol, addr, copy).await {
                 Ok(response) => {
                     let _ = response.into_body().collect().await;
                 }
@@ -1062,36 +1052,73 @@ const HOP_BY_HOP: &[&str] = &[
     "te",
 ];
 
-/// The request as sent to `addr`: absolute URI naming the endpoint (the
-/// client pools by it), the caller's authority kept in `Host`.
+/// The request as sent to `addr`. HTTP/1.1: absolute URI naming the
+/// endpoint (the client pools by it), the caller's authority kept in
+/// `Host`. HTTP/2: the caller's authority in the URI (`:authority`), the
+/// endpoint chosen by the pool.
 fn upstream_request(
     parts: &Parts,
     addr: SocketAddr,
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Request<Body> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = format!("http://{addr}{path}")
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("http://invalid/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
     *request.headers_mut() = parts.headers.clone();
-    if !request.headers().contains_key(header::HOST)
-        && let Some(authority) = parts.uri.authority()
-        && let Ok(value) = HeaderValue::from_str(authority.as_str())
-    {
-        request.headers_mut().insert(header::HOST, value);
-    }
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .map(str::to_owned);
+    *request.uri_mut() = endpoint_uri(parts, addr);
     *request.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    if protocol == UpstreamProtocol::Http2 {
-        request.headers_mut().remove(header::HOST);
+    if let Some(authority) = authority {
+        set_authority(&mut request, protocol, &authority);
     }
     request
+}
+
+/// `http://<addr><path>`.
+fn endpoint_uri(parts: &Parts, addr: SocketAddr) -> Uri {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{addr}{path}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+}
+
+/// The authority an upstream request presents.
+fn request_authority(request: &Request<Body>) -> Option<String> {
+    match request.version() {
+        Version::HTTP_2 => request.uri().authority().map(|a| a.as_str().to_owned()),
+        _ => request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
+    }
+}
+
+/// Presents `authority`: in `Host` for HTTP/1.1, in the URI (so
+/// `:authority`) for HTTP/2, where `Host` must not appear.
+fn set_authority(request: &mut Request<Body>, protocol: UpstreamProtocol, authority: &str) {
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if let Ok(value) = HeaderValue::from_str(authority) {
+                request.headers_mut().insert(header::HOST, value);
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            request.headers_mut().remove(header::HOST);
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = format!("http://{authority}{path}").parse() {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
 }
 
 fn preflight(cors: &Cors, origin: Option<&HeaderValue>) -> Response<Body> {

@@ -13,9 +13,16 @@ use std::{
     time::Duration,
 };
 
+use std::collections::HashMap;
+
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper::Uri;
+use hyper::{
+    Uri,
+    body::Incoming,
+    client::conn::http2::{self, SendRequest},
+};
 use hyper_util::{
     client::legacy::{
         Client,
@@ -209,13 +216,102 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// The two pooled clients.
+/// Why a request to an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made.
+    #[error("connecting")]
+    Connect(#[source] io::Error),
+    /// The HTTP/2 exchange failed.
+    #[error("HTTP/2")]
+    Http2(#[source] hyper::Error),
+    /// The HTTP/1.1 client failed.
+    #[error(transparent)]
+    Http1(#[from] hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// Whether it failed before a connection was established.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            SendError::Connect(_) => true,
+            SendError::Http2(_) => false,
+            SendError::Http1(err) => err.is_connect(),
+        }
+    }
+}
+
+/// HTTP/2 connections, one per endpoint, each multiplexing every request to
+/// it. hyper's pooled client takes `:authority` from the URI it pools by;
+/// this pool is keyed by endpoint instead, so requests keep the service's
+/// authority (`reviews:9080`, not the pod's address), as gRPC expects.
+#[derive(Clone)]
+pub struct Http2Pool {
+    connector: Connector,
+    senders: Arc<std::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>>,
+}
+
+impl Http2Pool {
+    /// A pool opening connections with `connector`.
+    pub fn new(connector: Connector) -> Self {
+        Self {
+            connector,
+            senders: Default::default(),
+        }
+    }
+
+    /// Sends `request` (its URI carrying the authority to present) to
+    /// endpoint `addr`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.sender(addr).await?;
+        sender.ready().await.map_err(SendError::Http2)?;
+        sender.send_request(request).await.map_err(SendError::Http2)
+    }
+
+    async fn sender(&self, addr: SocketAddr) -> Result<SendRequest<Body>, SendError> {
+        if let Some(sender) = self.lock().get(&addr).filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let io = self
+            .connector
+            .open(addr)
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Http2)?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%addr, error = %err, "HTTP/2 upstream connection ended");
+            }
+        });
+        let live = self.connector.inner.store.load();
+        let mut senders = self.lock();
+        // Forget closed connections and endpoints that left the config.
+        senders.retain(|a, s| !s.is_closed() && live.identities.contains_key(a));
+        senders.insert(addr, sender.clone());
+        Ok(sender)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<Body>>> {
+        self.senders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The upstream clients.
 #[derive(Clone)]
 pub struct Clients {
-    /// HTTP/1.1 with keep-alive.
+    /// HTTP/1.1 with keep-alive, pooled per endpoint.
     pub http1: Client<Connector, Body>,
-    /// HTTP/2.
-    pub http2: Client<Connector, Body>,
+    /// HTTP/2, one multiplexed connection per endpoint.
+    pub http2: Http2Pool,
 }
 
 impl Clients {
@@ -226,13 +322,24 @@ impl Clients {
             .pool_timer(TokioTimer::new())
             .set_host(false)
             .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
-        Self { http1, http2 }
+        Self {
+            http1,
+            http2: Http2Pool::new(connector),
+        }
+    }
+
+    /// Sends `request` to endpoint `addr` over `protocol`. HTTP/1.1
+    /// requests carry the endpoint in their URI (the pool key) and the
+    /// authority in `Host`; HTTP/2 ones carry the authority in their URI.
+    pub async fn send(
+        &self,
+        protocol: crate::cluster::UpstreamProtocol,
+        addr: SocketAddr,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        match protocol {
+            crate::cluster::UpstreamProtocol::Http1 => Ok(self.http1.request(request).await?),
+            crate::cluster::UpstreamProtocol::Http2 => self.http2.send(addr, request).await,
+        }
     }
 }
