@@ -46,13 +46,13 @@ use mesh_api::envoy::{
 };
 use mesh_config::{
     Manifests,
-    istio::{IstioGateway, VirtualService, networking as net},
+    istio::{IstioGateway, networking as net},
 };
 use prost::{Message, Name};
 
 use crate::waypoint::{
-    DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, http_route,
-    socket_address,
+    DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, socket_address,
+    vs_routes,
 };
 
 /// A gateway deployment's key: `<namespace>/<deployment>`.
@@ -355,13 +355,12 @@ fn virtual_hosts(
                 continue;
             }
             let entry = hosts.entry(host.to_ascii_lowercase()).or_default();
-            entry.extend(gateway_routes(
+            entry.extend(vs_routes(
                 vs,
-                vs_ns,
-                vs_name,
                 port,
-                &gateway_names,
+                |g| gateway_names.contains(&qualified(g, vs_ns)),
                 services,
+                warnings,
             ));
         }
     }
@@ -377,46 +376,6 @@ fn virtual_hosts(
             }
         })
         .collect()
-}
-
-/// The routes of `vs` that apply at a gateway named by `gateway_names`.
-fn gateway_routes(
-    vs: &VirtualService,
-    namespace: &str,
-    vs_name: &str,
-    port: u32,
-    gateway_names: &BTreeSet<String>,
-    services: &HashMap<&str, &ServiceRef>,
-) -> Vec<mesh_api::envoy::envoy::config::route::v3::Route> {
-    let mut out = Vec::new();
-    for (index, http) in vs.spec.http.iter().enumerate() {
-        let name = http
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{namespace}/{vs_name}.http[{index}]"));
-        let matches: Vec<Option<&net::HttpMatchRequest>> = if http.matches.is_empty() {
-            vec![None]
-        } else {
-            http.matches.iter().map(Some).collect()
-        };
-        for m in matches {
-            if let Some(m) = m {
-                if m.port.is_some_and(|p| p != port) {
-                    continue;
-                }
-                if !m.gateways.is_empty()
-                    && !m
-                        .gateways
-                        .iter()
-                        .any(|g| gateway_names.contains(&qualified(g, namespace)))
-                {
-                    continue;
-                }
-            }
-            out.push(http_route(&name, http, m, namespace, port, services));
-        }
-    }
-    out
 }
 
 /// `<namespace>/<name>` of a Gateway.

@@ -553,36 +553,7 @@ fn http_routes(
 ) -> Vec<Route> {
     let mut routes = Vec::new();
     for vs in virtual_services {
-        let namespace = vs_namespace(vs);
-        let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
-        for (index, http) in vs.spec.http.iter().enumerate() {
-            let name = http
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("{namespace}/{vs_name}.http[{index}]"));
-            let matches: Vec<Option<&net::HttpMatchRequest>> = if http.matches.is_empty() {
-                vec![None]
-            } else {
-                http.matches.iter().map(Some).collect()
-            };
-            for m in matches {
-                if let Some(m) = m {
-                    if m.port.is_some_and(|p| p != port) {
-                        continue;
-                    }
-                    if !m.gateways.is_empty() && !m.gateways.iter().any(|g| g == "mesh") {
-                        continue;
-                    }
-                    if !m.source_labels.is_empty() || m.source_namespace.is_some() {
-                        warnings.push(format!(
-                            "VirtualService {namespace}/{vs_name}: spec.http[{index}].match sourceLabels/sourceNamespace are not supported at a waypoint; that match is skipped"
-                        ));
-                        continue;
-                    }
-                }
-                routes.push(http_route(&name, http, m, namespace, port, services));
-            }
-        }
+        routes.extend(vs_routes(vs, port, |g| g == "mesh", services, warnings));
     }
     if virtual_services.is_empty() {
         routes.push(Route {
@@ -683,6 +654,50 @@ fn hash_policy(hash: &net::ConsistentHash) -> Vec<route_action::HashPolicy> {
     }]
 }
 
+/// The Envoy routes of `vs`'s `http` section on `port`, one per match, in
+/// order; a match whose `gateways` are given must name one `gateway`
+/// accepts (written as in the VirtualService).
+pub(crate) fn vs_routes(
+    vs: &VirtualService,
+    port: u32,
+    gateway: impl Fn(&str) -> bool,
+    services: &HashMap<&str, &ServiceRef>,
+    warnings: &mut Vec<String>,
+) -> Vec<Route> {
+    let namespace = vs_namespace(vs);
+    let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
+    let mut routes = Vec::new();
+    for (index, http) in vs.spec.http.iter().enumerate() {
+        let name = http
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{namespace}/{vs_name}.http[{index}]"));
+        let matches: Vec<Option<&net::HttpMatchRequest>> = if http.matches.is_empty() {
+            vec![None]
+        } else {
+            http.matches.iter().map(Some).collect()
+        };
+        for m in matches {
+            if let Some(m) = m {
+                if m.port.is_some_and(|p| p != port) {
+                    continue;
+                }
+                if !m.gateways.is_empty() && !m.gateways.iter().any(|g| gateway(g)) {
+                    continue;
+                }
+                if !m.source_labels.is_empty() || m.source_namespace.is_some() {
+                    warnings.push(format!(
+                        "VirtualService {namespace}/{vs_name}: spec.http[{index}].match sourceLabels/sourceNamespace are not supported; that match is skipped"
+                    ));
+                    continue;
+                }
+            }
+            routes.push(http_route(&name, http, m, namespace, port, services));
+        }
+    }
+    routes
+}
+
 fn prefix_match(prefix: &str) -> RouteMatch {
     RouteMatch {
         path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.to_owned())),
@@ -690,7 +705,7 @@ fn prefix_match(prefix: &str) -> RouteMatch {
     }
 }
 
-pub(crate) fn http_route(
+fn http_route(
     name: &str,
     http: &HttpRoute,
     m: Option<&net::HttpMatchRequest>,

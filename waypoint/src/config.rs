@@ -302,10 +302,6 @@ pub enum Compiled {
     Ingress(u16, Arc<IngressListener>),
 }
 
-/// The port of the waypoint's HBONE listener; listeners on any other port
-/// are ingress gateway listeners.
-pub const HBONE_PORT: u16 = 15008;
-
 /// Reads a listener: the waypoint's (filter chains matching service
 /// addresses) or an ingress gateway's (one chain for its port).
 pub fn compile_listener(listener: &Listener) -> Result<Compiled, String> {
@@ -320,7 +316,8 @@ pub fn compile_listener(listener: &Listener) -> Result<Compiled, String> {
             _ => None,
         })
         .ok_or("address: a socket address with a port value is required")?;
-    if port == HBONE_PORT {
+    // The waypoint's HBONE port; any other port is an ingress listener.
+    if port == mesh_hbone::HBONE_PORT {
         return compile_waypoint_listener(listener).map(Compiled::Waypoint);
     }
     let mut chains = Vec::new();

@@ -138,16 +138,20 @@ impl mesh_hbone::Handler for Tunnels {
         let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
         let waypoint = self.0.clone();
         let span = info_span!("tunnel", conn = req.connection_id, service = %ctx.chain.service(), peer = %ctx.peer);
-        tokio::spawn(
-            async move {
-                match &ctx.chain {
-                    Chain::Http { .. } => serve_http(waypoint, ctx, ours).await,
-                    Chain::Tcp { .. } => relay_tcp(waypoint, ctx, ours).await,
-                }
-            }
-            .instrument(span),
-        );
+        tokio::spawn(async move { serve_chain(waypoint, ctx, ours).await }.instrument(span));
         Ok(theirs)
+    }
+}
+
+/// Serves one tunnel or ingress connection as its chain says: HTTP, or a
+/// TCP relay.
+async fn serve_chain<IO>(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match &ctx.chain {
+        Chain::Http { .. } => serve_http(waypoint, ctx, io).await,
+        Chain::Tcp { .. } => relay_tcp(waypoint, ctx, io).await,
     }
 }
 
@@ -322,10 +326,7 @@ async fn accept_ingress(
                 if !ingress.is_tls() {
                     let Some(first) = ingress.chains.first() else { return };
                     let ctx = context(first.chain.clone(), "none");
-                    return match &ctx.chain {
-                        Chain::Http { .. } => serve_http(waypoint, ctx, stream).await,
-                        Chain::Tcp { .. } => relay_tcp(waypoint, ctx, stream).await,
-                    };
+                    return serve_chain(waypoint, ctx, stream).await;
                 }
                 // Read the ClientHello, pick the chain by SNI, then finish
                 // the handshake with that chain's certificate.
@@ -347,10 +348,7 @@ async fn accept_ingress(
                     Err(_) => return debug!("TLS handshake timed out"),
                 };
                 let ctx = context(chosen.chain.clone(), "none");
-                match &ctx.chain {
-                    Chain::Http { .. } => serve_http(waypoint, ctx, stream).await,
-                    Chain::Tcp { .. } => relay_tcp(waypoint, ctx, stream).await,
-                }
+                serve_chain(waypoint, ctx, stream).await
             }
             .instrument(span),
         );
