@@ -23,13 +23,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         Ok(command)
     };
     let waypoint = crate::root().join("tests/manifests/waypoint.yaml");
+    let gateway = networking_dir()?.join("bookinfo-gateway.yaml");
     cmd::run(
         build()?
             .arg("up")
             .arg("-f")
             .arg(lab::bookinfo()?)
             .arg("-f")
-            .arg(&waypoint),
+            .arg(&waypoint)
+            .arg("-f")
+            .arg(&gateway),
     )?;
     eprintln!("\n== the control plane and the ztunnels it feeds ==");
     cmd::run(build()?.args(["meshctl", "--", "proxy-status"]))?;
@@ -52,6 +55,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\n== the calls above, as the destination ztunnels recorded them (mTLS, both identities) =="
     );
     cmd::run(build()?.arg("connections"))?;
+    eprintln!("\n== through the ingress gateway (bookinfo-gateway): 20 calls to /productpage ==");
+    cmd::run(build()?.args([
+        "exec",
+        "details",
+        "--",
+        "lab-app",
+        "get",
+        "http://istio-ingressgateway.istio-system/productpage",
+        "--count",
+        "20",
+        "--tally",
+    ]))?;
     l7(&build)?;
     if args.down {
         cmd::run(build()?.arg("down"))?;
@@ -63,14 +78,19 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     traffic
 }
 
-/// Binds namespace default to its waypoint and shows VirtualService routing
-/// live: bookinfo's 80/20 split, then header-based routing.
-fn l7(build: &dyn Fn() -> anyhow::Result<std::process::Command>) -> anyhow::Result<()> {
-    let networking = lab::bookinfo()?
+/// Istio's `bookinfo/networking` samples.
+fn networking_dir() -> anyhow::Result<std::path::PathBuf> {
+    lab::bookinfo()?
         .parent()
         .and_then(|platform| platform.parent())
         .map(|bookinfo| bookinfo.join("networking"))
-        .ok_or_else(|| anyhow::anyhow!("bookinfo samples directory"))?;
+        .ok_or_else(|| anyhow::anyhow!("bookinfo samples directory"))
+}
+
+/// Binds namespace default to its waypoint and shows VirtualService routing
+/// live: bookinfo's 80/20 split, then header-based routing.
+fn l7(build: &dyn Fn() -> anyhow::Result<std::process::Command>) -> anyhow::Result<()> {
+    let networking = networking_dir()?;
     let tally = |headers: &[&str]| -> anyhow::Result<()> {
         let mut command = build()?;
         command.args([
