@@ -163,17 +163,7 @@ pub fn build(
                 let route_config = route_name(&key, port);
                 let virtual_hosts =
                     virtual_hosts(manifests, &http, port, &by_host, &rules, warnings);
-                routes.insert(
-                    route_config.clone(),
-                    (
-                        key.clone(),
-                        RouteConfiguration {
-                            name: route_config.clone(),
-                            virtual_hosts,
-                            ..Default::default()
-                        },
-                    ),
-                );
+                insert_routes(routes, &key, &route_config, virtual_hosts);
                 filter_chains.push(FilterChain {
                     name: route_config.clone(),
                     filters: vec![hcm_filter(&route_config, &[])],
@@ -198,17 +188,7 @@ pub fn build(
                         &rules,
                         warnings,
                     );
-                    routes.insert(
-                        route_config.clone(),
-                        (
-                            key.clone(),
-                            RouteConfiguration {
-                                name: route_config.clone(),
-                                virtual_hosts,
-                                ..Default::default()
-                            },
-                        ),
-                    );
+                    insert_routes(routes, &key, &route_config, virtual_hosts);
                     let server_names: Vec<String> = bound
                         .server
                         .hosts
@@ -261,6 +241,26 @@ pub fn build(
             );
         }
     }
+}
+
+/// Adds route configuration `name`, scoped to gateway deployment `key`.
+fn insert_routes(
+    routes: &mut BTreeMap<String, (String, RouteConfiguration)>,
+    key: &str,
+    name: &str,
+    virtual_hosts: Vec<VirtualHost>,
+) {
+    routes.insert(
+        name.to_owned(),
+        (
+            key.to_owned(),
+            RouteConfiguration {
+                name: name.to_owned(),
+                virtual_hosts,
+                ..Default::default()
+            },
+        ),
+    );
 }
 
 /// The TLS context of an HTTPS server: its certificate from the Secret

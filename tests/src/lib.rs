@@ -59,6 +59,24 @@ impl Drop for Lab {
     }
 }
 
+/// Polls `check` every 200 ms until it holds, panicking with `what` and the
+/// last error after `timeout` (config changes reach proxies within a
+/// second in the lab; callers allow a few).
+pub fn eventually(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(err) if std::time::Instant::now() > deadline => panic!("{what}: {err}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    }
+}
+
 /// Istio's bookinfo platform manifest.
 pub fn bookinfo_manifest() -> PathBuf {
     mesh_lab::istio_samples_dir().join("bookinfo/platform/bookinfo.yaml")

@@ -5,10 +5,17 @@
 //! (`tls.mode: SIMPLE`, certificate from a Secret) terminates TLS for its
 //! SNI host.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_lab::PodPlan;
 use mesh_tests::{Lab, bookinfo_manifest};
+
+/// How long config may take to show in traffic.
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn eventually(what: &str, check: impl FnMut() -> Result<(), String>) {
+    mesh_tests::eventually(what, SETTLE, check);
+}
 use serde_json::Value;
 
 const GATEWAY_URL: &str = "http://istio-ingressgateway.istio-system";
@@ -30,17 +37,6 @@ fn get(lab: &Lab, from: &PodPlan, url: &str, extra: &[&str]) -> (bool, Value, St
         serde_json::from_str(stdout.trim()).unwrap_or(Value::Null),
         format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)),
     )
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(err) if Instant::now() > deadline => panic!("{what}: {err}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 #[test]

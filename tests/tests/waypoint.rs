@@ -13,6 +13,13 @@ use std::{
 
 use mesh_lab::{PodPlan, mesh::LabelTarget};
 use mesh_tests::{Lab, bookinfo_manifest};
+
+/// How long config may take to show in traffic.
+const SETTLE: Duration = Duration::from_secs(5);
+
+fn eventually(what: &str, check: impl FnMut() -> Result<(), String>) {
+    mesh_tests::eventually(what, SETTLE, check);
+}
 use serde_json::Value;
 
 fn sample(name: &str) -> PathBuf {
@@ -25,6 +32,15 @@ fn manifest(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("manifests")
         .join(name)
+}
+
+/// Runs `lab-app <args>` in pod `from` and waits for it.
+fn run(lab: &Lab, from: &PodPlan, args: &[&str]) -> std::process::Output {
+    lab.state
+        .app_client(from, args)
+        .expect("client command")
+        .output()
+        .expect("lab-app")
 }
 
 /// Sends `count` GETs from `from` (a new connection each) and returns each
@@ -43,12 +59,7 @@ fn versions(lab: &Lab, from: &PodPlan, url: &str, count: u32, headers: &[&str]) 
     for h in headers {
         args.extend(["--header", h]);
     }
-    let output = lab
-        .state
-        .app_client(from, &args)
-        .expect("client")
-        .output()
-        .expect("lab-app get");
+    let output = run(lab, from, &args);
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|line| match serde_json::from_str::<Value>(line) {
@@ -63,19 +74,6 @@ fn tally(list: &[String]) -> BTreeMap<String, usize> {
         *m.entry(v.clone()).or_default() += 1;
         m
     })
-}
-
-/// Polls `check` until it holds (config reaches the waypoint within 1 s in
-/// the lab; allow 5).
-fn eventually(what: &str, mut check: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match check() {
-            Ok(()) => return,
-            Err(err) if Instant::now() > deadline => panic!("{what}: {err}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
 }
 
 fn apply(lab: &Lab, file: &str) {
@@ -127,12 +125,7 @@ fn bookinfo_networking_samples_through_the_waypoint() {
     });
 
     // The waypoint starts a W3C trace for requests without one.
-    let output = lab
-        .state
-        .app_client(&client, &["get", reviews])
-        .expect("client")
-        .output()
-        .expect("lab-app get");
+    let output = run(&lab, &client, &["get", reviews]);
     let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON answer");
     let traceparent = answer["headers"]["traceparent"]
         .as_str()
@@ -144,12 +137,7 @@ fn bookinfo_networking_samples_through_the_waypoint() {
 
     // Request heads over the 64 KiB limit get 431; the waypoint stays up.
     let big = format!("x-big:{}", "a".repeat(100 * 1024));
-    let output = lab
-        .state
-        .app_client(&client, &["get", reviews, "--header", &big])
-        .expect("client")
-        .output()
-        .expect("lab-app get");
+    let output = run(&lab, &client, &["get", reviews, "--header", &big]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success() && stderr.contains("431"),
@@ -159,12 +147,7 @@ fn bookinfo_networking_samples_through_the_waypoint() {
 
     // An HTTP/2 port (`grpc`): the waypoint speaks HTTP/2 to the endpoint
     // and presents the service's authority, not the pod's address.
-    let output = lab
-        .state
-        .app_client(&client, &["get", "http://echo-h2:9090/echo"])
-        .expect("client")
-        .output()
-        .expect("lab-app get");
+    let output = run(&lab, &client, &["get", "http://echo-h2:9090/echo"]);
     let answer: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
     assert_eq!(
         (answer["protocol"].as_str(), answer["host"].as_str()),
@@ -175,15 +158,11 @@ fn bookinfo_networking_samples_through_the_waypoint() {
 
     // An HTTP/1.1 upgrade (WebSocket's mechanism) is routed like any
     // request, then the switched connection is relayed both ways.
-    let output = lab
-        .state
-        .app_client(
-            &client,
-            &["upgrade", "http://reviews:9080/ws", "--send", "hello"],
-        )
-        .expect("client")
-        .output()
-        .expect("lab-app upgrade");
+    let output = run(
+        &lab,
+        &client,
+        &["upgrade", "http://reviews:9080/ws", "--send", "hello"],
+    );
     assert!(
         output.status.success(),
         "{}",
