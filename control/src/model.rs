@@ -15,17 +15,18 @@ use k8s_openapi::{
     api::core::v1::{Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use mesh_api::security::Authorization;
 use mesh_api::workload::{
     self as wl, Address, NetworkAddress, PortList, TunnelProtocol, WorkloadStatus, WorkloadType,
     address,
 };
+use mesh_api::{security::Authorization, type_url};
 use mesh_config::{Manifests, node::is_enrolled};
 
 use crate::{
     authz::Policies,
     rbac::WaypointPolicies,
     waypoint::{self, EndpointRef, EnvoyResources, ServiceRef},
+    xds::{Snapshot, SnapshotBuilder},
 };
 
 /// Cluster id stamped into workload uids, as Istio's default single cluster.
@@ -86,6 +87,32 @@ pub struct Model {
 }
 
 impl Model {
+    /// Encodes every resource into the xDS snapshot of config `version`,
+    /// reusing `previous`'s encoding of whatever did not change.
+    pub fn encode(&self, previous: &Snapshot, version: u64) -> Snapshot {
+        let mut snapshot = SnapshotBuilder::new(previous);
+        for (name, address) in &self.addresses {
+            snapshot.insert(type_url::ADDRESS, name, address);
+        }
+        for (name, policy) in &self.authorizations {
+            snapshot.insert(type_url::AUTHORIZATION, name, policy);
+        }
+        let envoy = &self.envoy;
+        for (name, (scope, listener)) in &envoy.listeners {
+            snapshot.insert_with(type_url::LISTENER, name, listener, Some(scope), None);
+        }
+        for (name, (scope, routes)) in &envoy.routes {
+            snapshot.insert_with(type_url::ROUTE, name, routes, Some(scope), None);
+        }
+        for (name, cluster) in &envoy.clusters {
+            snapshot.insert(type_url::CLUSTER, name, cluster);
+        }
+        for (name, (hash, endpoints)) in &envoy.endpoints {
+            snapshot.insert_with(type_url::ENDPOINT, name, endpoints, None, Some(*hash));
+        }
+        snapshot.build(version)
+    }
+
     /// Translates `manifests`.
     pub fn build(manifests: &Manifests, settings: &MeshSettings) -> Model {
         let namespace_labels: HashMap<&str, BTreeMap<String, String>> = manifests

@@ -7,7 +7,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use mesh_api::{
     ads::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer,
-    ca::istio_certificate_service_server::IstioCertificateServiceServer, type_url,
+    ca::istio_certificate_service_server::IstioCertificateServiceServer,
 };
 use mesh_config::{
     Manifests, ResourceId,
@@ -24,7 +24,7 @@ use crate::{
     model::{MeshSettings, Model},
     source::DirSource,
     status::{self, ConfigStatus, StatusState},
-    xds::{AdsService, ProxyRegistry, Snapshot, SnapshotBuilder},
+    xds::{AdsService, ProxyRegistry, Snapshot},
 };
 
 /// How the control plane runs.
@@ -185,27 +185,7 @@ impl ConfigLoop {
         }
         self.version += 1;
         let previous = self.snapshots.borrow().clone();
-        let mut snapshot = SnapshotBuilder::new(&previous);
-        for (name, address) in &model.addresses {
-            snapshot.insert(type_url::ADDRESS, name, address);
-        }
-        for (name, policy) in &model.authorizations {
-            snapshot.insert(type_url::AUTHORIZATION, name, policy);
-        }
-        let envoy = &model.envoy;
-        for (name, (scope, listener)) in &envoy.listeners {
-            snapshot.insert_with(type_url::LISTENER, name, listener, Some(scope), None);
-        }
-        for (name, (scope, routes)) in &envoy.routes {
-            snapshot.insert_with(type_url::ROUTE, name, routes, Some(scope), None);
-        }
-        for (name, cluster) in &envoy.clusters {
-            snapshot.insert(type_url::CLUSTER, name, cluster);
-        }
-        for (name, (hash, endpoints)) in &envoy.endpoints {
-            snapshot.insert_with(type_url::ENDPOINT, name, endpoints, None, Some(*hash));
-        }
-        let snapshot = snapshot.build(self.version);
+        let snapshot = model.encode(&previous, self.version);
         let translate_ms = started.elapsed().as_millis() as u64 - load_ms;
         tracing::info!(
             version = self.version,

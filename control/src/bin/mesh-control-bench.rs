@@ -79,9 +79,12 @@ fn generate(args: &Args, dir: &std::path::Path) -> std::io::Result<()> {
         }
         Ok(())
     };
+    // Every Service is bound to the namespace's waypoint, so the
+    // VirtualServices and DestinationRules are translated into the
+    // waypoint's Envoy resources, not only the workload API.
     let _ = writeln!(
         text,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}"
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: bench}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}"
     );
     for s in 0..args.services {
         let _ = writeln!(
@@ -97,7 +100,8 @@ fn generate(args: &Args, dir: &std::path::Path) -> std::io::Result<()> {
         let s = p % args.services.max(1);
         let _ = writeln!(
             text,
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{p}, namespace: bench, labels: {{app: svc-{s}, version: v1}}}}\nspec: {{nodeName: node{}, serviceAccountName: sa-{s}, containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.{}.{}.{}, phase: Running, conditions: [{{type: Ready, status: \"True\"}}]}}",
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{p}, namespace: bench, labels: {{app: svc-{s}, version: v{}}}}}\nspec: {{nodeName: node{}, serviceAccountName: sa-{s}, containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.{}.{}.{}, phase: Running, conditions: [{{type: Ready, status: \"True\"}}]}}",
+            1 + (p / args.services.max(1)) % 2,
             p % args.nodes.max(1),
             128 + p / 65536,
             (p / 256) % 256,
@@ -108,7 +112,7 @@ fn generate(args: &Args, dir: &std::path::Path) -> std::io::Result<()> {
     for v in 0..args.virtual_services.min(args.services) {
         let _ = writeln!(
             text,
-            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs-{v}, namespace: bench}}\nspec: {{hosts: [svc-{v}], http: [{{match: [{{headers: {{end-user: {{exact: jason}}}}}}], route: [{{destination: {{host: svc-{v}, subset: v2}}}}]}}, {{route: [{{destination: {{host: svc-{v}, subset: v1}}, weight: 80}}, {{destination: {{host: svc-{v}, subset: v2}}, weight: 20}}]}}]}}"
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs-{v}, namespace: bench}}\nspec: {{hosts: [svc-{v}], http: [{{match: [{{headers: {{end-user: {{exact: jason}}}}}}], route: [{{destination: {{host: svc-{v}, subset: v2}}}}]}}, {{route: [{{destination: {{host: svc-{v}, subset: v1}}, weight: 80}}, {{destination: {{host: svc-{v}, subset: v2}}, weight: 20}}]}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr-{v}, namespace: bench}}\nspec: {{host: svc-{v}, subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]}}"
         );
         flush(&mut text, false)?;
     }
@@ -218,6 +222,14 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // A rejected resource would make the benchmark measure less than it
+    // claims.
+    let errors = config["errors"].as_array().map_or(0, Vec::len);
+    anyhow::ensure!(
+        errors == 0,
+        "the generated config has {errors} errors, e.g. {}",
+        config["errors"][0]
+    );
 
     let target = args.services + args.pods;
     let done = Arc::new(AtomicUsize::new(0));
