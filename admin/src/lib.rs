@@ -1,6 +1,8 @@
 //! The small HTTP endpoints every mesh proxy serves (metrics, readiness,
 //! `config_dump`): each is a function from path to response, served over
-//! HTTP/1.1.
+//! HTTP/1.1; and the process setup every proxy binary shares ([`process`]).
+
+pub mod process;
 
 use std::{net::SocketAddr, sync::Arc};
 

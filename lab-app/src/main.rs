@@ -39,7 +39,8 @@ enum Command {
     /// Switch an HTTP/1.1 connection to another protocol (as WebSocket
     /// does), then exchange bytes; print what came back.
     Upgrade(upgrade::UpgradeArgs),
-    /// Drive a bounded load against a TCP echo server; print a JSON report.
+    /// Drive a bounded load against a TCP echo or HTTP server; print a JSON
+    /// report.
     Load(load::LoadArgs),
 }
 
@@ -58,6 +59,8 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // The server and the load generator hold many connections.
+    mesh_admin::process::raise_fd_limit();
 
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).await.map(|()| true),

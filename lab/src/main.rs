@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use mesh_lab::{
     DEFAULT_LAB, LabState, UpOptions,
-    bench::{BenchOptions, Scenario},
+    bench::{BenchOptions, Scenario, control},
     mesh::LabelTarget,
 };
 
@@ -96,7 +96,8 @@ enum Command {
     /// Run the benchmarks in their own lab (`meshbench`, brought up and
     /// torn down): L4 scenarios, variants interleaved, report to `--out`.
     Bench {
-        /// Scenarios: throughput, latency, max-rate, connections (default: all).
+        /// Scenarios: throughput, iperf3, latency, max-rate, connections,
+        /// http, open-1k, open-10k, control-plane (default: all).
         scenarios: Vec<String>,
         /// Rounds; every variant runs once per round.
         #[arg(long, default_value_t = 5)]
@@ -104,6 +105,10 @@ enum Command {
         /// Seconds per run.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// One round of 0.5 s runs and a tenth-size control plane: proves the
+        /// harness works (what CI runs).
+        #[arg(long)]
+        quick: bool,
         /// Report directory.
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
@@ -224,19 +229,38 @@ fn main() -> anyhow::Result<()> {
             scenarios,
             rounds,
             seconds,
+            quick,
             out,
         } => {
-            let scenarios = scenarios
-                .iter()
-                .map(|name| {
-                    Scenario::parse(name).with_context(|| {
-                        format!("unknown scenario {name:?}; try throughput, latency, max-rate, connections")
+            let (rounds, seconds) = if quick { (1, 0.5) } else { (rounds, seconds) };
+            let control_plane =
+                scenarios.is_empty() || scenarios.iter().any(|s| s == "control-plane");
+            let scenarios = if scenarios.is_empty() {
+                Scenario::ALL.to_vec()
+            } else {
+                scenarios
+                    .iter()
+                    .filter(|name| *name != "control-plane")
+                    .map(|name| {
+                        Scenario::parse(name).with_context(|| {
+                            let known: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+                            format!(
+                                "unknown scenario {name:?}; try {}, control-plane",
+                                known.join(", ")
+                            )
+                        })
                     })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            };
             if rounds == 0 || !(0.1..=30.0).contains(&seconds) {
                 bail!("--rounds must be at least 1 and --seconds in 0.1..=30");
             }
+            let control_plane = if control_plane {
+                let size = if quick { control::QUICK } else { control::FULL };
+                Some((sibling_binary("mesh-control-bench")?, size))
+            } else {
+                None
+            };
             mesh_lab::bench::run(&BenchOptions {
                 up: UpOptions {
                     name: mesh_lab::bench::LAB_NAME.to_owned(),
@@ -247,6 +271,7 @@ fn main() -> anyhow::Result<()> {
                     control_binary: sibling_binary("mesh-control")?,
                 },
                 scenarios,
+                control_plane,
                 rounds,
                 seconds,
                 out_dir: out.clone(),

@@ -138,7 +138,7 @@ impl LabState {
         self.get_on_node(pod.node, &format!("http://{}:15020/metrics", pod.ip))
     }
 
-    fn get_on_node(&self, node: usize, url: &str) -> Result<String> {
+    pub(crate) fn get_on_node(&self, node: usize, url: &str) -> Result<String> {
         let output = self
             .command_on_node(node, &self.app_binary)?
             .args(["get", url])

@@ -180,7 +180,17 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
                        labels: BTreeMap<String, String>,
                        spec: &PodSpec|
      -> Result<()> {
-        let node = pods.len() % node_count;
+        // `spec.nodeName` pins a pod as in Kubernetes; others go round robin.
+        let node = match spec.node_name.as_deref() {
+            Some(wanted) => nodes.iter().position(|n| n.name == wanted).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "pod {namespace}/{pod_name}: spec.nodeName {wanted:?} is not a lab node \
+                     (node0..node{})",
+                    node_count - 1
+                ))
+            })?,
+            None => pods.len() % node_count,
+        };
         let host = next_host[node];
         if host == 250 {
             return Err(Error::Invalid(format!(
@@ -635,6 +645,23 @@ mod tests {
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let plan = plan("t", 1, &loaded.manifests).expect("plans");
         assert!(plan.pods[0].ports.contains(&(9000, PortProtocol::Tcp)));
+    }
+
+    #[test]
+    fn node_name_pins_a_pod() {
+        let pod = |name: &str, node: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\n---\n"
+            )
+        };
+        let text = pod("a", "node1") + &pod("b", "node1");
+        let loaded = mesh_config::load_str("t", &text);
+        let plan = plan("t", 2, &loaded.manifests).expect("plans");
+        assert!(plan.pods.iter().all(|p| p.node == 1), "{:?}", plan.pods);
+
+        let loaded = mesh_config::load_str("t", &pod("c", "node7"));
+        let err = super::plan("t", 2, &loaded.manifests).unwrap_err();
+        assert!(err.to_string().contains("spec.nodeName \"node7\""), "{err}");
     }
 
     #[test]

@@ -66,13 +66,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    mesh_admin::process::init_tracing();
+    mesh_admin::process::raise_fd_limit();
     let cli = Cli::parse();
     let identity = Identity::new(&cli.trust_domain, &cli.namespace, &cli.service_account);
     let certs = CertManager::new(

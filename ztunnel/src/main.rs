@@ -100,13 +100,8 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    mesh_admin::process::init_tracing();
+    mesh_admin::process::raise_fd_limit();
     match Cli::parse().command {
         Command::Run(args) => run(*args).await,
         Command::EbpfCheck => {

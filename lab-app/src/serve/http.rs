@@ -99,8 +99,19 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-/// Answers one request and logs it.
+/// The largest `/bytes/N` body served.
+pub const MAX_BYTES: usize = 1 << 20;
+
+/// A static body `/bytes/N` slices from, so the benchmark's server does no
+/// work per request beyond HTTP itself.
+static FILLER: [u8; MAX_BYTES] = [b'x'; MAX_BYTES];
+
+/// Answers one request and logs it (but `/bytes/N`, the benchmarks' target,
+/// which is answered without a log line or JSON, as cheaply as possible).
 async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(size) = request.uri().path().strip_prefix("/bytes/") {
+        return bytes_body(size);
+    }
     let started = Instant::now();
     let method = request.method().clone();
     let target = request
@@ -374,6 +385,21 @@ async fn call(resolver: &Resolver, url: &str, headers: &HeaderMap) -> Call {
     Call {
         url: url.to_owned(),
         outcome,
+    }
+}
+
+/// `GET /bytes/N`: N bytes of filler (at most [`MAX_BYTES`]).
+fn bytes_body(size: &str) -> Response<Full<Bytes>> {
+    match size.parse::<usize>() {
+        Ok(size) if size <= MAX_BYTES => response(
+            StatusCode::OK,
+            "application/octet-stream",
+            Bytes::from_static(&FILLER[..size]),
+        ),
+        _ => text(
+            StatusCode::BAD_REQUEST,
+            &format!("/bytes/N needs N in 0..={MAX_BYTES}\n"),
+        ),
     }
 }
 
