@@ -10,8 +10,8 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -267,22 +267,37 @@ pub struct EndpointHealth {
     pub active: AtomicU32,
     consecutive_errors: AtomicU32,
     ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    /// End of the current ejection ([`ticks`]), 0 when not ejected: an
+    /// atomic, because every pick reads it for every endpoint.
+    ejected_until: AtomicU64,
+}
+
+/// `t` as nanoseconds since the process's first use of this clock (at
+/// least 1, so 0 can mean "never").
+fn ticks(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    (t.saturating_duration_since(epoch).as_nanos() as u64).max(1)
 }
 
 impl EndpointHealth {
     fn is_ejected(&self, now: Instant) -> bool {
-        let mut until = self.ejected_until.lock().unwrap_or_else(|e| e.into_inner());
-        match *until {
-            Some(t) if t > now => true,
-            Some(_) => {
-                // Back in: it gets a fresh count.
-                *until = None;
-                self.consecutive_errors.store(0, Ordering::Relaxed);
-                false
-            }
-            None => false,
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
         }
+        if until > ticks(now) {
+            return true;
+        }
+        // Back in: it gets a fresh count (once, whoever sees it first).
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
+        false
     }
 }
 
@@ -408,10 +423,7 @@ impl ClusterEntry {
         }
         let times = health.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let until = now + outlier.base_ejection * times.min(10);
-        *health
-            .ejected_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(until);
+        health.ejected_until.store(ticks(until), Ordering::Relaxed);
         health.consecutive_errors.store(0, Ordering::Relaxed);
         tracing::info!(cluster = %self.config.name, ejected_for = ?(until - now), "endpoint ejected (outlier detection)");
     }
