@@ -32,6 +32,11 @@ pub struct TcpArgs {
     /// Send N bytes of a pattern and check the echo matches exactly; prints `ok N`.
     #[arg(long, value_name = "N")]
     pub bytes: Option<u64>,
+    /// Send `--send` one byte every MS milliseconds (a slowloris client)
+    /// until the server closes; prints `closed after T ms, sent S of N
+    /// bytes` and anything the server sent.
+    #[arg(long, value_name = "MS", conflicts_with = "bytes")]
+    pub trickle_ms: Option<u64>,
     /// How names are resolved.
     #[command(flatten)]
     pub resolve: ResolveArgs,
@@ -72,6 +77,9 @@ async fn exchange(args: &TcpArgs) -> anyhow::Result<()> {
         print(&[banner, b"\n"].concat())?;
     }
 
+    if let Some(every) = args.trickle_ms {
+        return trickle(&mut reader, &mut writer, args.send.as_bytes(), every).await;
+    }
     match args.bytes {
         Some(total) => {
             tokio::try_join!(
@@ -99,6 +107,44 @@ async fn exchange(args: &TcpArgs) -> anyhow::Result<()> {
             print(&echoed)
         }
     }
+}
+
+/// Sends `payload` a byte at a time, `every_ms` apart, while reading,
+/// until the server closes the connection (or the payload runs out).
+async fn trickle(
+    reader: &mut (impl AsyncRead + Unpin),
+    writer: &mut (impl AsyncWrite + Unpin),
+    payload: &[u8],
+    every_ms: u64,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let mut sent = 0;
+    let mut ticks = tokio::time::interval(Duration::from_millis(every_ms.max(1)));
+    let mut chunk = [0_u8; 4096];
+    loop {
+        tokio::select! {
+            read = reader.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            },
+            _ = ticks.tick(), if sent < payload.len() => {
+                if writer.write_all(&payload[sent..=sent]).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+        }
+    }
+    print(
+        format!(
+            "closed after {} ms, sent {sent} of {} bytes\n",
+            started.elapsed().as_millis(),
+            payload.len()
+        )
+        .as_bytes(),
+    )?;
+    print(&received)
 }
 
 /// Splits `host:port` or `[v6]:port`.

@@ -3,7 +3,8 @@
 //! to it) lets clients outside the mesh reach productpage through the
 //! gateway the lab deploys, as Istio's install does; an HTTPS server
 //! (`tls.mode: SIMPLE`, certificate from a Secret) terminates TLS for its
-//! SNI host.
+//! SNI host. A slowloris client is cut off at the head time limit without
+//! affecting other requests.
 
 use std::time::Duration;
 
@@ -107,6 +108,74 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
     );
 
     https_server(&lab, &outside);
+    slowloris(&lab, &outside);
+}
+
+/// The waypoint's time limit for a request head (`HEADER_READ_TIMEOUT` in
+/// `waypoint/src/proxy.rs`).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client trickling a request head a byte at a time (slowloris) is cut
+/// off at the head time limit without an answer, and the gateway serves
+/// other requests meanwhile.
+fn slowloris(lab: &Lab, client: &PodPlan) {
+    let head = format!(
+        "GET /productpage HTTP/1.1\r\nhost: bookinfo\r\nx-slow: {}\r\n\r\n",
+        "a".repeat(300)
+    );
+    let slow = lab
+        .state
+        .app_client(
+            client,
+            &[
+                "tcp",
+                "istio-ingressgateway.istio-system:80",
+                "--send",
+                &head,
+                "--trickle-ms",
+                "50",
+                "--timeout-ms",
+                "30000",
+            ],
+        )
+        .expect("client")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lab-app tcp");
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        let (ok, body, text) = get(lab, client, &format!("{GATEWAY_URL}/productpage"), &[]);
+        assert!(
+            ok && body["app"] == "productpage",
+            "served during slowloris: {text}"
+        );
+    }
+    let output = slow.wait_with_output().expect("lab-app tcp");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let closed_ms: u128 = text
+        .strip_prefix("closed after ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no close time in {text}"));
+    let limit = HEADER_READ_TIMEOUT.as_millis();
+    assert!(
+        (limit - 500..limit + 5000).contains(&closed_ms),
+        "closed after {closed_ms} ms, expected about {limit}: {text}"
+    );
+    assert!(
+        !text.contains(&format!("sent {0} of {0}", head.len())),
+        "{text}"
+    );
+    assert!(
+        !text.contains("200 OK"),
+        "a trickled head was answered: {text}"
+    );
 }
 
 /// An HTTPS server for `bookinfo.example.com` with a certificate from a
