@@ -2,7 +2,10 @@
 //! load: a one-off server in the server pod, the client in the client pod,
 //! its JSON report read back.
 
-use std::process::{Child, Command, Stdio};
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use super::LoadReport;
 use crate::{Error, LabState, PodPlan, Result, io_err};
@@ -18,7 +21,7 @@ pub const PORT: u16 = 5201;
 pub struct Server(Child);
 
 impl Server {
-    /// Starts it in `pod`.
+    /// Starts it in `pod` and waits until it listens.
     pub fn start(state: &LabState, pod: &PodPlan) -> Result<Self> {
         if !std::path::Path::new(BINARY).exists() {
             return Err(Error::Invalid(format!(
@@ -36,7 +39,27 @@ impl Server {
                 "starting iperf3 in {}",
                 pod.qualified_name()
             )))?;
-        Ok(Self(child))
+        let server = Self(child);
+        // Not by connecting: a one-off server takes any connection for its
+        // test. `ss` lists the pod's listening sockets instead.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let listing = state
+                .command_in_pod(pod, "ss")?
+                .args(["-Hltn", &format!("sport = :{PORT}")])
+                .output()
+                .map_err(io_err(format!("running ss in {}", pod.qualified_name())))?;
+            if !listing.stdout.is_empty() {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Invalid(format!(
+                    "iperf3 in {} not listening on {PORT} after 5 s",
+                    pod.qualified_name()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -488,9 +488,6 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
                 let (mut command, _server) = if scenario == Scenario::Iperf3 {
                     let server = pod(state, variant.target_pod())?;
                     let started = iperf3::Server::start(state, server)?;
-                    // Its listener is up well within this; the client does
-                    // not retry.
-                    std::thread::sleep(Duration::from_millis(200));
                     (
                         iperf3::client(state, client, server, options.seconds)?,
                         Some(started),
@@ -508,11 +505,13 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
                     .map_err(io_err(format!("measuring lab-app load in {}", client.name)))?;
                 costs.retain(|name, _| variant.proxies().contains(&name.as_str()));
                 if !output.status.success() {
+                    // iperf3 -J reports its errors on stdout.
                     return Err(Error::Invalid(format!(
-                        "{} on {}: {}",
+                        "{} on {}: {}{}",
                         scenario.name(),
                         variant.name(),
-                        String::from_utf8_lossy(&output.stderr).trim()
+                        String::from_utf8_lossy(&output.stderr).trim(),
+                        String::from_utf8_lossy(&output.stdout).trim()
                     )));
                 }
                 let load: LoadReport = if scenario == Scenario::Iperf3 {
