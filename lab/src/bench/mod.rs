@@ -222,10 +222,30 @@ impl Scenario {
         }
     }
 
+    /// How many connections it opens and holds, for the scenarios that
+    /// measure memory per held connection.
+    pub fn held_connections(self) -> Option<u64> {
+        match self {
+            Self::Open1k => Some(1000),
+            Self::Open10k => Some(10_000),
+            _ => None,
+        }
+    }
+
     /// Whether each run starts with freshly restarted ztunnels: the
-    /// scenarios that measure memory per held connection.
+    /// scenarios that hold connections to measure their memory.
     fn fresh_ztunnels(self) -> bool {
-        matches!(self, Self::Open1k | Self::Open10k)
+        self.held_connections().is_some()
+    }
+
+    /// The unit of its rate in the report, and the factor from the measured
+    /// per-second value to it.
+    pub fn unit(self) -> (&'static str, f64) {
+        match self {
+            Self::Throughput | Self::Iperf3 => ("MiB/s", 1.0 / (1024.0 * 1024.0)),
+            Self::Connections | Self::Open1k | Self::Open10k => ("conn/s", 1.0),
+            Self::Latency | Self::MaxRate | Self::Http => ("req/s", 1.0),
+        }
     }
 
     /// Whether it measures bytes per second (no per-operation latency).
@@ -614,10 +634,8 @@ fn restart_ztunnels(state: &mut LabState, peaks: &mut BTreeMap<String, u64>) -> 
 /// both. Where the machine caps open files below that (a sandbox without
 /// `CAP_SYS_RESOURCE`), the run is skipped rather than failed.
 fn fits_fd_limit(state: &LabState, scenario: Scenario, variant: Variant) -> Result<(), String> {
-    let connections: u64 = match scenario {
-        Scenario::Open1k => 1000,
-        Scenario::Open10k => 10_000,
-        _ => return Ok(()),
+    let Some(connections) = scenario.held_connections() else {
+        return Ok(());
     };
     let needed = match variant {
         Variant::MeshSameNode => 2 * connections + 100,

@@ -72,15 +72,8 @@ fn summarize(report: &BenchReport) -> BTreeMap<(Scenario, Variant), Summary> {
 }
 
 fn rate(scenario: Scenario, value: f64) -> String {
-    match scenario {
-        Scenario::Throughput | Scenario::Iperf3 => {
-            format!("{:.0} MiB/s", value / (1024.0 * 1024.0))
-        }
-        Scenario::Connections | Scenario::Open1k | Scenario::Open10k => {
-            format!("{value:.0} conn/s")
-        }
-        _ => format!("{value:.0} req/s"),
-    }
+    let (unit, scale) = scenario.unit();
+    format!("{:.0} {unit}", value * scale)
 }
 
 fn mib(kib: u64) -> String {
@@ -161,11 +154,7 @@ pub fn write_report(report: &BenchReport, dir: &Path) -> Result<()> {
                 },
             );
         }
-        let (unit, scale) = match scenario {
-            Scenario::Throughput | Scenario::Iperf3 => ("MiB/s", 1.0 / (1024.0 * 1024.0)),
-            Scenario::Connections | Scenario::Open1k | Scenario::Open10k => ("conn/s", 1.0),
-            _ => ("req/s", 1.0),
-        };
+        let (unit, scale) = scenario.unit();
         let bars: Vec<(&str, f64)> = rows
             .iter()
             .map(|(v, s)| (v.name(), s.value * scale))
@@ -191,7 +180,7 @@ pub fn write_report(report: &BenchReport, dir: &Path) -> Result<()> {
             )?;
             charts.push(name);
         }
-        if matches!(scenario, Scenario::Open1k | Scenario::Open10k) {
+        if scenario.held_connections().is_some() {
             let bars: Vec<(&str, f64)> = rows
                 .iter()
                 .filter(|(v, _)| !v.proxies().is_empty())
