@@ -194,6 +194,57 @@ pub enum CaptureCounter {
 /// Number of capture counters.
 pub const CAPTURE_COUNTERS: u32 = 6;
 
+/// Name of the SOCKHASH of ztunnel's same-node HBONE sockets, by
+/// [`SocketTuple`]: a message sent on one is put straight into its peer's
+/// receive queue when the peer is in the map too.
+pub const FASTPATH_SOCKS_MAP: &str = "FASTPATH_SOCKS";
+/// Name of the per-CPU fast-path counters, indexed by [`FastPathCounter`].
+pub const FASTPATH_STATS_MAP: &str = "FASTPATH_STATS";
+/// Program (`sk_msg`) splicing messages between paired same-node sockets.
+pub const FASTPATH_SK_MSG_PROG: &str = "fastpath_sk_msg";
+
+/// Key of [`FASTPATH_SOCKS_MAP`]: a connected IPv4 TCP socket as seen from
+/// its own side. Its peer's key swaps local and remote.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketTuple {
+    /// Local address, network byte order.
+    pub local_ip4: u32,
+    /// Remote address, network byte order.
+    pub remote_ip4: u32,
+    /// Local port, host byte order.
+    pub local_port: u32,
+    /// Remote port, host byte order.
+    pub remote_port: u32,
+}
+
+impl SocketTuple {
+    /// The key of the socket at the other end of this connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Indexes of the fast-path counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPathCounter {
+    /// Messages put straight into the peer socket's receive queue.
+    Spliced = 0,
+    /// Bytes of those messages.
+    SplicedBytes = 1,
+    /// Messages sent the ordinary way: the peer was not (or no longer) in the map.
+    Passed = 2,
+}
+
+/// Number of fast-path counters.
+pub const FASTPATH_COUNTERS: u32 = 3;
+
 #[cfg(feature = "user")]
 mod user_capture {
     // SAFETY: plain `repr(C)` data without implicit padding or pointers.
@@ -204,4 +255,6 @@ mod user_capture {
     unsafe impl aya::Pod for super::ListenerKey {}
     // SAFETY: as above (u32, u32, u16, u16, u32).
     unsafe impl aya::Pod for super::DeliverKey {}
+    // SAFETY: as above (four u32).
+    unsafe impl aya::Pod for super::SocketTuple {}
 }

@@ -8,6 +8,7 @@
 //! <pin dir>/CAPTURE_*            maps (adopted, not recreated, on restart)
 //! <pin dir>/connect4_link        cgroup/connect4 on the node's pods cgroup
 //! <pin dir>/sockops_link         sock_ops on the same cgroup
+//! <pin dir>/fastpath_link        sk_msg on FASTPATH_SOCKS (same-node fast path)
 //! <pin dir>/sk_lookup/<a_b_c_d>  sk_lookup on each enrolled pod's namespace
 //! ```
 //!
@@ -24,19 +25,21 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupSockAddr, SkLookup, SockOps},
+    programs::{CgroupSockAddr, SkLookup, SkMsg, SockOps},
 };
 use mesh_ebpf_common::{
     CAPTURE_CONNECT4_PROG, CAPTURE_DELIVER_MAP, CAPTURE_ENROLLED_MAP, CAPTURE_LISTENERS_MAP,
     CAPTURE_ORIG_DST_MAP, CAPTURE_PENDING_MAP, CAPTURE_PROBE_SOURCES_MAP, CAPTURE_SK_LOOKUP_PROG,
-    CAPTURE_SOCKOPS_PROG, CAPTURE_STATS_MAP, CaptureCounter, DeliverKey, EnrolledPod, Ipv4Endpoint,
-    ListenerKey, ListenerKind, OutboundKey,
+    CAPTURE_SOCKOPS_PROG, CAPTURE_STATS_MAP, CaptureCounter, DeliverKey, EnrolledPod,
+    FASTPATH_SK_MSG_PROG, FASTPATH_SOCKS_MAP, FASTPATH_STATS_MAP, FastPathCounter, Ipv4Endpoint,
+    ListenerKey, ListenerKind, OutboundKey, SocketTuple,
 };
 
 use crate::{
     Error, OBJECT, Result,
     object::{
-        attach_cgroup_pinned, map_err, open, pin_link, prog_err, program, remove_pin, take_map,
+        attach_cgroup_pinned, fd_link, map_err, open, pin_link, prog_err, program, remove_pin,
+        take_map,
     },
 };
 
@@ -49,6 +52,7 @@ const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 const LOG_LEVEL_DEBUG: u8 = 4;
 const SOCKOPS_LINK: &str = "sockops_link";
 const SK_LOOKUP_DIR: &str = "sk_lookup";
+const FASTPATH_LINK: &str = "fastpath_link";
 
 /// The capture programs and maps of one node.
 pub struct Capture {
@@ -60,6 +64,10 @@ pub struct Capture {
     probe_sources: HashMap<MapData, u32, u8>,
     deliver: HashMap<MapData, DeliverKey, u8>,
     stats: PerCpuArray<MapData, u64>,
+    fastpath_socks: SockHash<MapData, SocketTuple>,
+    fastpath_stats: PerCpuArray<MapData, u64>,
+    /// Whether `fastpath_sk_msg` is attached to `fastpath_socks`.
+    fastpath_enabled: bool,
 }
 
 impl std::fmt::Debug for Capture {
@@ -98,6 +106,17 @@ pub struct CaptureStats {
     pub inbound_probe: u64,
 }
 
+/// Same-node fast-path counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastPathStats {
+    /// Messages moved straight into the peer socket's receive queue.
+    pub spliced: u64,
+    /// Bytes of those messages.
+    pub spliced_bytes: u64,
+    /// Messages of paired-map sockets sent the ordinary way (peer missing).
+    pub passed: u64,
+}
+
 impl Capture {
     /// Loads the capture programs, adopting pinned maps in `pin_dir`, and
     /// attaches connect4 and sock_ops to `pods_cgroup` unless a previous run
@@ -122,6 +141,8 @@ impl Capture {
             CAPTURE_STATS_MAP,
             CAPTURE_PROBE_SOURCES_MAP,
             CAPTURE_DELIVER_MAP,
+            FASTPATH_SOCKS_MAP,
+            FASTPATH_STATS_MAP,
         ];
         for name in maps.into_iter().chain([AYA_LOGS_MAP]) {
             loader.map_pin_path(name, pin_dir.join(name));
@@ -167,8 +188,87 @@ impl Capture {
             probe_sources: take_map(&mut ebpf, CAPTURE_PROBE_SOURCES_MAP, HashMap::try_from)?,
             deliver: take_map(&mut ebpf, CAPTURE_DELIVER_MAP, HashMap::try_from)?,
             stats: take_map(&mut ebpf, CAPTURE_STATS_MAP, PerCpuArray::try_from)?,
+            fastpath_socks: take_map(&mut ebpf, FASTPATH_SOCKS_MAP, SockHash::try_from)?,
+            fastpath_stats: take_map(&mut ebpf, FASTPATH_STATS_MAP, PerCpuArray::try_from)?,
+            fastpath_enabled: false,
             pin_dir: pin_dir.to_path_buf(),
             ebpf,
+        })
+    }
+
+    /// Turns the same-node fast path on: loads `fastpath_sk_msg` and attaches
+    /// it to `FASTPATH_SOCKS` (adopting the pinned link a previous run left).
+    /// Until this succeeds, [`splice_same_node`](Self::splice_same_node)
+    /// does nothing and every byte takes the ordinary path.
+    pub fn enable_fast_path(&mut self) -> Result<()> {
+        let sk_msg: &mut SkMsg = program(&mut self.ebpf, FASTPATH_SK_MSG_PROG)?;
+        sk_msg.load().map_err(prog_err(FASTPATH_SK_MSG_PROG))?;
+        let link_pin = self.pin_dir.join(FASTPATH_LINK);
+        if !link_pin.exists() {
+            let id = sk_msg
+                .attach(self.fastpath_socks.fd())
+                .map_err(prog_err(FASTPATH_SK_MSG_PROG))?;
+            // Since Linux 6.10 the attachment is a link, pinned so a restart
+            // adopts it. Older kernels attach to the map directly; that
+            // attachment stays with the program, for this process's life,
+            // and the next run attaches again.
+            let links = aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 10, 0));
+            if links {
+                let link = sk_msg
+                    .take_link(id)
+                    .map_err(prog_err(FASTPATH_SK_MSG_PROG))?;
+                pin_link(fd_link(link, FASTPATH_SK_MSG_PROG)?, &link_pin)?;
+            }
+        }
+        self.fastpath_enabled = true;
+        Ok(())
+    }
+
+    /// Whether the same-node fast path is on.
+    pub fn fast_path_enabled(&self) -> bool {
+        self.fastpath_enabled
+    }
+
+    /// Puts one end of a same-node connection in `FASTPATH_SOCKS`, keyed by
+    /// its own `local` and `peer` addresses. Once the socket at the other
+    /// end is there too, their bytes skip the TCP/IP stack. The kernel drops
+    /// the entry when the socket closes. Returns whether it was inserted
+    /// (`false` with the fast path off).
+    pub fn splice_same_node(
+        &mut self,
+        socket: &impl AsRawFd,
+        local: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> Result<bool> {
+        if !self.fastpath_enabled {
+            return Ok(false);
+        }
+        let key = SocketTuple {
+            local_ip4: u32::from_ne_bytes(local.ip().octets()),
+            remote_ip4: u32::from_ne_bytes(peer.ip().octets()),
+            local_port: u32::from(local.port()),
+            remote_port: u32::from(peer.port()),
+        };
+        self.fastpath_socks
+            .insert(&key, socket.as_raw_fd(), 0)
+            .map_err(map_err(FASTPATH_SOCKS_MAP))?;
+        Ok(true)
+    }
+
+    /// Reads the fast-path counters, summed over CPUs.
+    pub fn fast_path_stats(&self) -> Result<FastPathStats> {
+        let read = |counter: FastPathCounter| -> Result<u64> {
+            let values = self
+                .fastpath_stats
+                .get(&(counter as u32), 0)
+                .map_err(map_err(FASTPATH_STATS_MAP))?;
+            Ok(values.iter().sum())
+        };
+        Ok(FastPathStats {
+            spliced: read(FastPathCounter::Spliced)?,
+            spliced_bytes: read(FastPathCounter::SplicedBytes)?,
+            passed: read(FastPathCounter::Passed)?,
         })
     }
 
@@ -176,6 +276,8 @@ impl Capture {
     /// connections arriving in its namespace go to ztunnel's listeners there.
     /// Enrolling a pod twice is a no-op.
     pub fn enroll(&mut self, pod: &PodTarget) -> Result<()> {
+        // Everything that can fail without side effects comes first.
+        let cgroup = cgroup_id(&pod.cgroup)?;
         let link_pin = self.sk_lookup_pin(pod.ip);
         if !link_pin.exists() {
             let netns = open(&pod.netns, "opening netns")?;
@@ -192,9 +294,13 @@ impl Capture {
             pod_ip: u32::from_ne_bytes(pod.ip.octets()),
             flags: 0,
         };
-        self.enrolled
-            .insert(&cgroup_id(&pod.cgroup)?, &value, 0)
-            .map_err(map_err(CAPTURE_ENROLLED_MAP))
+        if let Err(source) = self.enrolled.insert(&cgroup, &value, 0) {
+            // A full map: leave the pod as it was rather than half enrolled,
+            // with its inbound connections refused by a lone sk_lookup.
+            remove_pin(&link_pin)?;
+            return Err(map_err(CAPTURE_ENROLLED_MAP)(source));
+        }
+        Ok(())
     }
 
     /// Stops capturing `pod` for new connections; open ones are not touched.

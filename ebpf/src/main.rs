@@ -4,6 +4,7 @@
 #![no_main]
 
 mod capture;
+mod fastpath;
 mod service_lb;
 
 #[cfg(not(test))]

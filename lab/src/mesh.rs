@@ -291,6 +291,7 @@ impl LabState {
             .arg(self.plan.nodes[node].ip.to_string())
             .arg("--node-name")
             .arg(&name)
+            .arg(format!("--same-node-fast-path={}", self.ztunnel_fast_path))
             .arg("--xds-address")
             .arg(format!("http://{}", self.control_grpc_addr()))
             .arg("--xds-token-file")

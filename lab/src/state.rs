@@ -24,10 +24,18 @@ pub struct LabState {
     pub ztunnel_binary: PathBuf,
     /// PID of each node's ztunnel, by node name.
     pub ztunnel_pids: BTreeMap<String, u32>,
+    /// Whether ztunnels splice same-node HBONE connections in the kernel
+    /// (on, as in production; turned off to measure what it gains).
+    #[serde(default = "fast_path_default")]
+    pub ztunnel_fast_path: bool,
     /// The control plane binary.
     pub control_binary: PathBuf,
     /// PID of the control plane.
     pub control_pid: Option<u32>,
+}
+
+fn fast_path_default() -> bool {
+    true
 }
 
 impl LabState {

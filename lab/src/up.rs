@@ -98,6 +98,7 @@ fn build(
             .canonicalize()
             .map_err(io_err("resolving the ztunnel binary path"))?,
         ztunnel_pids: BTreeMap::new(),
+        ztunnel_fast_path: true,
         control_binary: options
             .control_binary
             .canonicalize()

@@ -679,3 +679,127 @@ fn pod_deleted_mid_connection_fails_that_connection_only() {
     )
     .expect("other traffic unaffected");
 }
+
+#[test]
+fn full_enrolment_map_leaves_the_pod_as_it_was_and_capture_goes_on() {
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_ebpf_common::{CAPTURE_ENROLLED_MAP, EnrolledPod};
+
+    let mut lab = Lab::bookinfo("tfull");
+    let details = pod(&lab.state, "details").clone();
+    let productpage = pod(&lab.state, "productpage").clone();
+    let node = details.node;
+    assert_ne!(productpage.node, node, "productpage's node stays healthy");
+
+    // Fill node `node`'s enrolment map with cgroups that do not exist. They
+    // carry details' IP so ztunnel's sweep of departed pods keeps them.
+    let pin = lab.state.node_pin_dir(node).join(CAPTURE_ENROLLED_MAP);
+    let data = MapData::from_pin(&pin).expect("open the pinned enrolment map");
+    let mut enrolled: HashMap<MapData, u64, EnrolledPod> =
+        HashMap::try_from(Map::HashMap(data)).expect("a hash map");
+    let filler = EnrolledPod {
+        pod_ip: u32::from_ne_bytes(details.ip.octets()),
+        flags: 0,
+    };
+    let mut fillers = Vec::new();
+    for id in (0..u64::from(u16::MAX)).map(|i| u64::MAX - i) {
+        if enrolled.insert(&id, &filler, 0).is_err() {
+            break;
+        }
+        fillers.push(id);
+    }
+    assert!(fillers.len() >= 16_000, "filled {} entries", fillers.len());
+
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            DATAPLANE_MODE_LABEL,
+            Some("ambient"),
+        )
+        .expect("label namespace");
+    // The failing pod: one clear error naming the map, logged once although
+    // ztunnel retries every second.
+    let failure = format!(
+        "enrolling pod failed; will retry every second pod={}",
+        details.qualified_name()
+    );
+    wait_for_log(&lab.state, node, &failure, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = std::fs::read_to_string(lab.state.ztunnel_log(node)).expect("ztunnel log");
+    let failures: Vec<&str> = log.lines().filter(|l| l.contains(&failure)).collect();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert!(
+        failures[0].contains(CAPTURE_ENROLLED_MAP),
+        "{}",
+        failures[0]
+    );
+    // Not half enrolled: no sk_lookup left refusing its inbound connections.
+    let [a, b, c, d] = details.ip.octets();
+    let link = lab
+        .state
+        .node_pin_dir(node)
+        .join("sk_lookup")
+        .join(format!("{a}_{b}_{c}_{d}"));
+    assert!(!link.exists(), "{} left attached", link.display());
+
+    // The other node's pods are enrolled and captured all the same.
+    wait_for_log(
+        &lab.state,
+        productpage.node,
+        &enrolled_marker(&productpage),
+        Duration::from_secs(1),
+    );
+    let neighbour = lab
+        .state
+        .plan
+        .pods
+        .iter()
+        .find(|p| p.node == productpage.node && p.name != productpage.name)
+        .expect("a second pod on productpage's node")
+        .clone();
+    probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:7", neighbour.ip),
+        &["--send", "still-captured"],
+    )
+    .expect("healthy pods talk through the mesh");
+    wait_for_records(
+        &lab.state,
+        productpage.node,
+        &[
+            r#"direction="outbound""#,
+            &format!("dst={}:7", neighbour.ip),
+        ],
+        1,
+    );
+
+    // Room again: the next retry enrols the pod, and calls to it go through
+    // both ztunnels.
+    for id in &fillers {
+        enrolled.remove(id).expect("remove filler");
+    }
+    wait_for_log(
+        &lab.state,
+        node,
+        &enrolled_marker(&details),
+        Duration::from_secs(3),
+    );
+    let answer = probe::http_get(
+        &lab.state,
+        &productpage,
+        &format!("http://{}:9080/after-full", details.ip),
+        &[],
+    )
+    .expect("call to the pod enrolled late");
+    assert_eq!(answer[0].field("pod"), details.name);
+    wait_for_records(
+        &lab.state,
+        node,
+        &[
+            r#"direction="inbound""#,
+            &format!("dst={}:9080", details.ip),
+        ],
+        1,
+    );
+}

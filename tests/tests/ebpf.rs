@@ -15,8 +15,16 @@ fn kernel_accepts_every_program() {
         "ebpf-check failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        stdout.contains("ok lab_service_lb (CgroupSockAddr)"),
-        "{stdout}"
-    );
+    for program in [
+        "ok lab_service_lb (CgroupSockAddr)",
+        "ok capture_connect4 (CgroupSockAddr)",
+        "ok capture_sockops (SockOps)",
+        "ok capture_sk_lookup (SkLookup)",
+        "ok fastpath_sk_msg (SkMsg)",
+    ] {
+        assert!(
+            stdout.contains(program),
+            "{program} missing from:\n{stdout}"
+        );
+    }
 }

@@ -10,16 +10,22 @@ use std::{
 
 use mesh_config::node::DATAPLANE_MODE_LABEL;
 use mesh_lab::{LabState, mesh::LabelTarget, probe};
-use mesh_tests::Lab;
+use mesh_tests::{Lab, eventually};
 
-/// A packet capture on node `node`'s inter-node link, written to a file.
+/// A packet capture on an interface of a node, written to a file.
 struct Capture {
     child: Child,
     file: std::path::PathBuf,
 }
 
 impl Capture {
+    /// Captures node `node`'s inter-node link.
     fn start(state: &LabState, node: usize, name: &str) -> Self {
+        Self::start_on(state, node, "eth1", name)
+    }
+
+    /// Captures interface `interface` of node `node`'s namespace.
+    fn start_on(state: &LabState, node: usize, interface: &str, name: &str) -> Self {
         let file = std::env::temp_dir().join(format!("{}-{name}.pcap", state.plan.name));
         let _ = std::fs::remove_file(&file);
         let child = Command::new("ip")
@@ -28,7 +34,7 @@ impl Capture {
                 "tcpdump",
                 "--immediate-mode",
                 "-i",
-                "eth1",
+                interface,
                 "-U",
                 "-n",
                 "-s",
@@ -131,4 +137,88 @@ fn only_tls_crosses_the_node_link_for_enrolled_pods() {
         !contains(&bytes, "\"pod\":"),
         "the app's response crossed the node link in clear"
     );
+}
+
+/// `ztunnel_fast_path_spliced_bytes_total` of node `node`'s ztunnel.
+fn spliced_bytes(state: &LabState, node: usize) -> u64 {
+    let metrics = state.ztunnel_metrics(node).expect("scrape ztunnel");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ztunnel_fast_path_spliced_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no fast-path bytes in:\n{metrics}"))
+}
+
+#[test]
+fn same_node_hbone_bytes_skip_the_tcp_stack() {
+    let mut lab = Lab::bookinfo("tfast");
+    lab.enrol_namespace("default");
+    let state = &lab.state;
+    // Two pods of one node, and one of the other node.
+    let (client, server) = state
+        .plan
+        .pods
+        .iter()
+        .flat_map(|a| state.plan.pods.iter().map(move |b| (a, b)))
+        .find(|(a, b)| a.name != b.name && a.node == b.node)
+        .map(|(a, b)| (a.clone(), b.clone()))
+        .expect("two pods on one node");
+    let remote = state
+        .plan
+        .pods
+        .iter()
+        .find(|p| p.node != client.node)
+        .expect("a pod on the other node")
+        .clone();
+    const BULK: u64 = 4 << 20;
+
+    // Same node: 4 MiB each way, echoed exactly, and the HBONE bytes never
+    // cross the server pod's veth: the kernel put them straight into the
+    // peer socket's receive queue.
+    let before = spliced_bytes(state, client.node);
+    let capture = Capture::start_on(state, server.node, &server.veth, "fast");
+    let bulk = probe::tcp(
+        state,
+        &client,
+        &format!("{}:7", server.ip),
+        &["--bytes", &BULK.to_string()],
+    )
+    .expect("same-node bulk via mesh");
+    assert_eq!(bulk.trim(), format!("ok {BULK}"));
+    let (pcap, hbone_packets) = capture.stop(15008);
+    let spliced = spliced_bytes(state, client.node) - before;
+    assert!(
+        spliced >= 2 * BULK,
+        "only {spliced} bytes spliced for {BULK} bytes each way"
+    );
+    assert!(
+        pcap.len() < 256 * 1024,
+        "{} bytes of packets ({hbone_packets} to or from 15008) crossed {}'s veth",
+        pcap.len(),
+        server.name
+    );
+    // ztunnel still accounts for every byte of the connection.
+    eventually("the access record", Duration::from_secs(3), || {
+        let log = std::fs::read_to_string(state.ztunnel_log(client.node)).unwrap_or_default();
+        log.lines()
+            .any(|l| {
+                l.contains(r#"direction="outbound""#)
+                    && l.contains(&format!("dst={}:7", server.ip))
+                    && l.contains(&format!("bytes_sent={BULK} bytes_received={BULK}"))
+            })
+            .then_some(())
+            .ok_or_else(|| "no outbound record with both byte counts".to_owned())
+    });
+
+    // Across nodes there is no peer socket to splice into: nothing is.
+    let before = spliced_bytes(state, client.node);
+    let bulk = probe::tcp(
+        state,
+        &client,
+        &format!("{}:7", remote.ip),
+        &["--bytes", "1048576"],
+    )
+    .expect("cross-node bulk via mesh");
+    assert_eq!(bulk.trim(), "ok 1048576");
+    assert_eq!(spliced_bytes(state, client.node), before);
 }

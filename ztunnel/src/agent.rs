@@ -10,28 +10,39 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_config::node::{NodePod, NodePods};
-use mesh_ebpf_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
+use mesh_ebpf_common::{
+    FASTPATH_SK_MSG_PROG, FASTPATH_SOCKS_MAP, HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind,
+    OUTBOUND_PORT,
+};
 use mesh_ebpf_loader::capture::{Capture, PodTarget};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
     discovery::Discovery,
+    fastpath::SameNode,
     identity::CertManager,
     inpod::PodNetns,
     policy::PolicyStore,
     proxy::{InboundTunnels, PodContext, PodDialer, Proxy},
 };
 
+/// How long a pod that failed to enrol waits for the next attempt.
+const ENROL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The agent: capture state plus one set of listeners per enrolled pod.
 pub struct Agent {
     capture: Arc<Mutex<Capture>>,
     proxy: Arc<Proxy>,
+    same_node: Arc<SameNode>,
     certs: Arc<CertManager>,
     trust_domain: String,
     running: BTreeMap<String, RunningPod>,
-    /// Whether the last reconcile left a pod it could not enrol.
-    retry: bool,
+    /// When to try again the pods the last reconcile could not enrol.
+    retry_at: Option<std::time::Instant>,
+    /// Why each pod that failed to enrol failed, last time (logged once per
+    /// distinct error, not on every retry).
+    failing: BTreeMap<String, String>,
 }
 
 struct RunningPod {
@@ -60,6 +71,8 @@ pub struct CaptureConfig<'a> {
     pub ebpf_debug_logs: bool,
     /// Health-probe sources, never captured.
     pub probe_sources: &'a [Ipv4Addr],
+    /// Splice same-node HBONE connections in the kernel (sockmap).
+    pub same_node_fast_path: bool,
 }
 
 /// What the control plane feeds the agent.
@@ -87,6 +100,7 @@ impl Agent {
             pin_dir,
             ebpf_debug_logs,
             probe_sources,
+            same_node_fast_path,
         } = config;
         let MeshState {
             discovery,
@@ -113,8 +127,20 @@ impl Agent {
                 None => warn!("the eBPF object has no log buffer"),
             }
         }
+        if same_node_fast_path {
+            match capture.enable_fast_path() {
+                Ok(()) => info!("same-node fast path on"),
+                Err(err) => warn!(
+                    program = FASTPATH_SK_MSG_PROG,
+                    map = FASTPATH_SOCKS_MAP,
+                    error = %format!("{:#}", anyhow::Error::new(err)),
+                    "same-node fast path unavailable; same-node traffic takes the ordinary path"
+                ),
+            }
+        }
         let capture = Arc::new(Mutex::new(capture));
         Ok(Self {
+            same_node: Arc::new(SameNode::new(capture.clone())),
             proxy: Arc::new(Proxy {
                 capture: capture.clone(),
                 discovery,
@@ -126,14 +152,16 @@ impl Agent {
             certs,
             trust_domain,
             running: BTreeMap::new(),
-            retry: false,
+            retry_at: None,
+            failing: BTreeMap::new(),
         })
     }
 
     /// Whether a pod failed to enrol and [`reconcile`](Self::reconcile)
     /// should run again even though nothing changed.
     pub fn needs_retry(&self) -> bool {
-        self.retry
+        self.retry_at
+            .is_some_and(|at| std::time::Instant::now() >= at)
     }
 
     /// Brings capture in line with `desired`: enrols new pods, releases those
@@ -141,13 +169,14 @@ impl Agent {
     /// next call (see [`needs_retry`](Self::needs_retry)); the others are not
     /// affected.
     pub async fn reconcile(&mut self, desired: &NodePods) {
-        self.retry = false;
+        self.retry_at = None;
         let wanted: BTreeMap<String, &NodePod> = desired
             .pods
             .iter()
             .filter(|pod| pod.enrolled)
             .map(|pod| (format!("{}/{}", pod.namespace, pod.name), pod))
             .collect();
+        self.failing.retain(|key, _| wanted.contains_key(key));
 
         let leaving: Vec<String> = self
             .running
@@ -190,14 +219,23 @@ impl Agent {
             match self.start(pod).await {
                 Ok(running) => {
                     info!(pod = %key, ip = %pod.ip, "enrolled in the mesh");
+                    self.failing.remove(&key);
                     self.running.insert(key, running);
                 }
                 Err(err) => {
-                    self.retry = true;
-                    warn!(pod = %key, error = %format!("{err:#}"), "enrolling pod failed; will retry")
+                    self.retry_at = Some(std::time::Instant::now() + ENROL_RETRY);
+                    let error = format!("{err:#}");
+                    if self.failing.get(&key) != Some(&error) {
+                        warn!(pod = %key, %error, "enrolling pod failed; will retry every second");
+                    } else {
+                        debug!(pod = %key, %error, "enrolling pod failed again");
+                    }
+                    self.failing.insert(key, error);
                 }
             }
         }
+        self.same_node
+            .set_local_pods(self.running.values().map(|running| running.spec.ip));
     }
 
     /// Opens the pod's listeners, registers them, then enrols the pod, so
@@ -236,7 +274,10 @@ impl Agent {
             pool: mesh_hbone::Pool::with_dialer(
                 self.certs.store().clone(),
                 mesh_hbone::PoolConfig::default(),
-                Arc::new(PodDialer(netns.clone())),
+                Arc::new(PodDialer {
+                    netns: netns.clone(),
+                    same_node: self.same_node.clone(),
+                }),
             ),
             identity: identity.clone(),
             netns,
@@ -264,7 +305,10 @@ impl Agent {
         let inbound_loop = accept_loop(inbound, context.clone(), move |ctx, stream, peer| {
             tokio::spawn(proxy.clone().inbound_plaintext(ctx, stream, peer));
         });
+        let same_node = self.same_node.clone();
         let hbone_loop = accept_loop(hbone, context, move |_, stream, peer| {
+            // Before the handshake: see `fastpath` for why the order matters.
+            same_node.offer(&stream);
             let server = server.clone();
             tokio::spawn(async move {
                 if let Err(err) = server.serve_connection(stream, peer).await {

@@ -7,6 +7,7 @@
 
 mod admin;
 mod agent;
+mod fastpath;
 use mesh_identity as identity;
 mod inpod;
 mod metrics;
@@ -60,6 +61,10 @@ struct RunArgs {
     /// they cost a ring-buffer write per captured connect).
     #[arg(long)]
     ebpf_debug_logs: bool,
+    /// Splice HBONE connections between two pods of this node in the kernel
+    /// (sockmap and `sk_msg`), so their bytes skip the TCP/IP stack.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    same_node_fast_path: bool,
     /// Source address of the node's health probes (the kubelet's); its
     /// connections to enrolled pods are not captured. Repeatable.
     #[arg(long = "probe-source")]
@@ -137,6 +142,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             pin_dir: &args.pin_dir,
             ebpf_debug_logs: args.ebpf_debug_logs,
             probe_sources: &args.probe_sources,
+            same_node_fast_path: args.same_node_fast_path,
         },
         agent::MeshState {
             discovery: discovery.clone(),

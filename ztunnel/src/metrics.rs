@@ -67,7 +67,9 @@ pub struct TcpMetrics {
 }
 use tracing::warn;
 
-/// The eBPF capture counters, as `ztunnel_ebpf_connections_total{program,outcome}`.
+/// The eBPF counters: capture as `ztunnel_ebpf_connections_total{program,outcome}`,
+/// the same-node fast path as `ztunnel_fast_path_messages_total{outcome}` and
+/// `ztunnel_fast_path_spliced_bytes_total`.
 #[derive(Debug)]
 struct CaptureCollector {
     capture: Arc<Mutex<Capture>>,
@@ -75,14 +77,17 @@ struct CaptureCollector {
 
 impl Collector for CaptureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = match self.capture.lock() {
-            Ok(capture) => capture.stats(),
-            Err(poisoned) => poisoned.into_inner().stats(),
+        let (stats, fast_path) = {
+            let capture = self
+                .capture
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            (capture.stats(), capture.fast_path_stats())
         };
-        let stats = match stats {
-            Ok(stats) => stats,
-            Err(err) => {
-                warn!(error = %err, "reading eBPF capture counters failed");
+        let (stats, fast_path) = match (stats, fast_path) {
+            (Ok(stats), Ok(fast_path)) => (stats, fast_path),
+            (Err(err), _) | (_, Err(err)) => {
+                warn!(error = %err, "reading eBPF counters failed");
                 return Ok(());
             }
         };
@@ -103,6 +108,21 @@ impl Collector for CaptureCollector {
             let labels = [("program", program), ("outcome", outcome)];
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "ztunnel_fast_path_messages",
+            "Messages of same-node HBONE sockets: spliced into the peer's receive queue, or passed to TCP",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [("spliced", fast_path.spliced), ("passed", fast_path.passed)] {
+            ConstCounter::new(value).encode(family.encode_family(&[("outcome", outcome)])?)?;
+        }
+        ConstCounter::new(fast_path.spliced_bytes).encode(encoder.encode_descriptor(
+            "ztunnel_fast_path_spliced_bytes",
+            "Bytes spliced between same-node HBONE sockets, skipping the TCP/IP stack",
+            None,
+            MetricType::Counter,
+        )?)?;
         Ok(())
     }
 }

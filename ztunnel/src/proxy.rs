@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     discovery::{Discovery, Resolved, WorkloadInfo},
+    fastpath::SameNode,
     identity::CertManager,
     inpod::PodNetns,
     metrics::{TcpLabels, TcpMetrics},
@@ -515,7 +516,12 @@ impl mesh_hbone::Handler for InboundTunnels {
 /// Dials a pod's HBONE connections from inside its network namespace, so
 /// they leave with the pod's own address.
 #[derive(Debug)]
-pub struct PodDialer(pub PodNetns);
+pub struct PodDialer {
+    /// The pod's namespace.
+    pub netns: PodNetns,
+    /// Pairs connections to pods of this node in the kernel.
+    pub same_node: Arc<SameNode>,
+}
 
 impl mesh_hbone::Dialer for PodDialer {
     fn dial(
@@ -523,7 +529,12 @@ impl mesh_hbone::Dialer for PodDialer {
         peer: SocketAddr,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send + '_>>
     {
-        Box::pin(self.0.connect(peer))
+        Box::pin(async move {
+            let stream = self.netns.connect(peer).await?;
+            // Before TLS starts: see `fastpath` for why the order matters.
+            self.same_node.offer(&stream);
+            Ok(stream)
+        })
     }
 }
 

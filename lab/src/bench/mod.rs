@@ -109,6 +109,8 @@ pub enum Variant {
     MeshCrossNode,
     /// Through one node's ztunnel.
     MeshSameNode,
+    /// Through one node's ztunnel, without the sockmap fast path.
+    MeshSameNodeNoFastPath,
     /// Through both ztunnels and the namespace's waypoint.
     Waypoint,
     /// Through nginx as a reverse proxy, outside the mesh.
@@ -122,6 +124,7 @@ impl Variant {
             Self::Direct => "direct",
             Self::MeshCrossNode => "mesh L4 cross-node",
             Self::MeshSameNode => "mesh L4 same-node",
+            Self::MeshSameNodeNoFastPath => "mesh L4 same-node, no fast path",
             Self::Waypoint => "mesh L7 waypoint",
             Self::Nginx => "nginx L7 proxy",
         }
@@ -141,7 +144,7 @@ impl Variant {
         match self {
             Self::Direct => "bench-plain/server",
             Self::MeshCrossNode => "bench-mesh/server",
-            Self::MeshSameNode => "bench-mesh/server-local",
+            Self::MeshSameNode | Self::MeshSameNodeNoFastPath => "bench-mesh/server-local",
             Self::Waypoint => "bench-mesh/web",
             Self::Nginx => "bench-plain/proxy",
         }
@@ -152,10 +155,15 @@ impl Variant {
         match self {
             Self::Direct => &[],
             Self::MeshCrossNode => &["ztunnel node0", "ztunnel node1"],
-            Self::MeshSameNode => &["ztunnel node0"],
+            Self::MeshSameNode | Self::MeshSameNodeNoFastPath => &["ztunnel node0"],
             Self::Waypoint => &["ztunnel node0", "ztunnel node1", "waypoint"],
             Self::Nginx => &["nginx"],
         }
+    }
+
+    /// Whether the ztunnels run with the same-node fast path.
+    fn fast_path(self) -> bool {
+        self != Self::MeshSameNodeNoFastPath
     }
 }
 
@@ -218,6 +226,10 @@ impl Scenario {
         use Variant::*;
         match self {
             Self::Http => &[Direct, MeshCrossNode, Waypoint, Nginx],
+            // What the same-node fast path gains: the same path without it.
+            Self::Throughput | Self::Iperf3 | Self::Latency | Self::MaxRate => {
+                &[Direct, MeshCrossNode, MeshSameNode, MeshSameNodeNoFastPath]
+            }
             _ => &[Direct, MeshCrossNode, MeshSameNode],
         }
     }
@@ -496,7 +508,9 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
                 // Memory runs start from fresh ztunnels, and so do the runs
                 // after them, whose RSS would otherwise include what the
                 // allocator kept from thousands of held connections.
-                if scenario.fresh_ztunnels() || after_memory_run {
+                let toggle = variant.fast_path() != state.ztunnel_fast_path;
+                if scenario.fresh_ztunnels() || after_memory_run || toggle {
+                    state.ztunnel_fast_path = variant.fast_path();
                     restart_ztunnels(state, &mut peak_rss_kib)?;
                 }
                 after_memory_run = scenario.fresh_ztunnels();
@@ -638,7 +652,7 @@ fn fits_fd_limit(state: &LabState, scenario: Scenario, variant: Variant) -> Resu
         return Ok(());
     };
     let needed = match variant {
-        Variant::MeshSameNode => 2 * connections + 100,
+        Variant::MeshSameNode | Variant::MeshSameNodeNoFastPath => 2 * connections + 100,
         _ => connections + 100,
     };
     for (node, pid) in &state.ztunnel_pids {
