@@ -263,6 +263,16 @@ impl Tunnel {
         self.stream.bytes_written()
     }
 
+    /// Relays this tunnel to `io` until both directions finished; returns
+    /// the bytes sent to `io` and the bytes received from it. See
+    /// [`relay`](crate::relay).
+    pub async fn relay<IO>(&mut self, io: &mut IO) -> io::Result<(u64, u64)>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        crate::io::relay(&mut self.stream, io).await
+    }
+
     /// Resets the stream (RST_STREAM), signalling an abortive close.
     pub fn reset(&mut self) {
         self.stream.reset();

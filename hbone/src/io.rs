@@ -1,4 +1,5 @@
-//! Byte-stream adapter over one HTTP/2 stream.
+//! Byte-stream adapter over one HTTP/2 stream, and the relay between such a
+//! stream and a socket.
 
 use std::io;
 use std::pin::Pin;
@@ -7,6 +8,10 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest read from the socket side of a [`relay`]: one HTTP/2 DATA frame
+/// at most 16 KiB, so a read rarely needs more than a couple of frames.
+const RELAY_READ: usize = 32 * 1024;
 
 /// One established HBONE stream as a tokio byte stream.
 ///
@@ -171,5 +176,200 @@ impl AsyncWrite for H2Stream {
             this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Relays between an HBONE stream and `io` until both directions finished
+/// (each half-close is passed on: END_STREAM becomes a write shutdown of
+/// `io` and EOF on `io` becomes END_STREAM). Returns the bytes moved from
+/// the stream to `io` and from `io` to the stream.
+///
+/// Unlike `tokio::io::copy_bidirectional`, it holds no buffer while the
+/// connection is idle (reads land in a stack buffer only when `io` has
+/// data, DATA frames are written to `io` as they arrive), so an idle
+/// tunnel costs no copy buffers; and received DATA is acknowledged to the
+/// peer (flow-control window) only once `io` took it, so a slow reader
+/// slows the sender instead of growing memory.
+pub async fn relay<IO>(stream: &mut H2Stream, io: &mut IO) -> io::Result<(u64, u64)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    // Whatever an earlier read left buffered goes first; its window was
+    // released when it arrived.
+    let mut state = Relay {
+        up_pending: Bytes::new(),
+        up_done: false,
+        down_pending: std::mem::take(&mut stream.buf),
+        down_released: true,
+        down_done: false,
+    };
+    std::future::poll_fn(|cx| state.poll(cx, stream, io)).await?;
+    Ok((stream.bytes_read, stream.bytes_written))
+}
+
+/// The two directions of a [`relay`]: "up" is `io` to the HBONE peer,
+/// "down" the HBONE peer to `io`.
+struct Relay {
+    /// Read from `io`, not yet sent for want of flow-control capacity.
+    up_pending: Bytes,
+    /// END_STREAM sent.
+    up_done: bool,
+    /// Received from the peer, not yet written to `io`.
+    down_pending: Bytes,
+    /// Whether `down_pending`'s flow-control window was already released.
+    down_released: bool,
+    /// `io` shut down for writing after the peer's END_STREAM.
+    down_done: bool,
+}
+
+impl Relay {
+    fn poll<IO>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut H2Stream,
+        io: &mut IO,
+    ) -> Poll<io::Result<()>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        // Each direction runs until it would block; errors end both.
+        if !self.up_done {
+            self.poll_up(cx, stream, io)?;
+        }
+        if !self.down_done {
+            self.poll_down(cx, stream, io)?;
+        }
+        if self.up_done && self.down_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn poll_up<IO>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut H2Stream,
+        io: &mut IO,
+    ) -> io::Result<()>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        loop {
+            if !self.up_pending.is_empty() {
+                let send = &mut stream.send;
+                send.reserve_capacity(self.up_pending.len());
+                let mut capacity = send.capacity();
+                while capacity == 0 {
+                    match send.poll_capacity(cx) {
+                        Poll::Pending => return Ok(()),
+                        Poll::Ready(Some(Ok(n))) => capacity = n,
+                        Poll::Ready(Some(Err(e))) => return Err(h2_to_io(e)),
+                        Poll::Ready(None) => {
+                            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"));
+                        }
+                    }
+                }
+                let chunk = self
+                    .up_pending
+                    .split_to(capacity.min(self.up_pending.len()));
+                stream.bytes_written += chunk.len() as u64;
+                send.send_data(chunk, false).map_err(h2_to_io)?;
+                continue;
+            }
+            if stream.write_closed {
+                self.up_done = true;
+                return Ok(());
+            }
+            // A stack buffer, so an idle connection holds none; left
+            // uninitialised, so a read that finds nothing costs nothing.
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); RELAY_READ];
+            let mut read = ReadBuf::uninit(&mut buf);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    stream.write_closed = true;
+                    stream.send.reserve_capacity(0);
+                    stream
+                        .send
+                        .send_data(Bytes::new(), true)
+                        .map_err(h2_to_io)?;
+                    self.up_done = true;
+                    return Ok(());
+                }
+                Poll::Ready(Ok(())) => {
+                    self.up_pending = Bytes::copy_from_slice(read.filled());
+                }
+            }
+        }
+    }
+
+    fn poll_down<IO>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut H2Stream,
+        io: &mut IO,
+    ) -> io::Result<()>
+    where
+        IO: AsyncWrite + Unpin,
+    {
+        loop {
+            if !self.down_pending.is_empty() {
+                match Pin::new(&mut *io).poll_write(cx, &self.down_pending) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Ready(Ok(0)) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            "the socket accepted no bytes",
+                        ));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.down_pending.advance(n);
+                        stream.bytes_read += n as u64;
+                        if !self.down_released {
+                            // The peer may send again what `io` has taken.
+                            let _ = stream.recv.flow_control().release_capacity(n);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if stream.read_eof {
+                match Pin::new(&mut *io).poll_shutdown(cx) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(result) => {
+                        // A socket the other side already closed cannot be
+                        // shut down; the relay still finished.
+                        if let Err(e) = result
+                            && e.kind() != io::ErrorKind::NotConnected
+                        {
+                            return Err(e);
+                        }
+                        self.down_done = true;
+                        return Ok(());
+                    }
+                }
+            }
+            match stream.recv.poll_data(cx) {
+                Poll::Pending => {
+                    // Nothing more to write for now: push out what `io` buffers.
+                    return match Pin::new(&mut *io).poll_flush(cx) {
+                        Poll::Ready(Err(e)) => Err(e),
+                        _ => Ok(()),
+                    };
+                }
+                Poll::Ready(Some(Ok(chunk))) => {
+                    self.down_pending = chunk;
+                    self.down_released = false;
+                }
+                Poll::Ready(Some(Err(e))) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    stream.read_eof = true;
+                }
+                Poll::Ready(Some(Err(e))) => return Err(h2_to_io(e)),
+                Poll::Ready(None) => stream.read_eof = true,
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ pub use cert::{CertStore, WorkloadCert};
 pub use client::{ConnectRequest, Dialer, DirectDialer, Pool, PoolConfig, PoolStats, Tunnel};
 pub use error::Error;
 pub use identity::Identity;
-pub use io::H2Stream;
+pub use io::{H2Stream, relay};
 pub use server::{Handler, InboundRequest, Refusal, Server, ServerConfig, StreamStats, handler_fn};
 
 /// The well-known HBONE port.

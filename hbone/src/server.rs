@@ -482,7 +482,7 @@ impl<H: Handler> Server<H> {
         };
         let start = Instant::now();
         let mut stream = H2Stream::new(send, req.into_body());
-        let res = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+        let res = crate::io::relay(&mut stream, &mut upstream).await;
         let stats = StreamStats {
             bytes_from_client: stream.bytes_read(),
             bytes_to_client: stream.bytes_written(),

@@ -133,3 +133,42 @@ async fn transfer_16_mib_byte_exact() {
     assert_eq!(out.len(), N);
     assert!(out == data, "16 MiB echo differs");
 }
+
+#[tokio::test]
+async fn client_relay_moves_a_socket_byte_exact_with_half_close() {
+    let env = Env::new();
+    let server = start_server(env.server_store.clone(), TestHandler::default()).await;
+    let upstream = echo_upstream().await;
+    let pool = env.pool();
+
+    // An app socket pair: the relay owns one end, the "app" the other.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut relayed, _) = listener.accept().await.unwrap();
+    let mut tunnel = pool.connect(request(server.addr, upstream)).await.unwrap();
+    let relay = tokio::spawn(async move { tunnel.relay(&mut relayed).await });
+
+    const N: usize = 4 * 1024 * 1024;
+    let data: Vec<u8> = (0..N).map(|i| (i * 7 % 253) as u8).collect();
+    let (mut r, mut w) = app.split();
+    let write = async {
+        for chunk in data.chunks(65_536) {
+            w.write_all(chunk).await.unwrap();
+        }
+        // The app's FIN becomes END_STREAM; the echo server's EOF comes back.
+        w.shutdown().await.unwrap();
+    };
+    let mut out = Vec::with_capacity(N);
+    let read = r.read_to_end(&mut out);
+    let ((), read) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(write, read)
+    })
+    .await
+    .expect("relay finished in time");
+    read.unwrap();
+    assert!(out == data, "relayed echo differs");
+    let (to_app, from_app) = relay.await.unwrap().expect("relay ended cleanly");
+    assert_eq!((to_app, from_app), (N as u64, N as u64));
+}

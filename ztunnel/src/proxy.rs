@@ -539,7 +539,7 @@ impl mesh_hbone::Dialer for PodDialer {
 }
 
 /// Relays `client` to `upstream` and writes the access record.
-async fn relay<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+async fn relay<U: Upstream>(
     access: &mut Access<'_>,
     mut client: TcpStream,
     upstream: std::io::Result<U>,
@@ -554,9 +554,30 @@ async fn relay<U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     };
     access.opened();
     debug!(endpoint = %access.endpoint, "upstream connected");
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    match upstream.relay(&mut client).await {
         Ok((sent, received)) => access.closed(sent, received, None),
         Err(err) => access.closed(0, 0, Some(&err.to_string())),
+    }
+}
+
+/// Where a client connection is relayed to.
+trait Upstream {
+    /// Copies both ways until both are done; returns the bytes from the
+    /// client and the bytes to it.
+    async fn relay(&mut self, client: &mut TcpStream) -> std::io::Result<(u64, u64)>;
+}
+
+impl Upstream for TcpStream {
+    async fn relay(&mut self, client: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+        tokio::io::copy_bidirectional(client, self).await
+    }
+}
+
+impl Upstream for mesh_hbone::Tunnel {
+    async fn relay(&mut self, client: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+        // No copy buffers while the connection idles (see `mesh_hbone::relay`).
+        let (to_client, from_client) = mesh_hbone::Tunnel::relay(self, client).await?;
+        Ok((from_client, to_client))
     }
 }
 
