@@ -262,7 +262,9 @@ impl LabState {
         self.write_node_pods()
     }
 
-    /// Starts node `node`'s ztunnel and waits until its capture is installed.
+    /// Starts node `node`'s ztunnel and waits until it serves: its admin
+    /// endpoint answers only once capture is installed (a pin left by an
+    /// earlier process proves nothing about this one).
     pub fn start_ztunnel(&mut self, node: usize) -> Result<u32> {
         let name = self.plan.nodes[node].name.clone();
         let log_path = self.ztunnel_log(node);
@@ -316,9 +318,8 @@ impl LabState {
             .id();
         self.ztunnel_pids.insert(name.clone(), pid);
         self.save()?;
-        let ready = self.node_pin_dir(node).join("connect4_link");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
+        while self.ztunnel_config_dump(node).is_err() {
             if Instant::now() > deadline || !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {
                 // A failed `up` removes the run directory, log included: carry
@@ -334,11 +335,11 @@ impl LabState {
                     .collect();
                 return Err(Error::App {
                     pod: format!("ztunnel on {name}"),
-                    message: format!("did not install capture:\n{}", tail.join("\n")),
+                    message: format!("did not start serving:\n{}", tail.join("\n")),
                     log: log_path.display().to_string(),
                 });
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(50));
         }
         Ok(pid)
     }
