@@ -70,8 +70,9 @@ pub struct InboundRequest {
     pub traceparent: Option<String>,
     /// Id of the HBONE connection carrying the stream (unique per server).
     pub connection_id: u64,
-    /// The client's verified leaf certificate.
-    pub peer_certificate: Option<CertificateDer<'static>>,
+    /// The client's verified leaf certificate, shared by every stream of
+    /// the connection.
+    pub peer_certificate: Option<Arc<CertificateDer<'static>>>,
 }
 
 /// Why a handler refused a tunnel; mapped to an HTTP status.
@@ -170,7 +171,7 @@ where
 struct Peer {
     identity: Identity,
     addr: SocketAddr,
-    cert: Option<CertificateDer<'static>>,
+    cert: Option<Arc<CertificateDer<'static>>>,
     conn_id: u64,
 }
 
@@ -354,7 +355,7 @@ impl<H: Handler> Server<H> {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|c| c.clone().into_owned());
+            .map(|c| Arc::new(c.clone().into_owned()));
         let peer = Peer {
             identity: peer_identity,
             addr: peer_addr,
@@ -460,7 +461,9 @@ impl<H: Handler> Server<H> {
             connection_id: peer.conn_id,
             peer_certificate: peer.cert,
         };
-        let mut upstream = match handler.connect(inbound.clone()).await {
+        // Boxed: the connect future is dropped once it resolves, so a
+        // long-lived tunnel's task holds only the relay's state.
+        let mut upstream = match Box::pin(handler.connect(inbound.clone())).await {
             Ok(u) => u,
             Err(refusal) => {
                 tracing::debug!(%authority, %refusal, "tunnel refused");

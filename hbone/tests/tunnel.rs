@@ -162,11 +162,10 @@ async fn client_relay_moves_a_socket_byte_exact_with_half_close() {
     };
     let mut out = Vec::with_capacity(N);
     let read = r.read_to_end(&mut out);
-    let ((), read) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(write, read)
-    })
-    .await
-    .expect("relay finished in time");
+    let ((), read) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
+            .await
+            .expect("relay finished in time");
     read.unwrap();
     assert!(out == data, "relayed echo differs");
     let (to_app, from_app) = relay.await.unwrap().expect("relay ended cleanly");

@@ -55,6 +55,59 @@ pub struct WorkloadInfo {
     pub services: HashMap<String, Vec<(u16, u16)>>,
     /// Authorization policies selecting it (`namespace/name`).
     pub authorization_policies: Vec<String>,
+    /// Its values of Istio's metric labels, shared by every connection's
+    /// metrics.
+    #[serde(skip)]
+    pub labels: Arc<WorkloadLabels>,
+}
+
+/// A workload's values of Istio's `source_*` / `destination_*` metric
+/// labels, computed once per xDS update so a connection's labels are a few
+/// reference counts rather than a dozen strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct WorkloadLabels {
+    /// Deployment (workload) name.
+    pub workload: Arc<str>,
+    /// Namespace.
+    pub namespace: Arc<str>,
+    /// SPIFFE identity.
+    pub principal: Arc<str>,
+    /// Canonical service (`app` label).
+    pub canonical_service: Arc<str>,
+    /// Canonical revision (`version` label).
+    pub canonical_revision: Arc<str>,
+}
+
+/// The label value of anything the mesh does not know.
+pub const UNKNOWN: &str = "unknown";
+
+impl WorkloadLabels {
+    /// The labels of a peer the mesh does not know: every value `unknown`.
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN_LABELS: std::sync::LazyLock<Arc<WorkloadLabels>> =
+            std::sync::LazyLock::new(|| {
+                let unknown: Arc<str> = Arc::from(UNKNOWN);
+                Arc::new(WorkloadLabels {
+                    workload: unknown.clone(),
+                    namespace: unknown.clone(),
+                    principal: unknown.clone(),
+                    canonical_service: unknown.clone(),
+                    canonical_revision: unknown,
+                })
+            });
+        UNKNOWN_LABELS.clone()
+    }
+
+    fn of(workload: &WorkloadInfo) -> Self {
+        let value = |v: &str| Arc::from(if v.is_empty() { UNKNOWN } else { v });
+        WorkloadLabels {
+            workload: value(&workload.workload_name),
+            namespace: value(&workload.namespace),
+            principal: Arc::from(workload.identity()),
+            canonical_service: value(&workload.canonical_name),
+            canonical_revision: value(&workload.canonical_revision),
+        }
+    }
 }
 
 impl WorkloadInfo {
@@ -291,7 +344,7 @@ fn workload_info(w: Workload) -> Result<WorkloadInfo, String> {
             .collect::<Result<Vec<_>, String>>()?;
         services.insert(key, ports);
     }
-    Ok(WorkloadInfo {
+    let mut info = WorkloadInfo {
         hbone: w.tunnel_protocol == TunnelProtocol::Hbone as i32,
         healthy: w.status == WorkloadStatus::Healthy as i32,
         trust_domain: if w.trust_domain.is_empty() {
@@ -314,7 +367,10 @@ fn workload_info(w: Workload) -> Result<WorkloadInfo, String> {
         workload_name: w.workload_name,
         authorization_policies: w.authorization_policies,
         services,
-    })
+        labels: WorkloadLabels::unknown(),
+    };
+    info.labels = Arc::new(WorkloadLabels::of(&info));
+    Ok(info)
 }
 
 fn service_info(s: Service) -> Result<ServiceInfo, String> {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use mesh_ebpf_loader::capture::Capture;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -17,40 +17,64 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use ztunnel::discovery::WorkloadLabels;
 
-/// Istio's labels of the `istio_tcp_*` metrics.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Istio's labels of the `istio_tcp_*` metrics. The workload values are
+/// shared with the workload store, so a connection holds a few reference
+/// counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     /// `source` (the client's ztunnel) or `destination` (the server's).
     pub reporter: &'static str,
-    /// Client workload (Deployment) name.
-    pub source_workload: String,
-    /// Client namespace.
-    pub source_workload_namespace: String,
-    /// Client SPIFFE identity.
-    pub source_principal: String,
-    /// Client canonical service (`app` label).
-    pub source_canonical_service: String,
-    /// Client canonical revision (`version` label).
-    pub source_canonical_revision: String,
-    /// Server workload name.
-    pub destination_workload: String,
-    /// Server namespace.
-    pub destination_workload_namespace: String,
-    /// Server SPIFFE identity.
-    pub destination_principal: String,
-    /// Server canonical service.
-    pub destination_canonical_service: String,
-    /// Server canonical revision.
-    pub destination_canonical_revision: String,
+    /// Client workload (`source_workload`, `_namespace`, `_canonical_*`).
+    pub source: Arc<WorkloadLabels>,
+    /// Client SPIFFE identity, as authenticated (`unknown` without mTLS).
+    pub source_principal: Arc<str>,
+    /// Server workload (`destination_workload`, `destination_principal`, ...).
+    pub destination: Arc<WorkloadLabels>,
     /// Service host name the client addressed, when it addressed one.
-    pub destination_service: String,
+    pub destination_service: Arc<str>,
     /// Always `tcp` here.
     pub request_protocol: &'static str,
     /// `-`, or why the connection failed (e.g. `UF` upstream failure, `DENY`).
     pub response_flags: &'static str,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let (source, destination) = (&*self.source, &*self.destination);
+        for (key, value) in [
+            ("reporter", self.reporter),
+            ("source_workload", &source.workload),
+            ("source_workload_namespace", &source.namespace),
+            ("source_principal", &self.source_principal),
+            ("source_canonical_service", &source.canonical_service),
+            ("source_canonical_revision", &source.canonical_revision),
+            ("destination_workload", &destination.workload),
+            ("destination_workload_namespace", &destination.namespace),
+            ("destination_principal", &destination.principal),
+            (
+                "destination_canonical_service",
+                &destination.canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &destination.canonical_revision,
+            ),
+            ("destination_service", &self.destination_service),
+            ("request_protocol", self.request_protocol),
+            ("response_flags", self.response_flags),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
+        ] {
+            (key, value).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// Istio's TCP connection metrics.
@@ -153,4 +177,52 @@ pub fn registry(capture: Arc<Mutex<Capture>>, tcp: &TcpMetrics) -> Arc<Registry>
         tcp.sent_bytes.clone(),
     );
     Arc::new(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_labels_encode_istios_names_in_order() {
+        let known = Arc::new(WorkloadLabels {
+            workload: Arc::from("details-v1"),
+            namespace: Arc::from("default"),
+            principal: Arc::from("spiffe://cluster.local/ns/default/sa/details"),
+            canonical_service: Arc::from("details"),
+            canonical_revision: Arc::from("v1"),
+        });
+        let labels = TcpLabels {
+            reporter: "destination",
+            source: WorkloadLabels::unknown(),
+            source_principal: Arc::from("spiffe://cluster.local/ns/default/sa/pp"),
+            destination: known,
+            destination_service: Arc::from("details.default.svc.cluster.local"),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        };
+        let metrics = TcpMetrics::default();
+        metrics.opened.get_or_create(&labels).inc();
+        // Equal values, whatever the allocation, are one series.
+        let mut again = labels.clone();
+        again.destination_service = Arc::from("details.default.svc.cluster.local");
+        metrics.opened.get_or_create(&again).inc();
+        let mut registry = Registry::default();
+        registry.register("tcp_connections_opened", "opened", metrics.opened);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let expected = concat!(
+            "tcp_connections_opened_total{reporter=\"destination\",",
+            "source_workload=\"unknown\",source_workload_namespace=\"unknown\",",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/pp\",",
+            "source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",",
+            "destination_workload=\"details-v1\",destination_workload_namespace=\"default\",",
+            "destination_principal=\"spiffe://cluster.local/ns/default/sa/details\",",
+            "destination_canonical_service=\"details\",destination_canonical_revision=\"v1\",",
+            "destination_service=\"details.default.svc.cluster.local\",request_protocol=\"tcp\",",
+            "response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 2\n"
+        );
+        assert!(text.contains(expected), "{text}");
+    }
 }

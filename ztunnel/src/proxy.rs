@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    discovery::{Discovery, Resolved, WorkloadInfo},
+    discovery::{Discovery, Resolved, WorkloadInfo, WorkloadLabels},
     fastpath::SameNode,
     identity::CertManager,
     inpod::PodNetns,
@@ -84,34 +84,25 @@ struct Access<'a> {
     labels: TcpLabels,
 }
 
-/// Istio's labels for a connection between two (possibly unknown) workloads.
+/// Istio's labels for a connection between two (possibly unknown)
+/// workloads; `source_principal` is the client's authenticated identity.
 fn tcp_labels(
     reporter: &'static str,
     source: Option<&WorkloadInfo>,
-    source_principal: Option<String>,
+    source_principal: Option<Arc<str>>,
     destination: Option<&WorkloadInfo>,
     service: Option<&str>,
     security: &'static str,
 ) -> TcpLabels {
-    let unknown = || "unknown".to_owned();
-    let field = |w: Option<&WorkloadInfo>, f: fn(&WorkloadInfo) -> &str| {
-        w.map(f)
-            .filter(|s| !s.is_empty())
-            .map_or_else(unknown, str::to_owned)
-    };
+    let labels =
+        |w: Option<&WorkloadInfo>| w.map_or_else(WorkloadLabels::unknown, |w| w.labels.clone());
+    let unknown = WorkloadLabels::unknown().workload.clone();
     TcpLabels {
         reporter,
-        source_workload: field(source, |w| &w.workload_name),
-        source_workload_namespace: field(source, |w| &w.namespace),
-        source_principal: source_principal.unwrap_or_else(unknown),
-        source_canonical_service: field(source, |w| &w.canonical_name),
-        source_canonical_revision: field(source, |w| &w.canonical_revision),
-        destination_workload: field(destination, |w| &w.workload_name),
-        destination_workload_namespace: field(destination, |w| &w.namespace),
-        destination_principal: destination.map_or_else(unknown, WorkloadInfo::identity),
-        destination_canonical_service: field(destination, |w| &w.canonical_name),
-        destination_canonical_revision: field(destination, |w| &w.canonical_revision),
-        destination_service: service.map_or_else(unknown, str::to_owned),
+        source: labels(source),
+        source_principal: source_principal.unwrap_or_else(|| unknown.clone()),
+        destination: labels(destination),
+        destination_service: service.map_or(unknown, Arc::from),
         request_protocol: "tcp",
         response_flags: "-",
         connection_security_policy: security,
@@ -162,7 +153,7 @@ impl Access<'_> {
             endpoint = %self.endpoint,
             security = self.labels.connection_security_policy,
             src_identity = %self.labels.source_principal,
-            dst_identity = %self.labels.destination_principal,
+            dst_identity = %self.labels.destination.principal,
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -216,7 +207,7 @@ impl Proxy {
                 labels: tcp_labels(
                     "source",
                     me.as_deref(),
-                    me.as_deref().map(WorkloadInfo::identity),
+                    me.as_deref().map(|w| w.labels.principal.clone()),
                     target,
                     service,
                     "none",
@@ -244,9 +235,11 @@ impl Proxy {
             match hbone {
                 Some((workload, peer, target)) => {
                     access.labels.connection_security_policy = "mutual_tls";
-                    let tunnel = self
-                        .tunnel(&pod, workload, source, peer, target, service)
-                        .await;
+                    // Boxed: the setup (TLS and HTTP/2 handshakes when the
+                    // pool has no connection) is freed once the tunnel is
+                    // open, so a held connection's task keeps only the relay.
+                    let tunnel =
+                        Box::pin(self.tunnel(&pod, workload, source, peer, target, service)).await;
                     relay(&mut access, client, tunnel).await;
                 }
                 None => {
@@ -436,7 +429,7 @@ impl InboundTunnels {
         tcp_labels(
             "destination",
             caller.as_deref(),
-            Some(request.peer_identity.to_string()),
+            Some(Arc::from(request.peer_identity.to_string())),
             me.as_deref(),
             request.host.as_deref(),
             "mutual_tls",
