@@ -10,7 +10,9 @@ mod load;
 pub mod node;
 pub mod validate;
 
-pub use load::{LoadError, LoadErrorKind, LoadWarning, Loaded, load_dir, load_file, load_str};
+pub use load::{
+    LoadError, LoadErrorKind, LoadWarning, Loaded, load_dir, load_file, load_str, load_value,
+};
 
 use k8s_openapi::{
     api::{

@@ -82,7 +82,8 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn merge(&mut self, other: Loaded) {
+    /// Appends everything `other` loaded, rejected and warned about.
+    pub fn merge(&mut self, other: Loaded) {
         self.manifests.extend(other.manifests);
         self.errors.extend(other.errors);
         self.warnings.extend(other.warnings);
@@ -150,33 +151,63 @@ pub fn load_str(source_name: &str, text: &str) -> Loaded {
                 break;
             }
         };
-        let mut unknown = Vec::new();
-        match parse_resource(value, &mut unknown) {
-            Ok((id, resource)) => {
-                if let Resource::Other(_) = resource {
-                    unknown.push(format!(
-                        "kind `{}` of `{}` is not supported; ignored",
-                        id.kind, id.api_version
-                    ));
-                }
-                loaded
-                    .warnings
-                    .extend(unknown.into_iter().map(|message| LoadWarning {
-                        source_name: source_name.to_owned(),
-                        document: document_no,
-                        resource: id.clone(),
-                        message,
-                    }));
-                loaded.manifests.sources.insert(id, source_name.to_owned());
-                loaded.manifests.push(resource);
-            }
-            Err(failed) => {
-                let (resource, kind) = *failed;
-                loaded.errors.push(error(resource, kind));
-            }
-        }
+        load_document(&mut loaded, source_name, document_no, value);
     }
     loaded
+}
+
+/// Loads one already-decoded document, e.g. an object read from the
+/// Kubernetes API (`serde_json::Value`), through the same parser as
+/// [`load_str`]. `source_name` names it in errors and warnings (the API
+/// source uses `kubernetes:<kind>/<namespace>/<name>`); it is reported as
+/// document 1 of that source.
+pub fn load_value(source_name: &str, value: &serde_json::Value) -> Loaded {
+    let mut loaded = Loaded::default();
+    match serde_yaml::to_value(value) {
+        Ok(value) => load_document(&mut loaded, source_name, 1, value),
+        // serde_yaml holds every JSON value; handled rather than unwrapped.
+        Err(err) => loaded.errors.push(LoadError {
+            source_name: source_name.to_owned(),
+            document: 1,
+            resource: None,
+            kind: LoadErrorKind::Yaml(err.to_string()),
+        }),
+    }
+    loaded
+}
+
+/// Parses document `document_no` of `source_name` into `loaded`.
+fn load_document(loaded: &mut Loaded, source_name: &str, document_no: usize, value: Value) {
+    let mut unknown = Vec::new();
+    match parse_resource(value, &mut unknown) {
+        Ok((id, resource)) => {
+            if let Resource::Other(_) = resource {
+                unknown.push(format!(
+                    "kind `{}` of `{}` is not supported; ignored",
+                    id.kind, id.api_version
+                ));
+            }
+            loaded
+                .warnings
+                .extend(unknown.into_iter().map(|message| LoadWarning {
+                    source_name: source_name.to_owned(),
+                    document: document_no,
+                    resource: id.clone(),
+                    message,
+                }));
+            loaded.manifests.sources.insert(id, source_name.to_owned());
+            loaded.manifests.push(resource);
+        }
+        Err(failed) => {
+            let (resource, kind) = *failed;
+            loaded.errors.push(LoadError {
+                source_name: source_name.to_owned(),
+                document: document_no,
+                resource,
+                kind,
+            });
+        }
+    }
 }
 
 type ParseError = Box<(Option<ResourceId>, LoadErrorKind)>;
@@ -454,6 +485,33 @@ mod tests {
             assert_eq!(rule.metadata.namespace.as_deref(), Some("default"));
             assert_eq!(rule.spec.subsets[0].name, "v1");
         }
+    }
+
+    #[test]
+    fn a_decoded_document_goes_through_the_same_parser() {
+        let value = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "r", "namespace": "shop", "resourceVersion": "7"},
+            "spec": {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}, "weight": "half"}]}]},
+        });
+        let loaded = load_value("kubernetes:VirtualService/shop/r", &value);
+        assert!(loaded.manifests.virtual_services.is_empty());
+        let err = loaded.errors[0].to_string();
+        assert!(
+            err.starts_with("kubernetes:VirtualService/shop/r: document 1 (VirtualService shop/r): field `spec.http[0].route[0].weight`"),
+            "{err}"
+        );
+        let ok = load_value(
+            "kubernetes:Namespace//a",
+            &serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}),
+        );
+        assert!(ok.errors.is_empty(), "{:?}", ok.errors);
+        assert_eq!(ok.manifests.namespaces.len(), 1);
+        assert_eq!(
+            ok.manifests.sources.values().next().map(String::as_str),
+            Some("kubernetes:Namespace//a")
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The pods of one node as the node agent needs them: where each pod's
 //! network namespace and cgroup are, and whether it is enrolled in the mesh.
 //!
-//! This is the interface between whatever knows the node's pods (the lab
-//! today; a Kubernetes watcher on `spec.nodeName` in a cluster) and ztunnel,
-//! playing the part Istio's CNI agent plays for its ztunnel.
+//! This is the interface between whatever knows the node's pods (the lab's
+//! file, or ztunnel's own Kubernetes watch on `spec.nodeName`) and
+//! ztunnel's reconcile loop, playing the part Istio's CNI agent plays for
+//! its ztunnel.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 

@@ -1,15 +1,67 @@
 //! Who is calling: every xDS stream and certificate request carries a bearer
 //! token (`authorization: Bearer <token>`), mapped to the caller's node.
 //!
-//! The lab hands each node agent its own token through a tokens file; on
-//! Kubernetes the same role is played by service-account tokens checked with
-//! TokenReview. Either way the CA signs only identities of pods scheduled on
-//! the caller's node.
+//! The lab hands each node agent its own token through a tokens file
+//! ([`TokenAuthenticator`]); on Kubernetes the same role is played by
+//! service-account tokens checked with TokenReview
+//! ([`token_review::TokenReviewer`]). An [`Authenticator`] holds either or
+//! both. Either way the CA signs only identities of pods scheduled on the
+//! caller's node.
+
+pub mod token_review;
 
 use std::{collections::HashMap, path::Path};
 
 use serde::Deserialize;
 use tonic::{Status, metadata::MetadataMap};
+
+use token_review::TokenReviewer;
+
+/// How callers are authenticated: static tokens first, then TokenReview.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    tokens: Option<TokenAuthenticator>,
+    review: Option<TokenReviewer>,
+}
+
+impl Authenticator {
+    /// From a tokens file, TokenReview, or both.
+    pub fn new(tokens: Option<TokenAuthenticator>, review: Option<TokenReviewer>) -> Self {
+        Self { tokens, review }
+    }
+
+    /// Whether any caller can be authenticated at all.
+    pub fn is_configured(&self) -> bool {
+        self.tokens.is_some() || self.review.is_some()
+    }
+
+    /// The caller a request's metadata identifies: `Unauthenticated` when
+    /// no authenticator knows the token, `Unavailable` when the API server
+    /// could not be asked.
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let token = bearer(metadata)?;
+        if let Some(caller) = self.tokens.as_ref().and_then(|t| t.lookup(token)) {
+            return Ok(caller);
+        }
+        match &self.review {
+            Some(review) => review.authenticate(token).await,
+            None => Err(Status::unauthenticated("unknown bearer token")),
+        }
+    }
+}
+
+/// The bearer token of a request.
+fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let header = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization bearer token"))?;
+    header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| Status::unauthenticated("authorization is not a bearer token"))
+}
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,18 +131,13 @@ impl TokenAuthenticator {
 
     /// The caller a request's metadata identifies, or `Unauthenticated`.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization bearer token"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization is not a bearer token"))?;
-        self.tokens
-            .get(token.trim())
-            .cloned()
+        self.lookup(bearer(metadata)?)
             .ok_or_else(|| Status::unauthenticated("unknown bearer token"))
+    }
+
+    /// The caller `token` stands for.
+    pub fn lookup(&self, token: &str) -> Option<Caller> {
+        self.tokens.get(token).cloned()
     }
 }
 

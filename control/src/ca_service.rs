@@ -11,7 +11,7 @@ use mesh_hbone::{Identity, identity::IdentityError};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::TokenAuthenticator,
+    auth::Authenticator,
     ca::{CertificateAuthority, requested_identities},
     metrics::Metrics,
     model::Model,
@@ -20,7 +20,7 @@ use crate::{
 /// Signs certificates for identities the caller's node runs.
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
-    auth: Arc<TokenAuthenticator>,
+    auth: Arc<Authenticator>,
     model: Arc<ArcSwap<Model>>,
     trust_domain: String,
     metrics: Arc<Metrics>,
@@ -30,7 +30,7 @@ impl CaService {
     /// A service signing with `ca` for callers `auth` knows.
     pub fn new(
         ca: Arc<CertificateAuthority>,
-        auth: Arc<TokenAuthenticator>,
+        auth: Arc<Authenticator>,
         model: Arc<ArcSwap<Model>>,
         trust_domain: String,
         metrics: Arc<Metrics>,
@@ -81,7 +81,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let caller = self.auth.authenticate(request.metadata())?;
+        let caller = self.auth.authenticate(request.metadata()).await?;
         let request = request.into_inner();
         let outcome = self.authorize(&caller.node, &request).and_then(|identity| {
             let ttl = CertificateAuthority::ttl_for(request.validity_duration)

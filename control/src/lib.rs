@@ -1,7 +1,7 @@
 //! The mesh's control plane: reads Kubernetes and Istio config, serves it to
 //! the data plane over delta ADS, and signs workload certificates.
 //!
-//! Data flow: [`source`] (directories, watched) → [`mesh_config`] (typed,
+//! Data flow: [`source`] (directories or the Kubernetes API, watched) → [`mesh_config`] (typed,
 //! validated) → [`model`] (workloads and services) → [`xds::Snapshot`] (one
 //! immutable version) → every connected proxy's [`xds`] stream, which sends
 //! only what changed. [`ca_service`] signs certificates for identities that
@@ -23,4 +23,4 @@ pub mod xds;
 
 mod server;
 
-pub use server::{ControlPlane, Options, Ports};
+pub use server::{ControlPlane, Options, Ports, SourceOptions, TokenReviewSetup};

@@ -1,26 +1,65 @@
 //! `mesh-control`: the control plane binary.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use clap::Parser;
-use mesh_control::{ControlPlane, Options, model::MeshSettings};
+use mesh_control::{
+    ControlPlane, Options, SourceOptions, TokenReviewSetup, auth::token_review::TokenReviewOptions,
+    model::MeshSettings, source::kubernetes::KubeOptions,
+};
 
-/// Serves xDS and signs workload certificates from a directory of
-/// Kubernetes and Istio YAML.
+/// Serves xDS and signs workload certificates from Kubernetes and Istio
+/// config: watched directories of YAML, or the Kubernetes API.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-control", version)]
 struct Args {
     /// Config directory (repeatable); every `.yaml`/`.yml` below it is loaded
     /// and the directory is watched.
-    #[arg(long = "config-dir", required = true)]
+    #[arg(
+        long = "config-dir",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     config_dirs: Vec<PathBuf>,
+    /// Watch the Kubernetes API instead of directories, found as kubectl
+    /// does (`$KUBECONFIG` or `~/.kube/config`), else in-cluster (the pod's
+    /// service account).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Served version of the `networking.istio.io` and `security.istio.io`
+    /// CRDs (used with `--kubernetes`).
+    #[arg(long, default_value = "v1")]
+    istio_api_version: String,
+    /// Served version of the `gateway.networking.k8s.io` CRDs (used with
+    /// `--kubernetes`).
+    #[arg(long, default_value = "v1")]
+    gateway_api_version: String,
     /// CA directory: `root-cert.pem` and `root-key.pem`, created when absent.
     #[arg(long, default_value = "/var/lib/mesh-control/ca")]
     ca_dir: PathBuf,
     /// JSON file of node agents' bearer tokens:
     /// `{"tokens": {"<token>": {"node": "<node>"}}}`.
+    #[arg(long, required_unless_present = "token_review")]
+    tokens_file: Option<PathBuf>,
+    /// Also accept Kubernetes service-account tokens, checked with
+    /// TokenReview (the API server found as for `--kubernetes`); the
+    /// caller's node comes from the token's pod.
     #[arg(long)]
-    tokens_file: PathBuf,
+    token_review: bool,
+    /// Service account whose tokens are accepted, `<namespace>/<name>`
+    /// (`*` matches any namespace or name); repeatable.
+    #[arg(
+        long = "token-review-service-account",
+        default_value = "istio-system/ztunnel"
+    )]
+    token_review_service_accounts: Vec<String>,
+    /// Audience the tokens must be issued for; repeatable.
+    #[arg(long = "token-review-audience", default_value = "istio-ca")]
+    token_review_audiences: Vec<String>,
+    /// How long an accepted token is trusted before it is reviewed again.
+    #[arg(long, default_value_t = 60)]
+    token_review_cache_seconds: u64,
     /// gRPC listen address (ADS and CA).
     #[arg(long, default_value = "0.0.0.0:15010")]
     grpc_addr: SocketAddr,
@@ -49,10 +88,40 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let args = Args::parse();
+    let kube_config = if args.kubernetes || args.token_review {
+        Some(Box::new(kube::Config::infer().await.context(
+            "finding the Kubernetes API (kubeconfig or in-cluster)",
+        )?))
+    } else {
+        None
+    };
+    let token_review = match (&kube_config, args.token_review) {
+        (Some(client), true) => Some(TokenReviewSetup {
+            client: client.clone(),
+            options: TokenReviewOptions {
+                service_accounts: args.token_review_service_accounts,
+                audiences: args.token_review_audiences,
+                cache_ttl: Duration::from_secs(args.token_review_cache_seconds),
+            },
+        }),
+        _ => None,
+    };
+    let source = if let Some(client) = kube_config.filter(|_| args.kubernetes) {
+        SourceOptions::Kubernetes {
+            client,
+            options: KubeOptions {
+                istio_version: args.istio_api_version,
+                gateway_api_version: args.gateway_api_version,
+            },
+        }
+    } else {
+        SourceOptions::Dirs(args.config_dirs)
+    };
     let control = ControlPlane::start(Options {
-        config_dirs: args.config_dirs,
+        source,
         ca_dir: args.ca_dir,
         tokens_file: args.tokens_file,
+        token_review,
         grpc_addr: args.grpc_addr,
         status_addr: args.status_addr,
         settings: MeshSettings {

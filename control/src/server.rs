@@ -17,25 +17,54 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
-    auth::TokenAuthenticator,
+    auth::{
+        Authenticator, TokenAuthenticator,
+        token_review::{TokenReviewOptions, TokenReviewer},
+    },
     ca::CertificateAuthority,
     ca_service::CaService,
     metrics::Metrics,
     model::{MeshSettings, Model},
-    source::DirSource,
+    source::{ConfigSource, DirSource, KubeSource, kubernetes::KubeOptions},
     status::{self, ConfigStatus, StatusState},
     xds::{AdsService, ProxyRegistry, Snapshot},
 };
 
+/// Where the control plane reads its config.
+#[derive(Clone, Debug)]
+pub enum SourceOptions {
+    /// Directories of YAML, loaded in order and watched.
+    Dirs(Vec<PathBuf>),
+    /// The Kubernetes API server `client` points at (`kube::Config::infer()`
+    /// for the binary), watching the CRDs at `options`' versions.
+    Kubernetes {
+        /// How to reach the API server.
+        client: Box<kube::Config>,
+        /// Served CRD versions.
+        options: KubeOptions,
+    },
+}
+
+/// Authentication of callers by Kubernetes service-account tokens.
+#[derive(Clone, Debug)]
+pub struct TokenReviewSetup {
+    /// How to reach the API server.
+    pub client: Box<kube::Config>,
+    /// Accepted service accounts, audiences, caching.
+    pub options: TokenReviewOptions,
+}
+
 /// How the control plane runs.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Config directories, loaded in order.
-    pub config_dirs: Vec<PathBuf>,
+    /// Where the config comes from.
+    pub source: SourceOptions,
     /// Where the CA root lives (created on first start).
     pub ca_dir: PathBuf,
-    /// Bearer tokens of the node agents.
-    pub tokens_file: PathBuf,
+    /// Static bearer tokens of the node agents (the lab's).
+    pub tokens_file: Option<PathBuf>,
+    /// Service-account tokens checked with TokenReview.
+    pub token_review: Option<TokenReviewSetup>,
     /// gRPC (ADS and CA) listen address; Istio's plaintext xDS port is 15010.
     pub grpc_addr: SocketAddr,
     /// Monitoring listen address (15014).
@@ -66,11 +95,40 @@ impl ControlPlane {
         let ca =
             CertificateAuthority::load_or_create(&options.ca_dir, &options.settings.trust_domain)
                 .context("starting the CA")?;
-        let auth = TokenAuthenticator::from_file(&options.tokens_file)?;
+        let tokens = options
+            .tokens_file
+            .as_deref()
+            .map(TokenAuthenticator::from_file)
+            .transpose()?;
+        let review = match &options.token_review {
+            Some(setup) => {
+                let url = setup.client.cluster_url.to_string();
+                let client = kube::Client::try_from((*setup.client).clone())
+                    .with_context(|| format!("building a Kubernetes client for {url}"))?;
+                Some(TokenReviewer::new(client, setup.options.clone()))
+            }
+            None => None,
+        };
+        let auth = Authenticator::new(tokens, review);
+        anyhow::ensure!(
+            auth.is_configured(),
+            "no way to authenticate callers: give a tokens file, TokenReview, or both"
+        );
         let auth = Arc::new(auth);
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(ProxyRegistry::default());
-        let source = DirSource::new(options.config_dirs.clone());
+        let source = match &options.source {
+            SourceOptions::Dirs(dirs) => ConfigSource::dirs(DirSource::new(dirs.clone())),
+            SourceOptions::Kubernetes { client, options } => {
+                let url = client.cluster_url.to_string();
+                let client = kube::Client::try_from((**client).clone())
+                    .with_context(|| format!("building a Kubernetes client for {url}"))?;
+                let source = KubeSource::start(client, options)
+                    .await
+                    .with_context(|| format!("watching the Kubernetes API at {url}"))?;
+                ConfigSource::Kubernetes(source)
+            }
+        };
 
         let model = Arc::new(ArcSwap::from_pointee(Model::default()));
         let config = Arc::new(ArcSwap::from_pointee(ConfigStatus::default()));
@@ -85,11 +143,10 @@ impl ControlPlane {
             version: 0,
             last_good: Arc::default(),
         };
-        // Fingerprint before loading: a change racing the first load is
-        // then seen as a change, never lost.
-        let seen = config_loop.source.fingerprint();
+        // The source marks what it has seen as it loads: a change racing
+        // the first load is then seen as a change, never lost.
         config_loop.reload();
-        tokio::spawn(config_loop.run(seen));
+        tokio::spawn(config_loop.run());
 
         let status = status::spawn(
             options.status_addr,
@@ -141,7 +198,7 @@ impl ControlPlane {
 
 /// Turns each config change into a model and a snapshot.
 struct ConfigLoop {
-    source: DirSource,
+    source: ConfigSource,
     settings: MeshSettings,
     model: Arc<ArcSwap<Model>>,
     config: Arc<ArcSwap<ConfigStatus>>,
@@ -153,9 +210,9 @@ struct ConfigLoop {
 }
 
 impl ConfigLoop {
-    async fn run(mut self, mut seen: crate::source::Fingerprint) {
+    async fn run(mut self) {
         loop {
-            seen = self.source.changed(&seen).await;
+            self.source.changed().await;
             self.reload();
         }
     }

@@ -37,7 +37,7 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{auth::TokenAuthenticator, metrics::Metrics};
+use crate::{auth::Authenticator, metrics::Metrics};
 
 /// Resources of one type, by name, in name order.
 pub type TypeMap = BTreeMap<Arc<str>, Arc<Entry>>;
@@ -196,7 +196,7 @@ impl ProxyRegistry {
 /// The ADS service.
 pub struct AdsService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    auth: Arc<TokenAuthenticator>,
+    auth: Arc<Authenticator>,
     registry: Arc<ProxyRegistry>,
     metrics: Arc<Metrics>,
     next_stream: AtomicU64,
@@ -206,7 +206,7 @@ impl AdsService {
     /// Serves the snapshots published on `snapshots`.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
-        auth: Arc<TokenAuthenticator>,
+        auth: Arc<Authenticator>,
         registry: Arc<ProxyRegistry>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -240,7 +240,7 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let caller = self.auth.authenticate(request.metadata())?;
+        let caller = self.auth.authenticate(request.metadata()).await?;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(2);
         self.registry.lock().insert(

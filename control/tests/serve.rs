@@ -17,7 +17,7 @@ use mesh_api::{
     type_url,
     workload::{Address, address},
 };
-use mesh_control::{ControlPlane, Options, model::MeshSettings};
+use mesh_control::{ControlPlane, Options, SourceOptions, model::MeshSettings};
 use mesh_xds::{ClientConfig, Handler, Rejected, Update};
 use prost::Message;
 use tokio::sync::watch;
@@ -70,9 +70,10 @@ async fn start() -> Fixture {
     )
     .unwrap();
     let control = ControlPlane::start(Options {
-        config_dirs: vec![config.clone()],
+        source: SourceOptions::Dirs(vec![config.clone()]),
         ca_dir: dir.path().join("ca"),
-        tokens_file: tokens,
+        tokens_file: Some(tokens),
+        token_review: None,
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         status_addr: "127.0.0.1:0".parse().unwrap(),
         settings: MeshSettings::default(),

@@ -14,7 +14,7 @@ use mesh_api::{
     },
     type_url,
 };
-use mesh_control::{ControlPlane, Options, model::MeshSettings};
+use mesh_control::{ControlPlane, Options, SourceOptions, model::MeshSettings};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -49,9 +49,10 @@ fn fixture() -> &'static Fixture {
         .expect("tokens");
         let (control, channel) = runtime.block_on(async {
             let control = ControlPlane::start(Options {
-                config_dirs: vec![config],
+                source: SourceOptions::Dirs(vec![config]),
                 ca_dir: dir.path().join("ca"),
-                tokens_file: tokens,
+                tokens_file: Some(tokens),
+                token_review: None,
                 grpc_addr: "127.0.0.1:0".parse().unwrap(),
                 status_addr: "127.0.0.1:0".parse().unwrap(),
                 settings: MeshSettings::default(),

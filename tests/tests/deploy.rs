@@ -249,6 +249,130 @@ fn control_plane_and_ztunnel_have_the_access_they_need() {
     assert_eq!(spec.service_account_name.as_deref(), Some("ztunnel"));
 }
 
+/// The access the control plane's Kubernetes watchers use, from the code
+/// itself: adding a watched kind without granting it fails here, not in a
+/// cluster.
+#[test]
+fn control_plane_cluster_role_grants_what_its_watchers_use() {
+    let manifests = parse(&rendered_text());
+    let needs: Vec<(&str, &str, &str)> = mesh_control::source::kubernetes::WATCHED
+        .iter()
+        .flat_map(|watched| {
+            watched
+                .verbs
+                .iter()
+                .map(|verb| (watched.group, watched.resource, *verb))
+        })
+        .collect();
+    assert!(needs.contains(&("", "pods", "watch")), "{needs:?}");
+    assert_access(&manifests, "mesh-control", &needs);
+    // TokenReview of the node agents' service-account tokens.
+    let review: Vec<(&str, &str, &str)> = mesh_control::auth::token_review::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(
+        review.contains(&("authentication.k8s.io", "tokenreviews", "create")),
+        "{review:?}"
+    );
+    assert_access(&manifests, "mesh-control", &review);
+}
+
+#[test]
+fn control_plane_watches_the_api_and_reviews_node_agent_tokens() {
+    let manifests = parse(&rendered_text());
+    let spec = pod_spec(
+        manifests.deployments[0].spec.template.spec.as_ref(),
+        "Deployment",
+    );
+    let args = spec.containers[0].args.clone().unwrap_or_default();
+    assert!(args.iter().any(|a| a == "--kubernetes"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--config-dir")),
+        "--config-dir and --kubernetes are exclusive: {args:?}"
+    );
+    // Node agents are authenticated by TokenReview of the token the
+    // DaemonSet projects (service account ztunnel, audience istio-ca).
+    for arg in [
+        "--token-review",
+        "--token-review-service-account=istio-system/ztunnel",
+        "--token-review-audience=istio-ca",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg}: {args:?}");
+    }
+    let ztunnel = pod_spec(
+        manifests.daemon_sets[0].spec.template.spec.as_ref(),
+        "DaemonSet",
+    );
+    let audience = ztunnel
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .find_map(|s| s.service_account_token.as_ref())
+        .and_then(|t| t.audience.as_deref());
+    assert_eq!(audience, Some("istio-ca"));
+}
+
+/// The node agent's watches, from the code, against its ClusterRole; and
+/// the host paths its pod discovery reads.
+#[test]
+fn ztunnel_watches_its_nodes_pods_with_the_access_and_mounts_it_needs() {
+    let manifests = parse(&rendered_text());
+    let needs: Vec<(&str, &str, &str)> = ztunnel::kube_pods::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(needs.contains(&("", "pods", "watch")), "{needs:?}");
+    assert_access(&manifests, "ztunnel", &needs);
+
+    let spec = pod_spec(
+        manifests.daemon_sets[0].spec.template.spec.as_ref(),
+        "DaemonSet",
+    );
+    let container = &spec.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    for arg in [
+        "--kubernetes",
+        "--cgroup-root=/sys/fs/cgroup",
+        "--proc-root=/host/proc",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg}: {args:?}");
+    }
+    assert!(
+        !args.iter().any(|a| a.starts_with("--node-pods")),
+        "--node-pods and --kubernetes are exclusive: {args:?}"
+    );
+    let host_path = |name: &str| {
+        spec.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.clone())
+    };
+    let mount = |path: &str| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == path)
+            .unwrap_or_else(|| panic!("no mount at {path}"))
+    };
+    let proc_mount = mount("/host/proc");
+    assert_eq!(host_path(&proc_mount.name).as_deref(), Some("/proc"));
+    assert_eq!(proc_mount.read_only, Some(true), "host /proc is read-only");
+    assert_eq!(
+        host_path(&mount("/sys/fs/cgroup").name).as_deref(),
+        Some("/sys/fs/cgroup")
+    );
+}
+
 #[test]
 fn ztunnel_daemonset_runs_on_every_node_with_what_ebpf_needs() {
     let manifests = parse(&rendered_text());

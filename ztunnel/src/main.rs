@@ -11,6 +11,7 @@ mod fastpath;
 use mesh_identity as identity;
 mod inpod;
 mod metrics;
+mod pod_source;
 mod proxy;
 
 use ztunnel::{discovery, policy};
@@ -49,8 +50,27 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// JSON file listing the node's pods (netns, cgroup, enrolment); watched.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    node_pods: Option<PathBuf>,
+    /// Learn the node's pods from the Kubernetes API (pods with
+    /// `spec.nodeName` = `--node-name`, and their namespaces), found as
+    /// kubectl does (kubeconfig, else in-cluster), and locate each on the
+    /// host under `--cgroup-root`, `--proc-root` and `--netns-dir`.
     #[arg(long)]
-    node_pods: PathBuf,
+    kubernetes: bool,
+    /// The host's cgroup v2 mount, where the kubelet's `kubepods` tree is.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// The host's `/proc` as mounted in this container.
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Where the container runtime pins pod network namespaces.
+    #[arg(long, default_value = "/var/run/netns")]
+    netns_dir: PathBuf,
     /// The cgroup all pods of the node live under; capture attaches there.
     #[arg(long)]
     pods_cgroup: PathBuf,
@@ -100,8 +120,8 @@ struct RunArgs {
     workload_cert_ttl: u64,
 }
 
-/// How often the node pods file is checked for changes.
-const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often pods that failed to enrol are looked at again.
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -192,26 +212,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .with_context(|| format!("serving admin on {}", args.admin_addr))?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut last_seen = None;
+    let mut pods = match &args.node_pods {
+        Some(path) => {
+            info!(node_pods = %path.display(), "ztunnel running");
+            pod_source::PodSource::file(path.clone())
+        }
+        None => {
+            let config = kube::Config::infer()
+                .await
+                .context("finding the Kubernetes API (kubeconfig or in-cluster)")?;
+            let client =
+                kube::Client::try_from(config).context("building the Kubernetes client")?;
+            info!(node = %args.node_name, "ztunnel running; pods from the Kubernetes API");
+            pod_source::PodSource::Kubernetes(ztunnel::kube_pods::KubePods::start(
+                client,
+                &args.node_name,
+                ztunnel::pod_host::HostRoots {
+                    cgroup_root: args.cgroup_root.clone(),
+                    proc_root: args.proc_root.clone(),
+                    netns_dir: args.netns_dir.clone(),
+                },
+            ))
+        }
+    };
     let mut last_good = None;
-    let mut ticker = tokio::time::interval(WATCH_INTERVAL);
-    info!(node_pods = %args.node_pods.display(), "ztunnel running");
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
-                let modified = std::fs::metadata(&args.node_pods).and_then(|m| m.modified()).ok();
-                if modified.is_some() && modified != last_seen {
-                    last_seen = modified;
-                    // A malformed file keeps the last good set in force.
-                    if let Some(pods) = agent::read_node_pods(&args.node_pods) {
-                        last_good = Some(pods);
-                    } else {
-                        continue;
-                    }
-                } else if !agent.needs_retry() {
-                    continue;
-                }
-                if let Some(pods) = &last_good {
+            next = pods.next() => {
+                agent.reconcile(last_good.insert(next)).await;
+            }
+            _ = retry.tick() => {
+                if agent.needs_retry() && let Some(pods) = &last_good {
                     agent.reconcile(pods).await;
                 }
             }

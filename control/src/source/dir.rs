@@ -14,10 +14,10 @@ use std::{
 
 use mesh_config::{Loaded, load_dir};
 
+use super::SETTLE;
+
 /// How often the directories are scanned.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a change must be quiet before it is loaded.
-pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// A set of config directories.
 #[derive(Clone, Debug)]
@@ -43,9 +43,7 @@ impl DirSource {
     pub fn load(&self) -> Loaded {
         let mut loaded = Loaded::default();
         for dir in &self.dirs {
-            let one = load_dir(dir);
-            loaded.manifests.extend(one.manifests);
-            loaded.errors.extend(one.errors);
+            loaded.merge(load_dir(dir));
         }
         loaded
     }
