@@ -13,6 +13,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// at most 16 KiB, so a read rarely needs more than a couple of frames.
 const RELAY_READ: usize = 32 * 1024;
 
+/// Drops the first `n` bytes of `buf`. Once all are gone the handle is
+/// replaced, not just advanced: a received DATA frame shares its
+/// allocation with HTTP/2's read buffer, and an empty but live slice of it
+/// would keep that buffer alive for as long as the tunnel idles.
+fn consume(buf: &mut Bytes, n: usize) {
+    if n >= buf.len() {
+        *buf = Bytes::new();
+    } else {
+        buf.advance(n);
+    }
+}
+
 /// One established HBONE stream as a tokio byte stream.
 ///
 /// Reading yields the peer's DATA frames (EOF on END_STREAM), writing sends
@@ -94,7 +106,7 @@ impl AsyncRead for H2Stream {
             if !this.buf.is_empty() {
                 let n = this.buf.len().min(out.remaining());
                 out.put_slice(&this.buf[..n]);
-                this.buf.advance(n);
+                consume(&mut this.buf, n);
                 this.bytes_read += n as u64;
                 return Poll::Ready(Ok(()));
             }
@@ -326,7 +338,7 @@ impl Relay {
                         ));
                     }
                     Poll::Ready(Ok(n)) => {
-                        self.down_pending.advance(n);
+                        consume(&mut self.down_pending, n);
                         stream.bytes_read += n as u64;
                         if !self.down_released {
                             // The peer may send again what `io` has taken.
