@@ -278,6 +278,57 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         "{review:?}"
     );
     assert_access(&manifests, "mesh-control", &review);
+    // Waypoint Deployments, Services, ServiceAccounts and Gateway status.
+    let waypoints: Vec<(&str, &str, &str)> = mesh_control::waypoint_deploy::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    for need in [
+        ("apps", "deployments", "patch"),
+        ("gateway.networking.k8s.io", "gateways/status", "patch"),
+    ] {
+        assert!(waypoints.contains(&need), "{need:?}: {waypoints:?}");
+    }
+    assert_access(&manifests, "mesh-control", &waypoints);
+}
+
+/// The control plane deploys waypoints with the chart's waypoint image and
+/// resources, and accepts their tokens only as waypoints (own identity).
+#[test]
+fn control_plane_deploys_waypoints_from_the_chart_values() {
+    let manifests = parse(&rendered_text());
+    let spec = pod_spec(
+        manifests.deployments[0].spec.template.spec.as_ref(),
+        "Deployment",
+    );
+    let args = spec.containers[0].args.clone().unwrap_or_default();
+    let control_image = spec.containers[0].image.clone().unwrap_or_default();
+    let (hub_and_name, tag) = control_image.rsplit_once(':').expect("tagged image");
+    let hub = hub_and_name.rsplit_once('/').expect("hub/name").0;
+    for arg in [
+        "--deploy-waypoints".to_owned(),
+        format!("--waypoint-image={hub}/waypoint:{tag}"),
+        "--waypoint-cpu-request=100m".to_owned(),
+        "--waypoint-memory-limit=512Mi".to_owned(),
+        format!("--waypoint-xds-address=http://mesh-control.{RELEASE_NAMESPACE}.svc:15010"),
+        "--waypoint-token-audience=istio-ca".to_owned(),
+        "--token-review-waypoint-service-account=*/*".to_owned(),
+    ] {
+        assert!(args.contains(&arg), "{arg}: {args:?}");
+    }
+    // Waypoints are never accepted as node agents (node-wide signing).
+    let node_agents: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("--token-review-service-account="))
+        .collect();
+    assert_eq!(
+        node_agents,
+        [&format!(
+            "--token-review-service-account={RELEASE_NAMESPACE}/ztunnel"
+        )]
+    );
 }
 
 #[test]
