@@ -488,6 +488,34 @@ fn ztunnel_daemonset_runs_on_every_node_with_what_ebpf_needs() {
         assert!(ports.contains(&port), "port {port}: {ports:?}");
     }
 
+    // Lifecycle: one node at a time, and a drain that ends before the
+    // kubelet's grace period does.
+    let strategy = ds.spec.update_strategy.as_ref();
+    assert_eq!(
+        strategy.and_then(|s| s.type_.as_deref()),
+        Some("RollingUpdate")
+    );
+    assert_eq!(
+        strategy
+            .and_then(|s| s.rolling_update.as_ref())
+            .and_then(|r| r.max_unavailable.clone()),
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let args = container.args.clone().unwrap_or_default();
+    let drain: i64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-seconds="))
+        .unwrap_or_else(|| panic!("no --drain-seconds: {args:?}"))
+        .parse()
+        .expect("--drain-seconds is a number");
+    let grace = spec
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        0 < drain && drain < grace,
+        "drain {drain}s must end before the grace period {grace}s"
+    );
+
     let service = &manifests.services[0];
     let ports: Vec<(Option<&str>, i32)> = service
         .spec

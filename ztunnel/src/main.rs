@@ -118,6 +118,11 @@ struct RunArgs {
     /// renewed at half life (Istio's default: 24 h).
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(2..=7_776_000))]
     workload_cert_ttl: u64,
+    /// On SIGTERM, how long to wait for open connections (captured relays
+    /// and inbound HBONE tunnels) to close after accepting stops; keep it
+    /// below the pod's termination grace period.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
 }
 
 /// How often pods that failed to enrol are looked at again.
@@ -250,6 +255,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+    }
+    // Not ready any more; stop accepting and let open relays finish.
+    synced.store(false, std::sync::atomic::Ordering::Release);
+    let left = agent.drain(Duration::from_secs(args.drain_seconds)).await;
+    if left > 0 {
+        tracing::warn!(
+            open = left,
+            drain_seconds = args.drain_seconds,
+            "drain period over; closing the connections still open"
+        );
     }
     // Capture stays attached and pinned: while ztunnel is away, enrolled pods'
     // connections are refused, never sent around the mesh.
