@@ -44,6 +44,11 @@ enum Command {
         /// The node's pin directory.
         #[arg(long)]
         pin_dir: PathBuf,
+        /// Then stay up until SIGTERM or SIGINT (the main container of the
+        /// cleanup DaemonSet `meshctl uninstall` runs: its pod is ready once
+        /// the node is clean).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -143,9 +148,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{} program(s) accepted by the kernel", verified.len());
             Ok(())
         }
-        Command::Uninstall { pin_dir } => {
+        Command::Uninstall { pin_dir, wait } => {
             mesh_ebpf_loader::capture::Capture::uninstall(&pin_dir)?;
             println!("capture removed ({})", pin_dir.display());
+            if wait {
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+                let mut interrupt =
+                    signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
             Ok(())
         }
     }
