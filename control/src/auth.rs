@@ -6,7 +6,8 @@
 //! service-account tokens checked with TokenReview
 //! ([`token_review::TokenReviewer`]). An [`Authenticator`] holds either or
 //! both. Either way the CA signs only identities of pods scheduled on the
-//! caller's node.
+//! caller's node, and a caller authenticated as a waypoint
+//! ([`Caller::only_identity`]) only its own.
 
 pub mod token_review;
 
@@ -69,6 +70,10 @@ pub struct Caller {
     /// The node the caller runs on: the only node whose workloads it may get
     /// certificates for.
     pub node: String,
+    /// When set, the only identity (`namespace`, `service account`) the
+    /// caller may get a certificate for: a waypoint is its own workload, not
+    /// a node agent acting for every pod of its node.
+    pub only_identity: Option<(String, String)>,
 }
 
 /// The tokens file: `{"tokens": {"<token>": {"node": "<node>"}}}`.
@@ -124,7 +129,15 @@ impl TokenAuthenticator {
         Self {
             tokens: tokens
                 .into_iter()
-                .map(|(token, node)| (token, Caller { node }))
+                .map(|(token, node)| {
+                    (
+                        token,
+                        Caller {
+                            node,
+                            only_identity: None,
+                        },
+                    )
+                })
                 .collect(),
         }
     }

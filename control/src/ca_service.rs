@@ -11,7 +11,7 @@ use mesh_hbone::{Identity, identity::IdentityError};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::Authenticator,
+    auth::{Authenticator, Caller},
     ca::{CertificateAuthority, requested_identities},
     metrics::Metrics,
     model::Model,
@@ -44,7 +44,12 @@ impl CaService {
         }
     }
 
-    fn authorize(&self, node: &str, request: &IstioCertificateRequest) -> Result<Identity, Status> {
+    fn authorize(
+        &self,
+        caller: &Caller,
+        request: &IstioCertificateRequest,
+    ) -> Result<Identity, Status> {
+        let node = caller.node.as_str();
         let requested = requested_identities(&request.csr)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let [uri] = requested.as_slice() else {
@@ -60,6 +65,13 @@ impl CaService {
             return Err(Status::permission_denied(format!(
                 "{identity} is not in trust domain {}",
                 self.trust_domain
+            )));
+        }
+        if let Some((namespace, account)) = &caller.only_identity
+            && (identity.namespace != *namespace || identity.service_account != *account)
+        {
+            return Err(Status::permission_denied(format!(
+                "a waypoint authenticated as {namespace}/{account} may get only its own certificate, not {identity}"
             )));
         }
         if !self.model.load().node_runs_identity(
@@ -83,7 +95,7 @@ impl IstioCertificateService for CaService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let caller = self.auth.authenticate(request.metadata()).await?;
         let request = request.into_inner();
-        let outcome = self.authorize(&caller.node, &request).and_then(|identity| {
+        let outcome = self.authorize(&caller, &request).and_then(|identity| {
             let ttl = CertificateAuthority::ttl_for(request.validity_duration)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let chain = self

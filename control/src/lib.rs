@@ -19,6 +19,7 @@ pub mod rbac;
 pub mod source;
 pub mod status;
 pub mod waypoint;
+pub mod waypoint_deploy;
 pub mod xds;
 
 mod server;

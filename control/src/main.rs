@@ -5,8 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use mesh_control::{
-    ControlPlane, Options, SourceOptions, TokenReviewSetup, auth::token_review::TokenReviewOptions,
-    model::MeshSettings, source::kubernetes::KubeOptions,
+    ControlPlane, Options, SourceOptions, TokenReviewSetup,
+    auth::token_review::TokenReviewOptions,
+    model::MeshSettings,
+    source::kubernetes::KubeOptions,
+    waypoint_deploy::{self, WaypointTemplate},
 };
 
 /// Serves xDS and signs workload certificates from Kubernetes and Istio
@@ -54,6 +57,11 @@ struct Args {
         default_value = "istio-system/ztunnel"
     )]
     token_review_service_accounts: Vec<String>,
+    /// Service account of waypoints whose tokens are accepted (same syntax;
+    /// repeatable): such a caller may get a certificate only for its own
+    /// service account, never for other pods of its node.
+    #[arg(long = "token-review-waypoint-service-account")]
+    token_review_waypoint_service_accounts: Vec<String>,
     /// Audience the tokens must be issued for; repeatable.
     #[arg(long = "token-review-audience", default_value = "istio-ca")]
     token_review_audiences: Vec<String>,
@@ -75,6 +83,36 @@ struct Args {
     /// Root namespace: its selector-less policies apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Deploy a waypoint (ServiceAccount, Deployment, Service) for every
+    /// Gateway of class `istio-waypoint` (needs `--kubernetes` and
+    /// `--waypoint-image`).
+    #[arg(long, requires_all = ["kubernetes", "waypoint_image"])]
+    deploy_waypoints: bool,
+    /// Container image of deployed waypoints.
+    #[arg(long)]
+    waypoint_image: Option<String>,
+    /// `imagePullPolicy` of deployed waypoints.
+    #[arg(long, default_value = "IfNotPresent")]
+    waypoint_image_pull_policy: String,
+    /// CPU request of deployed waypoints.
+    #[arg(long, default_value = "100m")]
+    waypoint_cpu_request: String,
+    /// Memory request of deployed waypoints.
+    #[arg(long, default_value = "128Mi")]
+    waypoint_memory_request: String,
+    /// Memory limit of deployed waypoints.
+    #[arg(long, default_value = "512Mi")]
+    waypoint_memory_limit: String,
+    /// xDS and CA address deployed waypoints connect to.
+    #[arg(long, default_value = "http://mesh-control.istio-system.svc:15010")]
+    waypoint_xds_address: String,
+    /// Audience of deployed waypoints' service-account token (one the
+    /// TokenReview audiences accept).
+    #[arg(long, default_value = "istio-ca")]
+    waypoint_token_audience: String,
+    /// Log filter (`RUST_LOG`) of deployed waypoints.
+    #[arg(long, default_value = "info")]
+    waypoint_log_level: String,
 }
 
 #[tokio::main]
@@ -100,10 +138,33 @@ async fn main() -> anyhow::Result<()> {
             client: client.clone(),
             options: TokenReviewOptions {
                 service_accounts: args.token_review_service_accounts,
+                waypoint_service_accounts: args.token_review_waypoint_service_accounts,
                 audiences: args.token_review_audiences,
                 cache_ttl: Duration::from_secs(args.token_review_cache_seconds),
             },
         }),
+        _ => None,
+    };
+    let waypoints = match (&kube_config, args.deploy_waypoints) {
+        (Some(config), true) => {
+            let url = config.cluster_url.to_string();
+            let client = kube::Client::try_from((**config).clone())
+                .with_context(|| format!("building a Kubernetes client for {url}"))?;
+            Some((
+                client,
+                WaypointTemplate {
+                    image: args.waypoint_image.clone().unwrap_or_default(),
+                    image_pull_policy: args.waypoint_image_pull_policy.clone(),
+                    cpu_request: args.waypoint_cpu_request.clone(),
+                    memory_request: args.waypoint_memory_request.clone(),
+                    memory_limit: args.waypoint_memory_limit.clone(),
+                    xds_address: args.waypoint_xds_address.clone(),
+                    token_audience: args.waypoint_token_audience.clone(),
+                    trust_domain: args.trust_domain.clone(),
+                    log_level: args.waypoint_log_level.clone(),
+                },
+            ))
+        }
         _ => None,
     };
     let source = if let Some(client) = kube_config.filter(|_| args.kubernetes) {
@@ -111,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             client,
             options: KubeOptions {
                 istio_version: args.istio_api_version,
-                gateway_api_version: args.gateway_api_version,
+                gateway_api_version: args.gateway_api_version.clone(),
             },
         }
     } else {
@@ -131,5 +192,12 @@ async fn main() -> anyhow::Result<()> {
         },
     })
     .await?;
+    if let Some((client, template)) = waypoints {
+        tokio::spawn(waypoint_deploy::run(
+            client,
+            args.gateway_api_version,
+            template,
+        ));
+    }
     control.wait().await
 }

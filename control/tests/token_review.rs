@@ -42,6 +42,7 @@ fn review(token: &str) -> Value {
         ),
         "ztunnel-unbound" => user("istio-system:ztunnel", json!({})),
         "waypoint-shop" => user("shop:waypoint", json!({NODE_NAME_EXTRA: ["node2"]})),
+        "waypoint-node0" => user("shop:waypoint", json!({NODE_NAME_EXTRA: ["node0"]})),
         "app" => user("shop:web", json!({NODE_NAME_EXTRA: ["node0"]})),
         _ => json!({"authenticated": false, "error": "invalid bearer token"}),
     }
@@ -77,7 +78,8 @@ fn reviewer(server: &FakeApiServer) -> TokenReviewer {
     TokenReviewer::new(
         server.client(),
         TokenReviewOptions {
-            service_accounts: vec!["istio-system/ztunnel".into(), "*/waypoint".into()],
+            service_accounts: vec!["istio-system/ztunnel".into()],
+            waypoint_service_accounts: vec!["*/waypoint".into()],
             ..TokenReviewOptions::default()
         },
     )
@@ -101,6 +103,22 @@ async fn the_node_comes_from_the_token_or_its_pod() {
     // No node in the token (clusters before 1.30): its pod says.
     assert_eq!(node("ztunnel-old-cluster").await.unwrap(), "node1");
     assert_eq!(node("waypoint-shop").await.unwrap(), "node2");
+    // A node agent may get certificates for its node's pods; a waypoint
+    // only for itself.
+    let scope = |token: &'static str| {
+        let auth = &auth;
+        async move {
+            auth.authenticate(&bearer(token))
+                .await
+                .unwrap()
+                .only_identity
+        }
+    };
+    assert_eq!(scope("ztunnel-node0").await, None);
+    assert_eq!(
+        scope("waypoint-shop").await,
+        Some(("shop".to_owned(), "waypoint".to_owned()))
+    );
     // The review asked for the audience the DaemonSet's token is issued for.
     let body = f.bodies.lock().unwrap()[0].clone();
     assert_eq!(body["kind"], "TokenReview");
@@ -254,6 +272,13 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
         "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
         "spec": {"nodeName": "node0", "serviceAccountName": "web", "containers": [{"name": "app"}]},
         "status": {"phase": "Running", "podIP": "10.244.0.10", "conditions": [{"type": "Ready", "status": "True"}]}}));
+    // The waypoint of shop, on the same node, outside capture.
+    f.server.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "waypoint-0", "namespace": "shop",
+                     "labels": {"istio.io/dataplane-mode": "none",
+                                "gateway.networking.k8s.io/gateway-name": "waypoint"}},
+        "spec": {"nodeName": "node0", "serviceAccountName": "waypoint", "containers": [{"name": "waypoint"}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.11", "conditions": [{"type": "Ready", "status": "True"}]}}));
     let dir = tempfile::tempdir().unwrap();
     let control = ControlPlane::start(Options {
         source: SourceOptions::Kubernetes {
@@ -264,7 +289,10 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
         tokens_file: None,
         token_review: Some(TokenReviewSetup {
             client: Box::new(f.server.config()),
-            options: TokenReviewOptions::default(),
+            options: TokenReviewOptions {
+                waypoint_service_accounts: vec!["*/waypoint".into()],
+                ..TokenReviewOptions::default()
+            },
         }),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         status_addr: "127.0.0.1:0".parse().unwrap(),
@@ -273,12 +301,12 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
     .await
     .expect("control plane");
     let grpc = control.ports().grpc;
-    let sign = |token: &'static str| async move {
+    let sign_as = |token: &'static str, identity: &'static str| async move {
         let mut client = IstioCertificateServiceClient::connect(format!("http://{grpc}"))
             .await
             .unwrap();
         let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr: csr("spiffe://cluster.local/ns/shop/sa/web"),
+            csr: csr(identity),
             validity_duration: 3600,
             metadata: None,
         });
@@ -287,6 +315,7 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         client.create_certificate(request).await
     };
+    let sign = |token: &'static str| sign_as(token, "spiffe://cluster.local/ns/shop/sa/web");
     assert!(
         !sign("ztunnel-node0")
             .await
@@ -304,5 +333,19 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
     assert_eq!(
         sign("forged").await.unwrap_err().code(),
         Code::Unauthenticated
+    );
+    // A waypoint gets its own certificate, never that of another pod of
+    // its node.
+    sign_as(
+        "waypoint-node0",
+        "spiffe://cluster.local/ns/shop/sa/waypoint",
+    )
+    .await
+    .expect("the waypoint's own certificate");
+    let stolen = sign("waypoint-node0").await.unwrap_err();
+    assert_eq!(stolen.code(), Code::PermissionDenied, "{stolen:?}");
+    assert!(
+        stolen.message().contains("only its own certificate"),
+        "{stolen:?}"
     );
 }

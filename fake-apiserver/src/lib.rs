@@ -23,15 +23,24 @@
 //!   bare label keys), e.g. `spec.nodeName=node0`;
 //! - `GET` of one object, `POST` to a collection (create), `DELETE`, and
 //!   per-path `POST` handlers ([`FakeApiServer::on_post`]) for
-//!   request/response kinds such as `TokenReview`.
+//!   request/response kinds such as `TokenReview`;
+//! - `PATCH` of one object or of its `status` subresource, as server-side
+//!   apply (`application/apply-patch+yaml`, creating the object if absent)
+//!   or JSON merge patch (`application/merge-patch+json`). Both merge the
+//!   patch into the stored object (maps recursively, anything else
+//!   replaced; `null` removes a key); a patch that changes nothing changes
+//!   no `resourceVersion` and announces nothing, as on a real server. A
+//!   `status` patch changes only `status`. Every patch is recorded
+//!   ([`FakeApiServer::patches`]) with its content type and field manager.
 //!
 //! Every request is recorded ([`FakeApiServer::requests`]) so a test can
 //! check, for instance, that a client relisted after a 410.
 //!
 //! Not modelled: authentication, admission, optimistic concurrency
 //! (`resourceVersion` on writes is ignored), pagination (`limit` is
-//! ignored; lists are one page), bookmarks, server-side apply, and
-//! protobuf.
+//! ignored; lists are one page), bookmarks, server-side apply's field
+//! ownership (conflicts, removal of fields a manager stopped applying),
+//! garbage collection by owner references, and protobuf.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -102,6 +111,16 @@ impl Kind {
         Self::new("v1", "ServiceAccount", "serviceaccounts", true)
     }
 
+    /// `apps/v1` Deployment.
+    pub fn deployment() -> Self {
+        Self::new("apps/v1", "Deployment", "deployments", true)
+    }
+
+    /// `apps/v1` DaemonSet.
+    pub fn daemon_set() -> Self {
+        Self::new("apps/v1", "DaemonSet", "daemonsets", true)
+    }
+
     /// `/api/v1` or `/apis/<group>/<version>`.
     fn prefix(&self) -> String {
         if self.api_version.contains('/') {
@@ -110,6 +129,22 @@ impl Kind {
             format!("/api/{}", self.api_version)
         }
     }
+}
+
+/// One `PATCH` request, as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PatchRequest {
+    /// The request path, e.g.
+    /// `/apis/apps/v1/namespaces/shop/deployments/waypoint`.
+    pub path: String,
+    /// `content-type`: `application/apply-patch+yaml` for server-side apply.
+    pub content_type: String,
+    /// The `fieldManager` query parameter, if given.
+    pub field_manager: Option<String>,
+    /// Whether `force=true` was given.
+    pub force: bool,
+    /// The patch body.
+    pub body: Value,
 }
 
 /// Handler of `POST`s to one path: gets the request body, returns the status
@@ -144,6 +179,7 @@ struct State {
     /// epoch end with 410 Gone.
     epoch: u64,
     requests: Vec<String>,
+    patches: Vec<PatchRequest>,
     posts: HashMap<String, PostHandler>,
     closed: bool,
 }
@@ -279,6 +315,11 @@ impl FakeApiServer {
         self.lock().requests.clone()
     }
 
+    /// Every `PATCH` so far, oldest first.
+    pub fn patches(&self) -> Vec<PatchRequest> {
+        self.lock().patches.clone()
+    }
+
     /// The object stored under `kind`/`namespace`/`name`, if any.
     pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         let state = self.lock();
@@ -410,25 +451,32 @@ struct Target {
     /// Set for `/namespaces/<ns>/<plural>…`.
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` for `…/<name>/status`.
+    subresource: Option<String>,
 }
 
 fn route(state: &State, path: &str) -> Option<Target> {
     state.kinds.iter().enumerate().find_map(|(index, kind)| {
         let rest = path.strip_prefix(&kind.prefix())?.strip_prefix('/')?;
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        let (namespace, plural, name) = match segments.as_slice() {
-            ["namespaces", ns, plural] if kind.namespaced => (Some(*ns), *plural, None),
+        let (namespace, plural, name, sub) = match segments.as_slice() {
+            ["namespaces", ns, plural] if kind.namespaced => (Some(*ns), *plural, None, None),
             ["namespaces", ns, plural, name] if kind.namespaced => {
-                (Some(*ns), *plural, Some(*name))
+                (Some(*ns), *plural, Some(*name), None)
             }
-            [plural] => (None, *plural, None),
-            [plural, name] => (None, *plural, Some(*name)),
+            ["namespaces", ns, plural, name, "status"] if kind.namespaced => {
+                (Some(*ns), *plural, Some(*name), Some("status"))
+            }
+            [plural] => (None, *plural, None, None),
+            [plural, name] => (None, *plural, Some(*name), None),
+            [plural, name, "status"] => (None, *plural, Some(*name), Some("status")),
             _ => return None,
         };
         (plural == kind.plural).then(|| Target {
             kind: index,
             namespace: namespace.map(str::to_owned),
             name: name.map(str::to_owned),
+            subresource: sub.map(str::to_owned),
         })
     })
 }
@@ -436,6 +484,12 @@ fn route(state: &State, path: &str) -> Option<Target> {
 async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let query = parse_query(request.uri().query().unwrap_or_default());
     let post = {
         let mut state = shared.lock();
@@ -462,7 +516,21 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             "the server could not find the requested resource",
         );
     };
+    if target.subresource.is_some() && method != Method::PATCH && method != Method::GET {
+        return status(
+            405,
+            "MethodNotAllowed",
+            "method not allowed on a subresource",
+        );
+    }
     match (method, &target.name) {
+        (Method::PATCH, Some(name)) => {
+            let Some(body) = json_body(request).await.filter(Value::is_object) else {
+                return status(400, "BadRequest", "the body is not a JSON object");
+            };
+            let name = name.clone();
+            patch(shared, &target, &name, &path, &content_type, &query, body)
+        }
         (Method::GET, None)
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) =>
         {
@@ -518,6 +586,100 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             }
         }
         _ => status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+/// `PATCH` of one object (or its `status`): server-side apply or merge
+/// patch, both merged into the stored object.
+fn patch(
+    shared: &Arc<Shared>,
+    target: &Target,
+    name: &str,
+    path: &str,
+    content_type: &str,
+    query: &BTreeMap<String, String>,
+    body: Value,
+) -> Response<Body> {
+    let apply = content_type.starts_with("application/apply-patch+yaml");
+    if !apply && !content_type.starts_with("application/merge-patch+json") {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            &format!("the fake API server does not take {content_type:?} patches"),
+        );
+    }
+    let mut state = shared.lock();
+    state.patches.push(PatchRequest {
+        path: path.to_owned(),
+        content_type: content_type.to_owned(),
+        field_manager: query.get("fieldManager").cloned(),
+        force: query.get("force").map(String::as_str) == Some("true"),
+        body: body.clone(),
+    });
+    if apply && !query.contains_key("fieldManager") {
+        return status(422, "Invalid", "PATCH with apply requires a fieldManager");
+    }
+    let kind = state.kinds[target.kind].clone();
+    let namespace = if kind.namespaced {
+        target.namespace.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let key = (target.kind, namespace.clone(), name.to_owned());
+    let existing = state.objects.get(&key).cloned();
+    let status_only = target.subresource.is_some();
+    let merged = match existing.clone() {
+        Some(mut object) if status_only => {
+            if let Some(new) = body.get("status") {
+                merge(
+                    object
+                        .as_object_mut()
+                        .expect("an object")
+                        .entry("status")
+                        .or_insert(json!({})),
+                    new,
+                );
+            }
+            object
+        }
+        Some(mut object) => {
+            merge(&mut object, &body);
+            object
+        }
+        None if apply && !status_only => {
+            let mut object = body;
+            object["apiVersion"] = kind.api_version.clone().into();
+            object["kind"] = kind.kind.clone().into();
+            object["metadata"]["name"] = name.into();
+            if kind.namespaced {
+                object["metadata"]["namespace"] = namespace.into();
+            }
+            object
+        }
+        None => return not_found(&kind, name),
+    };
+    if existing.as_ref() == Some(&merged) {
+        return json_response(200, &merged);
+    }
+    let stored = state.apply(merged, true);
+    drop(state);
+    shared.changes.send_modify(|n| *n += 1);
+    json_response(if existing.is_some() { 200 } else { 201 }, &stored)
+}
+
+/// JSON merge patch (RFC 7386): maps merge recursively, `null` removes.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(target), Some(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
     }
 }
 
@@ -783,5 +945,18 @@ mod tests {
         assert!(selected(&pod, Some("x"), &q));
         assert!(!selected(&pod, Some("y"), &q));
         assert_eq!(percent_decode("a%2"), "a%2");
+    }
+
+    #[test]
+    fn merge_patches_maps_recursively_and_null_removes() {
+        let mut object = json!({"metadata": {"name": "a", "labels": {"x": "1", "y": "2"}}, "spec": {"ports": [1, 2]}});
+        merge(
+            &mut object,
+            &json!({"metadata": {"labels": {"y": null, "z": "3"}}, "spec": {"ports": [3]}}),
+        );
+        assert_eq!(
+            object,
+            json!({"metadata": {"name": "a", "labels": {"x": "1", "z": "3"}}, "spec": {"ports": [3]}})
+        );
     }
 }

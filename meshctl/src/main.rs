@@ -9,14 +9,18 @@
 //! - `config-errors`: what the running control plane rejected.
 //! - `ztunnel-config`: the workloads, services, policies and certificates a
 //!   ztunnel holds (its admin `/config_dump`).
+//! - `install` / `uninstall`: apply the rendered chart to the cluster, or
+//!   remove capture from every node and then the chart's objects
+//!   ([`install`]).
 
 use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
 mod http_get;
+mod install;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +68,27 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:15000")]
         admin: String,
     },
+    /// Server-side apply the rendered chart to the cluster kubectl would
+    /// use (`$KUBECONFIG`, `~/.kube/config` or in-cluster).
+    Install {
+        /// Manifest to apply instead of the `deploy/rendered/mesh.yaml`
+        /// built into meshctl (e.g. `helm template` output).
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// Remove the mesh: delete the ztunnel DaemonSet, run `ztunnel
+    /// uninstall` on every node (a cleanup DaemonSet) so enrolled pods'
+    /// traffic flows directly again, then delete every object of the
+    /// manifest.
+    Uninstall {
+        /// Manifest that was installed, instead of the built-in one.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+        /// Longest wait for each step (ztunnel pods gone, every node
+        /// cleaned), in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -107,7 +132,44 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", ztunnel_config(&dump));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Install { file } => {
+            let documents = manifest(file.as_deref())?;
+            install::install(&kube_client().await?, &documents).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall {
+            file,
+            timeout_seconds,
+        } => {
+            let documents = manifest(file.as_deref())?;
+            let waits = install::Waits {
+                timeout: std::time::Duration::from_secs(timeout_seconds),
+                poll: std::time::Duration::from_secs(1),
+            };
+            install::uninstall(&kube_client().await?, &documents, waits).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The manifest at `file`, or the built-in render of the chart.
+fn manifest(file: Option<&std::path::Path>) -> anyhow::Result<Vec<install::Document>> {
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            install::parse_manifest(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+        None => install::parse_manifest(install::RENDERED)
+            .context("parsing the built-in deploy/rendered/mesh.yaml"),
+    }
+}
+
+/// A client of the cluster kubectl would use.
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("finding the Kubernetes API (kubeconfig or in-cluster)")
 }
 
 fn analyze(paths: &[PathBuf]) -> ExitCode {

@@ -278,6 +278,57 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         "{review:?}"
     );
     assert_access(&manifests, "mesh-control", &review);
+    // Waypoint Deployments, Services, ServiceAccounts and Gateway status.
+    let waypoints: Vec<(&str, &str, &str)> = mesh_control::waypoint_deploy::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    for need in [
+        ("apps", "deployments", "patch"),
+        ("gateway.networking.k8s.io", "gateways/status", "patch"),
+    ] {
+        assert!(waypoints.contains(&need), "{need:?}: {waypoints:?}");
+    }
+    assert_access(&manifests, "mesh-control", &waypoints);
+}
+
+/// The control plane deploys waypoints with the chart's waypoint image and
+/// resources, and accepts their tokens only as waypoints (own identity).
+#[test]
+fn control_plane_deploys_waypoints_from_the_chart_values() {
+    let manifests = parse(&rendered_text());
+    let spec = pod_spec(
+        manifests.deployments[0].spec.template.spec.as_ref(),
+        "Deployment",
+    );
+    let args = spec.containers[0].args.clone().unwrap_or_default();
+    let control_image = spec.containers[0].image.clone().unwrap_or_default();
+    let (hub_and_name, tag) = control_image.rsplit_once(':').expect("tagged image");
+    let hub = hub_and_name.rsplit_once('/').expect("hub/name").0;
+    for arg in [
+        "--deploy-waypoints".to_owned(),
+        format!("--waypoint-image={hub}/waypoint:{tag}"),
+        "--waypoint-cpu-request=100m".to_owned(),
+        "--waypoint-memory-limit=512Mi".to_owned(),
+        format!("--waypoint-xds-address=http://mesh-control.{RELEASE_NAMESPACE}.svc:15010"),
+        "--waypoint-token-audience=istio-ca".to_owned(),
+        "--token-review-waypoint-service-account=*/*".to_owned(),
+    ] {
+        assert!(args.contains(&arg), "{arg}: {args:?}");
+    }
+    // Waypoints are never accepted as node agents (node-wide signing).
+    let node_agents: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("--token-review-service-account="))
+        .collect();
+    assert_eq!(
+        node_agents,
+        [&format!(
+            "--token-review-service-account={RELEASE_NAMESPACE}/ztunnel"
+        )]
+    );
 }
 
 #[test]
@@ -436,6 +487,34 @@ fn ztunnel_daemonset_runs_on_every_node_with_what_ebpf_needs() {
     for port in [15008, 15020, 15000] {
         assert!(ports.contains(&port), "port {port}: {ports:?}");
     }
+
+    // Lifecycle: one node at a time, and a drain that ends before the
+    // kubelet's grace period does.
+    let strategy = ds.spec.update_strategy.as_ref();
+    assert_eq!(
+        strategy.and_then(|s| s.type_.as_deref()),
+        Some("RollingUpdate")
+    );
+    assert_eq!(
+        strategy
+            .and_then(|s| s.rolling_update.as_ref())
+            .and_then(|r| r.max_unavailable.clone()),
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let args = container.args.clone().unwrap_or_default();
+    let drain: i64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-seconds="))
+        .unwrap_or_else(|| panic!("no --drain-seconds: {args:?}"))
+        .parse()
+        .expect("--drain-seconds is a number");
+    let grace = spec
+        .termination_grace_period_seconds
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        0 < drain && drain < grace,
+        "drain {drain}s must end before the grace period {grace}s"
+    );
 
     let service = &manifests.services[0];
     let ports: Vec<(Option<&str>, i32)> = service

@@ -147,6 +147,7 @@ impl Agent {
                 policy,
                 metrics: tcp_metrics,
                 certs: certs.clone(),
+                open: Arc::default(),
             }),
             capture,
             certs,
@@ -299,11 +300,13 @@ impl Agent {
         }
         let proxy = self.proxy.clone();
         let outbound_loop = accept_loop(outbound, context.clone(), move |ctx, stream, peer| {
-            tokio::spawn(proxy.clone().outbound(ctx, stream, peer));
+            let relay = proxy.clone().outbound(ctx, stream, peer);
+            tokio::spawn(proxy.open.track(relay));
         });
         let proxy = self.proxy.clone();
         let inbound_loop = accept_loop(inbound, context.clone(), move |ctx, stream, peer| {
-            tokio::spawn(proxy.clone().inbound_plaintext(ctx, stream, peer));
+            let relay = proxy.clone().inbound_plaintext(ctx, stream, peer);
+            tokio::spawn(proxy.open.track(relay));
         });
         let same_node = self.same_node.clone();
         let hbone_loop = accept_loop(hbone, context, move |_, stream, peer| {
@@ -328,6 +331,24 @@ impl Agent {
             "spiffe://{}/ns/{}/sa/{}",
             self.trust_domain, pod.namespace, pod.service_account
         )
+    }
+
+    /// Stops accepting on every pod's listeners (enrolment and capture stay
+    /// as they are: new connections are refused, never sent around the
+    /// mesh), then waits up to `period` for the open relays to close.
+    /// Returns how many were still open.
+    pub async fn drain(&mut self, period: std::time::Duration) -> usize {
+        // Dropping a running pod closes its listeners only.
+        self.running.clear();
+        let open = self.proxy.open.count();
+        if open > 0 {
+            info!(
+                open,
+                period_ms = period.as_millis() as u64,
+                "draining open connections"
+            );
+        }
+        self.proxy.open.drained(period).await
     }
 
     /// The shared capture state (for the metrics collector).

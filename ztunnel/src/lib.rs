@@ -4,6 +4,7 @@
 //! integration tests reach them; the agent binary (`main.rs`) uses them too.
 
 pub mod discovery;
+pub mod drain;
 pub mod kube_pods;
 pub mod pod_host;
 pub mod policy;

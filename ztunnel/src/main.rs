@@ -44,6 +44,11 @@ enum Command {
         /// The node's pin directory.
         #[arg(long)]
         pin_dir: PathBuf,
+        /// Then stay up until SIGTERM or SIGINT (the main container of the
+        /// cleanup DaemonSet `meshctl uninstall` runs: its pod is ready once
+        /// the node is clean).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -118,6 +123,11 @@ struct RunArgs {
     /// renewed at half life (Istio's default: 24 h).
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(2..=7_776_000))]
     workload_cert_ttl: u64,
+    /// On SIGTERM, how long to wait for open connections (captured relays
+    /// and inbound HBONE tunnels) to close after accepting stops; keep it
+    /// below the pod's termination grace period.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
 }
 
 /// How often pods that failed to enrol are looked at again.
@@ -138,9 +148,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{} program(s) accepted by the kernel", verified.len());
             Ok(())
         }
-        Command::Uninstall { pin_dir } => {
+        Command::Uninstall { pin_dir, wait } => {
             mesh_ebpf_loader::capture::Capture::uninstall(&pin_dir)?;
             println!("capture removed ({})", pin_dir.display());
+            if wait {
+                let mut terminate =
+                    signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+                let mut interrupt =
+                    signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
             Ok(())
         }
     }
@@ -250,6 +270,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
+    }
+    // Not ready any more; stop accepting and let open relays finish.
+    synced.store(false, std::sync::atomic::Ordering::Release);
+    let left = agent.drain(Duration::from_secs(args.drain_seconds)).await;
+    if left > 0 {
+        tracing::warn!(
+            open = left,
+            drain_seconds = args.drain_seconds,
+            "drain period over; closing the connections still open"
+        );
     }
     // Capture stays attached and pinned: while ztunnel is away, enrolled pods'
     // connections are refused, never sent around the mesh.

@@ -63,6 +63,8 @@ pub struct Proxy {
     pub metrics: TcpMetrics,
     /// Workload certificates.
     pub certs: Arc<CertManager>,
+    /// The relays open now, for the drain on shutdown.
+    pub open: Arc<ztunnel::drain::OpenConnections>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -452,12 +454,13 @@ impl InboundTunnels {
 }
 
 impl mesh_hbone::Handler for InboundTunnels {
-    type Upstream = TcpStream;
+    /// Counted as an open relay while the tunnel lives.
+    type Upstream = ztunnel::drain::Tracked<TcpStream>;
 
     async fn connect(
         &self,
         request: mesh_hbone::InboundRequest,
-    ) -> Result<TcpStream, mesh_hbone::Refusal> {
+    ) -> Result<Self::Upstream, mesh_hbone::Refusal> {
         // A tunnel may only lead to the pod whose 15008 it reached.
         if request.authority.ip() != std::net::IpAddr::V4(self.pod.ip) {
             self.access(&request)
@@ -486,7 +489,7 @@ impl mesh_hbone::Handler for InboundTunnels {
         {
             Ok(upstream) => {
                 self.access(&request).opened();
-                Ok(upstream)
+                Ok(ztunnel::drain::Tracked::new(upstream, &self.proxy.open))
             }
             Err(err) => {
                 self.access(&request).failed("UF", &err.to_string());

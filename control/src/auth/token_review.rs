@@ -49,9 +49,15 @@ const CACHE_LIMIT: usize = 10_000;
 /// Which tokens are accepted, and how long answers are kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenReviewOptions {
-    /// Allowed service accounts as `<namespace>/<name>`; either part may be
-    /// `*` (e.g. `*/waypoint`).
+    /// Service accounts of node agents, as `<namespace>/<name>`; either
+    /// part may be `*`. Their callers may get certificates for every
+    /// identity running on their node.
     pub service_accounts: Vec<String>,
+    /// Service accounts of waypoints (same syntax, e.g. `*/*`). Their
+    /// callers may get a certificate only for their own service account
+    /// ([`Caller::only_identity`]), and only when a pod on the token's node
+    /// runs as it.
+    pub waypoint_service_accounts: Vec<String>,
     /// Audiences the token must be valid for (empty: the API server's
     /// default audience).
     pub audiences: Vec<String>,
@@ -63,6 +69,7 @@ impl Default for TokenReviewOptions {
     fn default() -> Self {
         Self {
             service_accounts: vec!["istio-system/ztunnel".into()],
+            waypoint_service_accounts: Vec::new(),
             audiences: vec!["istio-ca".into()],
             cache_ttl: Duration::from_secs(60),
         }
@@ -156,9 +163,14 @@ impl TokenReviewer {
                 Status::unavailable(format!("could not review the token: {err}"))
             })?;
         let status = reviewed.status.unwrap_or_default();
-        let (namespace, account) = match self.service_account(&status) {
+        let (namespace, account, node_agent) = match self.service_account(&status) {
             Ok(sa) => sa,
             Err(reason) => return Ok(Err(reason)),
+        };
+        let only_identity = (!node_agent).then(|| (namespace.clone(), account.clone()));
+        let caller = |node: String| Caller {
+            node,
+            only_identity: only_identity.clone(),
         };
         let extra = |key: &str| {
             status
@@ -170,7 +182,7 @@ impl TokenReviewer {
                 .cloned()
         };
         if let Some(node) = extra(NODE_NAME_EXTRA) {
-            return Ok(Ok(Caller { node }));
+            return Ok(Ok(caller(node)));
         }
         let Some(pod_name) = extra(POD_NAME_EXTRA) else {
             return Ok(Err(format!(
@@ -199,15 +211,19 @@ impl TokenReviewer {
             )));
         }
         match pod.spec.and_then(|s| s.node_name) {
-            Some(node) => Ok(Ok(Caller { node })),
+            Some(node) => Ok(Ok(caller(node))),
             None => Ok(Err(format!(
                 "pod {namespace}/{pod_name} is not scheduled on a node"
             ))),
         }
     }
 
-    /// The token's service account, if it is authenticated and allowed.
-    fn service_account(&self, status: &TokenReviewStatus) -> Result<(String, String), String> {
+    /// The token's service account, if it is authenticated and allowed, and
+    /// whether it is a node agent's (rather than a waypoint's).
+    fn service_account(
+        &self,
+        status: &TokenReviewStatus,
+    ) -> Result<(String, String, bool), String> {
         if status.authenticated != Some(true) {
             return Err(format!(
                 "token not authenticated: {}",
@@ -225,17 +241,27 @@ impl TokenReviewer {
         else {
             return Err(format!("{username:?} is not a service account"));
         };
-        let allowed = self.options.service_accounts.iter().any(|pattern| {
-            let (ns, name) = pattern.split_once('/').unwrap_or(("", pattern));
-            (ns == "*" || ns == namespace) && (name == "*" || name == account)
-        });
-        if !allowed {
+        let matches = |patterns: &[String]| {
+            patterns.iter().any(|pattern| {
+                let (ns, name) = pattern.split_once('/').unwrap_or(("", pattern));
+                (ns == "*" || ns == namespace) && (name == "*" || name == account)
+            })
+        };
+        let node_agent = matches(&self.options.service_accounts);
+        if !node_agent && !matches(&self.options.waypoint_service_accounts) {
+            let allowed: Vec<&str> = self
+                .options
+                .service_accounts
+                .iter()
+                .chain(&self.options.waypoint_service_accounts)
+                .map(String::as_str)
+                .collect();
             return Err(format!(
                 "service account {namespace}/{account} may not connect (allowed: {})",
-                self.options.service_accounts.join(", ")
+                allowed.join(", ")
             ));
         }
-        Ok((namespace.to_owned(), account.to_owned()))
+        Ok((namespace.to_owned(), account.to_owned(), node_agent))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Cached>> {
