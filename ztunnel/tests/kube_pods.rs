@@ -248,3 +248,72 @@ async fn an_empty_node_is_published_once_listed() {
     // agent was away.
     assert!(next(&mut pods).await.pods.is_empty());
 }
+
+#[tokio::test]
+async fn after_410_gone_the_relisted_pods_and_labels_are_published() {
+    let host = tempfile::tempdir().unwrap();
+    let h = host.path();
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::pod());
+    server.serve(Kind::namespace());
+    server.apply(namespace("shop", Some("ambient")));
+    server.apply(namespace("plain", None));
+    server.apply(pod(PodSpec {
+        ns: "shop",
+        name: "web-0",
+        uid: "1111-aaaa",
+        node: "node0",
+        ip: Some("10.244.0.10"),
+        qos: "BestEffort",
+    }));
+    process(
+        h,
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1111_aaaa.slice",
+        101,
+    );
+    server.apply(pod(PodSpec {
+        ns: "plain",
+        name: "batch-0",
+        uid: "4444-dddd",
+        node: "node0",
+        ip: Some("10.244.0.12"),
+        qos: "BestEffort",
+    }));
+    process(
+        h,
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod4444_dddd.slice",
+        104,
+    );
+    let mut pods = KubePods::start(server.client(), "node0", roots(host.path()));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while names(&next(&mut pods).await) != ["shop/web-0"] {
+        assert!(tokio::time::Instant::now() < deadline, "first list");
+    }
+
+    // While no watch hears of it, `plain` is enrolled and web-0 goes away;
+    // then the watch history is compacted (410 Gone) and the agent relists.
+    let mut plain = namespace("plain", Some("ambient"));
+    server.apply_unannounced(plain);
+    assert!(server.delete_unannounced("v1", "Pod", "shop", "web-0"));
+    server.expire_watches();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let now = next(&mut pods).await;
+        if names(&now) == ["plain/batch-0"] {
+            assert!(now.pods[0].enrolled);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relisted state not published: {:?}",
+            names(&now)
+        );
+    }
+
+    // The watches that follow the relist still deliver.
+    server.apply(namespace("plain", None));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !names(&next(&mut pods).await).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "watch after relist");
+    }
+}
