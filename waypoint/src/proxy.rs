@@ -36,9 +36,11 @@ use crate::{
         ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, UpstreamProtocol, mix,
     },
     config::{Chain, Config, Store},
-    metrics::{Metrics, RequestLabels},
+    metrics::{Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
-    route::{Action, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority},
+    route::{
+        Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority,
+    },
     upstream::{Body, BoxError, Clients, Connector},
 };
 
@@ -357,7 +359,7 @@ async fn accept_ingress(
 
 /// How a request ended, for metrics and the access log.
 struct Outcome {
-    flags: &'static str,
+    flags: ResponseFlags,
     cluster: String,
     endpoint: Option<Arc<EndpointConfig>>,
     route: String,
@@ -382,7 +384,7 @@ impl Waypoint {
             .unwrap_or("")
             .to_owned();
         let mut outcome = Outcome {
-            flags: "-",
+            flags: ResponseFlags::NONE,
             cluster: String::new(),
             endpoint: None,
             route: String::new(),
@@ -431,7 +433,7 @@ impl Waypoint {
                 .map_or_else(|| "unknown".to_owned(), ToString::to_string),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: status,
-            response_flags: outcome.flags,
+            response_flags: outcome.flags.to_string(),
             connection_security_policy: ctx.security,
         };
         let elapsed = started.elapsed();
@@ -456,7 +458,7 @@ impl Waypoint {
             %method,
             path,
             status,
-            flags = outcome.flags,
+            flags = %outcome.flags,
             route = %outcome.route,
             cluster = %outcome.cluster,
             endpoint = %outcome.endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
@@ -494,7 +496,7 @@ impl Waypoint {
             .get(route_config)
             .and_then(|table| table.find(&parts))
         else {
-            outcome.flags = "NR";
+            outcome.flags.insert(ResponseFlags::NO_ROUTE);
             outcome.detail = format!("no route in {route_config}");
             return local_reply(StatusCode::NOT_FOUND, "route not found");
         };
@@ -503,13 +505,13 @@ impl Waypoint {
             if let Some((delay, ppm)) = fault.delay
                 && roll_ppm() < ppm
             {
-                outcome.flags = "DI";
+                outcome.flags.insert(ResponseFlags::DELAY_INJECTED);
                 tokio::time::sleep(delay).await;
             }
             if let Some((status, ppm)) = fault.abort
                 && roll_ppm() < ppm
             {
-                outcome.flags = "FI";
+                outcome.flags.insert(ResponseFlags::FAULT_INJECTED);
                 let mut response = local_reply(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     "fault filter abort",
@@ -622,7 +624,9 @@ impl Waypoint {
             {
                 Ok(collected) => Payload::Buffered(collected.to_bytes()),
                 Err(err) => {
-                    outcome.flags = "DPE";
+                    outcome
+                        .flags
+                        .insert(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR);
                     outcome.detail = format!("reading the request body: {err}");
                     return Err(local_error(StatusCode::BAD_REQUEST, "bad request body"));
                 }
@@ -638,7 +642,7 @@ impl Waypoint {
             }
         }
         let Some(cluster) = config.clusters.get(&target.cluster).cloned() else {
-            outcome.flags = "NC";
+            outcome.flags.insert(ResponseFlags::NO_CLUSTER);
             outcome.detail = format!("cluster {} not found", target.cluster);
             return Err(local_error(StatusCode::SERVICE_UNAVAILABLE, "no cluster"));
         };
@@ -663,13 +667,18 @@ impl Waypoint {
                     )
                     .await;
                 let Some(retry) = retry else {
-                    return result;
+                    return finish(result, outcome);
                 };
-                if tries > retry.attempts
-                    || !should_retry(retry, &result)
-                    || !cluster_allows_retry(&cluster)
-                {
-                    return result;
+                if !should_retry(retry, &result) {
+                    return finish(result, outcome);
+                }
+                if tries > retry.attempts {
+                    outcome.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
+                    return finish(result, outcome);
+                }
+                if !cluster_allows_retry(&cluster) {
+                    outcome.flags.insert(ResponseFlags::OVERFLOW);
+                    return finish(result, outcome);
                 }
                 cluster
                     .runtime
@@ -691,7 +700,7 @@ impl Waypoint {
             Some(limit) => match tokio::time::timeout(limit, attempts).await {
                 Ok(result) => result,
                 Err(_) => {
-                    outcome.flags = "UT";
+                    outcome.flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
                     outcome.detail = format!("no response within the route timeout of {limit:?}");
                     return Err(local_error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -712,7 +721,7 @@ impl Waypoint {
         hash: Option<u64>,
         per_try_timeout: Option<Duration>,
         outcome: &mut Outcome,
-    ) -> Result<Response<Incoming>, LocalReply> {
+    ) -> Attempt {
         let limits = &cluster.config.limits;
         let active = cluster.runtime.active_requests.load(Ordering::Relaxed);
         let limit = match cluster.config.protocol {
@@ -728,7 +737,6 @@ impl Waypoint {
             UpstreamProtocol::Http2 => limits.max_requests,
         };
         if limit.is_some_and(|l| active >= l) {
-            outcome.flags = "UO";
             outcome.detail = format!(
                 "circuit breaker of {} open ({active} requests)",
                 cluster.config.name
@@ -740,7 +748,11 @@ impl Waypoint {
             reply
                 .headers_mut()
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            return Err(Box::new(reply));
+            return Err(Failed {
+                kind: AttemptFailure::NotSent,
+                flag: ResponseFlags::OVERFLOW,
+                reply: Box::new(reply),
+            });
         }
         // Without a hash key (none configured, or none present) a hashing
         // cluster picks at random, as Envoy's ring hash does.
@@ -751,12 +763,12 @@ impl Waypoint {
         let (endpoint, health) = match cluster.pick(hash, random()) {
             Ok(picked) => picked,
             Err(PickError::NoHealthy) => {
-                outcome.flags = "UH";
                 outcome.detail = format!("no healthy endpoint in {}", cluster.config.name);
-                return Err(local_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy upstream",
-                ));
+                return Err(Failed {
+                    kind: AttemptFailure::NotSent,
+                    flag: ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    reply: local_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+                });
             }
         };
         outcome.endpoint = Some(endpoint.clone());
@@ -772,35 +784,54 @@ impl Waypoint {
         match result {
             Err(()) => {
                 cluster.record(&health, true);
-                outcome.flags = "UT";
-                outcome.detail = "per-try timeout".to_owned();
-                Err(local_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                ))
+                outcome.detail = format!(
+                    "no response within the per-try timeout of {limit:?}",
+                    limit = per_try_timeout.unwrap_or_default()
+                );
+                Err(Failed {
+                    kind: AttemptFailure::PerTryTimeout,
+                    flag: ResponseFlags::UPSTREAM_TIMEOUT,
+                    reply: local_error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                })
             }
             Ok(Ok(response)) => {
                 let status = response.status().as_u16();
                 cluster.record(&health, matches!(status, 500..=599));
-                outcome.flags = "-";
+                outcome.detail.clear();
                 Ok(response)
             }
             Ok(Err(err)) => {
                 cluster.record(&health, true);
-                let connect = err.is_connect();
-                outcome.flags = if connect { "UF" } else { "UC" };
-                outcome.detail = error_chain(&err);
-                let reason = if connect {
-                    "connection failure"
+                let kind = if err.is_connect() {
+                    AttemptFailure::ConnectFailure
+                } else if err.is_refused_stream() {
+                    AttemptFailure::RefusedStream
                 } else {
-                    "connection termination"
+                    AttemptFailure::Reset
                 };
-                Err(local_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                outcome.detail = error_chain(&err);
+                let (flag, reason) = match kind {
+                    AttemptFailure::ConnectFailure => {
+                        (ResponseFlags::CONNECTION_FAILURE, "connection failure")
+                    }
+                    AttemptFailure::RefusedStream => {
+                        (ResponseFlags::CONNECTION_TERMINATION, "refused stream")
+                    }
+                    _ => (
+                        ResponseFlags::CONNECTION_TERMINATION,
+                        "connection termination",
                     ),
-                ))
+                };
+                Err(Failed {
+                    kind,
+                    flag,
+                    reply: local_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                        ),
+                    ),
+                })
             }
         }
     }
@@ -901,24 +932,39 @@ impl Payload {
     }
 }
 
-fn should_retry(retry: &Retry, result: &Result<Response<Incoming>, LocalReply>) -> bool {
+/// An attempt that got no upstream response: how it failed, its response
+/// flag, and the reply the caller gets unless it is retried.
+struct Failed {
+    kind: AttemptFailure,
+    flag: ResponseFlags,
+    reply: LocalReply,
+}
+
+/// One try of a request.
+type Attempt = Result<Response<Incoming>, Failed>;
+
+/// The request's result from its last attempt, its flag recorded.
+fn finish(result: Attempt, outcome: &mut Outcome) -> Result<Response<Incoming>, LocalReply> {
+    result.map_err(|failed| {
+        outcome.flags.insert(failed.flag);
+        failed.reply
+    })
+}
+
+/// Whether the retry policy asks for another try after `result` (whether
+/// one is allowed is the attempt limit's and the retry budget's call).
+fn should_retry(retry: &Retry, result: &Attempt) -> bool {
     match result {
-        Ok(response) => retry.retries_status(response.status().as_u16()),
-        // Local replies: connection failures and resets are 503, per-try
-        // timeouts 504; circuit-breaker overflow and no healthy upstream
-        // are not retried.
-        Err(reply) => {
-            if reply.headers().contains_key("x-envoy-overloaded") {
-                return false;
-            }
-            match reply.status() {
-                StatusCode::GATEWAY_TIMEOUT => retry.on_5xx || retry.on_gateway_error,
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    retry.on_connect_failure || retry.on_reset || retry.on_5xx
-                }
-                _ => false,
-            }
+        Ok(response) => {
+            retry.retries_status(response.status().as_u16())
+                || response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .is_some_and(|code| retry.retries_grpc_status(code))
         }
+        Err(failed) => retry.retries_failure(failed.kind),
     }
 }
 

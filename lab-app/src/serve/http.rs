@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    convert::Infallible,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -87,7 +86,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(handle(app, peers, request).await) }
+                async move { handle(app, peers, request).await }
             });
             if let Err(err) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -106,11 +105,22 @@ pub const MAX_BYTES: usize = 1 << 20;
 /// work per request beyond HTTP itself.
 static FILLER: [u8; MAX_BYTES] = [b'x'; MAX_BYTES];
 
+/// `?reset=1`: the request is dropped unanswered. Returned to hyper as the
+/// service's error, which closes an HTTP/1.1 connection without a response
+/// and resets an HTTP/2 stream.
+#[derive(Debug, thiserror::Error)]
+#[error("closing the connection without an answer, as the request's ?reset=1 asks")]
+pub struct ResetRequested;
+
 /// Answers one request and logs it (but `/bytes/N`, the benchmarks' target,
 /// which is answered without a log line or JSON, as cheaply as possible).
-async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    app: Arc<App>,
+    peers: Peers,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ResetRequested> {
     if let Some(size) = request.uri().path().strip_prefix("/bytes/") {
-        return bytes_body(size);
+        return Ok(bytes_body(size));
     }
     let started = Instant::now();
     let method = request.method().clone();
@@ -119,6 +129,18 @@ async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Resp
         .path_and_query()
         .map_or_else(|| request.uri().path().to_owned(), ToString::to_string);
     let protocol = protocol(request.version());
+    let reset = Shaping::from_query(request.uri().query()).is_ok_and(|s| s.reset);
+    if reset && !app.routes.contains_key(request.uri().path()) {
+        info!(
+            caller = %peers.caller,
+            local = %peers.local,
+            protocol,
+            %method,
+            %target,
+            "request reset without an answer"
+        );
+        return Err(ResetRequested);
+    }
     let response = respond(app, peers, request).await;
     info!(
         caller = %peers.caller,
@@ -130,7 +152,7 @@ async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Resp
         elapsed_ms = started.elapsed().as_millis() as u64,
         "request"
     );
-    response
+    Ok(response)
 }
 
 async fn respond(
@@ -161,6 +183,13 @@ async fn respond(
         match Shaping::from_query(request.uri().query()) {
             Ok(shaping) => {
                 if !shaping.delay.is_zero() {
+                    // Logged on arrival: a caller may give up before the answer.
+                    info!(
+                        caller = %peers.caller,
+                        target = %request.uri(),
+                        delay_ms = shaping.delay.as_millis() as u64,
+                        "delaying the answer"
+                    );
                     tokio::time::sleep(shaping.delay).await;
                 }
                 shaping.status
@@ -403,11 +432,13 @@ fn bytes_body(size: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// `?status=NNN&delay_ms=N` on a plain path.
+/// `?status=NNN&delay_ms=N&reset=1` on a plain path.
 #[derive(Debug, PartialEq, Eq)]
 struct Shaping {
     status: StatusCode,
     delay: Duration,
+    /// Drop the request without answering it.
+    reset: bool,
 }
 
 impl Shaping {
@@ -415,6 +446,7 @@ impl Shaping {
         let mut shaping = Self {
             status: StatusCode::OK,
             delay: Duration::ZERO,
+            reset: false,
         };
         let pairs = query
             .into_iter()
@@ -436,6 +468,7 @@ impl Shaping {
                         .map_err(|_| format!("delay_ms={value}: expected milliseconds"))?;
                     shaping.delay = Duration::from_millis(ms).min(MAX_DELAY);
                 }
+                "reset" => shaping.reset = value == "1" || value == "true",
                 _ => {}
             }
         }
@@ -480,15 +513,21 @@ mod tests {
             Shaping::from_query(None),
             Ok(Shaping {
                 status: StatusCode::OK,
-                delay: Duration::ZERO
+                delay: Duration::ZERO,
+                reset: false,
             })
         );
         assert_eq!(
             Shaping::from_query(Some("a=b&status=503&delay_ms=40&flag")),
             Ok(Shaping {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                delay: Duration::from_millis(40)
+                delay: Duration::from_millis(40),
+                reset: false,
             })
+        );
+        assert_eq!(
+            Shaping::from_query(Some("reset=1")).map(|s| s.reset),
+            Ok(true)
         );
         assert_eq!(
             Shaping::from_query(Some("delay_ms=999999999")).map(|s| s.delay),
