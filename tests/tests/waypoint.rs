@@ -447,16 +447,11 @@ fn counted(metrics: &str, labels: &[&str]) -> bool {
         .any(|l| l.starts_with("istio_requests_total") && labels.iter().all(|x| l.contains(x)))
 }
 
-/// Upstream failures answered as Envoy answers them: a reset before the
-/// response is a 503 `UC` (retried only when the policy says `reset`, then
-/// `UC,URX`), a 503 answer retried by Istio's default policy is passed on
-/// as `URX`, a route timeout is a 504 `UT`, per-try timeouts with retries
-/// a 504 `UT,URX`; the flags show in the metrics and the access log, and
-/// requests on other connections are served while one hangs.
-#[test]
-fn upstream_failures_through_the_waypoint() {
+/// Lab `name` with flaky.yaml behind the waypoint and flaky-routes.yaml
+/// in effect; returns it with the client, flaky and waypoint pods.
+fn flaky_lab(name: &str) -> (Lab, PodPlan, PodPlan, PodPlan) {
     let mut lab = Lab::up(
-        "twpf",
+        name,
         vec![manifest("flaky.yaml"), manifest("waypoint.yaml")],
         2,
     );
@@ -475,15 +470,26 @@ fn upstream_failures_through_the_waypoint() {
     let client = lab.state.pod("client").expect("client").clone();
     let flaky = lab.state.pod("flaky").expect("flaky").clone();
     let waypoint = lab.state.pod("waypoint").expect("waypoint pod").clone();
-    let url = |path: &str| format!("http://flaky:9080{path}");
-    mesh_tests::eventually(
-        "routes applied",
-        Duration::from_secs(30),
-        || match status_of(&lab, &client, &url("/timeout/warmup?delay_ms=1500")) {
+    mesh_tests::eventually("routes applied", Duration::from_secs(30), || {
+        let warmup = "http://flaky:9080/timeout/warmup?delay_ms=1500";
+        match status_of(&lab, &client, warmup) {
             (504, _, _) => Ok(()),
             other => Err(format!("{other:?}")),
-        },
-    );
+        }
+    });
+    (lab, client, flaky, waypoint)
+}
+
+/// Upstream failures answered as Envoy answers them: a reset before the
+/// response is a 503 `UC` (retried only when the policy says `reset`, then
+/// `UC,URX`), a 503 answer retried by Istio's default policy is passed on
+/// as `URX`, a route timeout is a 504 `UT`, per-try timeouts with retries
+/// a 504 `UT,URX`; the flags show in the metrics and the access log, and
+/// requests on other connections are served while one hangs.
+#[test]
+fn upstream_failures_through_the_waypoint() {
+    let (lab, client, flaky, waypoint) = flaky_lab("twpf");
+    let url = |path: &str| format!("http://flaky:9080{path}");
 
     // A hanging upstream (route timeout) and another connection: the
     // other is served at once while the first waits for its timeout.
@@ -594,4 +600,106 @@ fn upstream_failures_through_the_waypoint() {
             "no access log line for {path} with {flags}"
         );
     }
+}
+
+/// Sends `count` GETs of `url` at once from `from` (one process each) and
+/// returns how many succeeded.
+fn burst(lab: &Lab, from: &PodPlan, url: &str, count: usize) -> usize {
+    let children: Vec<_> = (0..count)
+        .map(|_| {
+            lab.state
+                .app_client(from, &["get", url, "--timeout-ms", "15000"])
+                .expect("client command")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("lab-app")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|mut c| c.wait().expect("lab-app"))
+        .filter(|s| s.success())
+        .count()
+}
+
+/// The value of the Prometheus sample line starting with `series`.
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A retry storm is bounded: 24 requests failing at once with 503 (which
+/// Istio's default policy retries twice) make at most 24 + 2 × 3 tries
+/// under Envoy's default limit of 3 outstanding retries, not 72; the
+/// refused retries answer with flag `UO` and count in
+/// `envoy_cluster_upstream_rq_retry_overflow`. A DestinationRule's
+/// `maxRetries: 1` lowers the bound to 24 + 2.
+#[test]
+fn retry_limit_bounds_a_retry_storm() {
+    const BURST: usize = 24;
+    let (lab, client, flaky, waypoint) = flaky_lab("twpr");
+    let tries = |path: &str| log_lines(&lab, &flaky, &[path, "delaying the answer"]);
+
+    let ok = burst(
+        &lab,
+        &client,
+        "http://flaky:9080/plain/b1?status=503&delay_ms=1000",
+        BURST,
+    );
+    assert_eq!(ok, 0, "every request fails");
+    let made = tries("/plain/b1?");
+    assert!(
+        (BURST + 1..=BURST + 2 * 3).contains(&made),
+        "{made} tries for {BURST} requests under a limit of 3 retries"
+    );
+    let metrics = lab.state.waypoint_metrics(&waypoint).expect("metrics");
+    let overflow = counter(
+        &metrics,
+        "envoy_cluster_upstream_rq_retry_overflow_total{cluster_name=\"outbound|9080||flaky.default.svc.cluster.local\"}",
+    );
+    assert!(
+        overflow >= (BURST - 3) as f64,
+        "{overflow} retries refused of {BURST} failing requests:\n{metrics}"
+    );
+    assert!(
+        counted(
+            &metrics,
+            &["response_code=\"503\"", "response_flags=\"UO\""]
+        ),
+        "no 503 UO in\n{metrics}"
+    );
+
+    apply_path(&lab, &manifest("flaky-max-retries.yaml"));
+    // In effect once a burst of 4 makes at most 4 + 2 tries.
+    let mut round = 0;
+    mesh_tests::eventually("maxRetries: 1 applied", Duration::from_secs(20), || {
+        round += 1;
+        let path = format!("/plain/probe{round}?");
+        burst(
+            &lab,
+            &client,
+            &format!("http://flaky:9080{path}status=503&delay_ms=500"),
+            4,
+        );
+        let made = tries(&path);
+        (made <= 4 + 2)
+            .then_some(())
+            .ok_or(format!("{made} tries for 4 requests"))
+    });
+    burst(
+        &lab,
+        &client,
+        "http://flaky:9080/plain/b2?status=503&delay_ms=1000",
+        BURST,
+    );
+    let made = tries("/plain/b2?");
+    assert!(
+        (BURST + 1..=BURST + 2).contains(&made),
+        "{made} tries for {BURST} requests under maxRetries: 1"
+    );
 }

@@ -109,9 +109,22 @@ impl std::fmt::Display for ResponseFlags {
     }
 }
 
+/// The label of a per-cluster counter, as Istio exports Envoy's cluster
+/// stats.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// `outbound|<port>|<subset>|<host>`.
+    pub cluster_name: String,
+}
+
 /// The waypoint's metrics.
 #[derive(Clone)]
 pub struct Metrics {
+    /// `envoy_cluster_upstream_rq_retry_overflow`: retries refused by the
+    /// cluster's retry limit (exposed with the `_total` suffix of counters).
+    pub retry_overflow: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_retry`: retries sent.
+    pub retries: Family<ClusterLabels, Counter>,
     /// `istio_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
@@ -142,6 +155,8 @@ impl Default for Metrics {
             ])
         };
         Self {
+            retry_overflow: Family::default(),
+            retries: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(ms),
             request_bytes: Family::new_with_constructor(bytes),
@@ -151,21 +166,30 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A registry holding them, prefixed `istio_`.
+    /// A registry holding them: Istio's request metrics prefixed `istio_`,
+    /// the cluster counters `envoy_cluster_`.
     pub fn registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("istio");
-        registry.register("requests", "Requests handled", self.requests.clone());
-        registry.register(
+        let mut registry = Registry::default();
+        let envoy = registry.sub_registry_with_prefix("envoy_cluster");
+        envoy.register(
+            "upstream_rq_retry_overflow",
+            "Retries refused by the cluster's retry limit",
+            self.retry_overflow.clone(),
+        );
+        envoy.register("upstream_rq_retry", "Retries sent", self.retries.clone());
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Requests handled", self.requests.clone());
+        istio.register(
             "request_duration_milliseconds",
             "Request duration",
             self.duration.clone(),
         );
-        registry.register(
+        istio.register(
             "request_bytes",
             "Request body sizes",
             self.request_bytes.clone(),
         );
-        registry.register(
+        istio.register(
             "response_bytes",
             "Response body sizes",
             self.response_bytes.clone(),

@@ -33,10 +33,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     cluster::{
-        ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, UpstreamProtocol, mix,
+        ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, RetrySlot,
+        UpstreamProtocol, mix,
     },
     config::{Chain, Config, Store},
-    metrics::{Metrics, RequestLabels, ResponseFlags},
+    metrics::{ClusterLabels, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
     route::{
         Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority,
@@ -652,6 +653,9 @@ impl Waypoint {
             .filter(|_| matches!(payload, Payload::Buffered(_)));
         let attempts = async {
             let mut tries = 0u32;
+            // The retry in progress holds a slot of the cluster's retry
+            // limit from its scheduling until its result is judged.
+            let mut retry_slot: Option<RetrySlot> = None;
             loop {
                 tries += 1;
                 outcome.attempts = tries;
@@ -666,6 +670,7 @@ impl Waypoint {
                         outcome,
                     )
                     .await;
+                drop(retry_slot.take());
                 let Some(retry) = retry else {
                     return finish(result, outcome);
                 };
@@ -676,23 +681,22 @@ impl Waypoint {
                     outcome.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
                     return finish(result, outcome);
                 }
-                if !cluster_allows_retry(&cluster) {
+                let labels = ClusterLabels {
+                    cluster_name: cluster.config.name.clone(),
+                };
+                let Some(slot) = cluster.try_retry() else {
                     outcome.flags.insert(ResponseFlags::OVERFLOW);
+                    self.metrics.retry_overflow.get_or_create(&labels).inc();
+                    debug!(cluster = %cluster.config.name, tries, "retry refused by the retry limit");
                     return finish(result, outcome);
-                }
-                cluster
-                    .runtime
-                    .active_retries
-                    .fetch_add(1, Ordering::Relaxed);
+                };
+                retry_slot = Some(slot);
+                self.metrics.retries.get_or_create(&labels).inc();
                 let backoff = RETRY_BACKOFF * 2u32.pow((tries - 1).min(4));
                 tokio::time::sleep(
                     backoff / 2 + backoff.mul_f64((roll_ppm() as f64) / 2_000_000.0),
                 )
                 .await;
-                cluster
-                    .runtime
-                    .active_retries
-                    .fetch_sub(1, Ordering::Relaxed);
                 debug!(cluster = %cluster.config.name, tries, "retrying");
             }
         };
@@ -966,17 +970,6 @@ fn should_retry(retry: &Retry, result: &Attempt) -> bool {
         }
         Err(failed) => retry.retries_failure(failed.kind),
     }
-}
-
-/// The retry budget: the cluster's `max_retries`, or else 20 % of the
-/// requests in flight (at least 3), so failures cannot multiply load.
-fn cluster_allows_retry(cluster: &ClusterEntry) -> bool {
-    let retries = cluster.runtime.active_retries.load(Ordering::Relaxed);
-    let budget =
-        cluster.config.limits.max_retries.unwrap_or_else(|| {
-            (cluster.runtime.active_requests.load(Ordering::Relaxed) / 5).max(3)
-        });
-    retries < budget
 }
 
 /// Header edits, rewrites and hop-by-hop removal before forwarding.
