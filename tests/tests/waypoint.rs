@@ -505,6 +505,7 @@ fn upstream_failures_through_the_waypoint() {
             ],
         )
         .expect("client command")
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("lab-app");

@@ -29,6 +29,9 @@ pub struct RequestLabels {
     pub response_flags: String,
     /// Always `mutual_tls`: callers arrive over HBONE.
     pub connection_security_policy: &'static str,
+    /// A gRPC call's status code (from its trailers, or its trailers-only
+    /// head), empty for other requests.
+    pub grpc_response_status: String,
 }
 
 /// Envoy's response flags of one request: a set, written as Envoy writes

@@ -393,7 +393,7 @@ impl Waypoint {
             detail: String::new(),
         };
         let config = self.store.load();
-        let response = if head_size(&parts) > MAX_REQUEST_HEADERS {
+        let mut response = if head_size(&parts) > MAX_REQUEST_HEADERS {
             outcome.detail = format!("request headers over {MAX_REQUEST_HEADERS} bytes");
             local_reply(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -436,21 +436,31 @@ impl Waypoint {
             response_code: status,
             response_flags: outcome.flags.to_string(),
             connection_security_policy: ctx.security,
+            grpc_response_status: String::new(),
         };
         let elapsed = started.elapsed();
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(request_bytes as f64);
-        self.metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(response_bytes as f64);
+        let record = Recording {
+            metrics: self.metrics.clone(),
+            labels,
+            started,
+            request_bytes,
+            response_bytes,
+        };
+        if !grpc {
+            record.finish(None);
+        } else if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
+            // Trailers-only: the status is in the head.
+            record.finish(Some(&code));
+        } else {
+            // The status comes in the trailers: counted when they pass.
+            response = response.map(|body| {
+                GrpcTrailers {
+                    inner: body,
+                    record: Some(record),
+                }
+                .boxed()
+            });
+        }
         info!(
             target: "waypoint::access",
             conn = ctx.conn,
@@ -886,6 +896,108 @@ impl Waypoint {
     }
 }
 
+/// The trailer (or trailers-only header) carrying a gRPC call's status.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// A request's metrics, recorded once its outcome is known: at the
+/// response head, or for gRPC when the status has passed.
+struct Recording {
+    metrics: Metrics,
+    labels: RequestLabels,
+    started: Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Recording {
+    /// Records the request; for gRPC with `grpc_status` (or, if none came,
+    /// the gRPC code the HTTP status maps to, as Istio does).
+    fn finish(mut self, grpc_status: Option<&HeaderValue>) {
+        if self.labels.request_protocol == "grpc" {
+            self.labels.grpc_response_status = match grpc_status.and_then(|v| v.to_str().ok()) {
+                Some(code) => code.to_owned(),
+                None => grpc_code_for_http(self.labels.response_code).to_string(),
+            };
+        }
+        let labels = &self.labels;
+        let metrics = &self.metrics;
+        metrics.requests.get_or_create(labels).inc();
+        metrics
+            .duration
+            .get_or_create(labels)
+            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+        metrics
+            .request_bytes
+            .get_or_create(labels)
+            .observe(self.request_bytes as f64);
+        metrics
+            .response_bytes
+            .get_or_create(labels)
+            .observe(self.response_bytes as f64);
+    }
+}
+
+/// The gRPC status of an answer without one, by its HTTP status (gRPC's
+/// HTTP-to-gRPC mapping; a 200 without a status is UNKNOWN).
+fn grpc_code_for_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A gRPC response body that records the call's metrics when its trailers
+/// pass (with `grpc-status`), or when it ends or is dropped without them.
+struct GrpcTrailers {
+    inner: Body,
+    record: Option<Recording>,
+}
+
+impl hyper::body::Body for GrpcTrailers {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        let status = match &frame {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|trailers| trailers.get(&GRPC_STATUS)),
+            None | Some(Err(_)) => Some(None),
+        };
+        if let Some(status) = status
+            && let Some(record) = this.record.take()
+        {
+            record.finish(status);
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcTrailers {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(None);
+        }
+    }
+}
+
 /// Counts a request against its cluster and endpoint while it runs.
 struct InFlight<'a> {
     cluster: &'a ClusterEntry,
@@ -1294,6 +1406,63 @@ fn roll_ppm() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn labels() -> RequestLabels {
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload_namespace: "ns".into(),
+            source_principal: "p".into(),
+            destination_service: "s".into(),
+            destination_workload: "w".into(),
+            destination_principal: "d".into(),
+            request_protocol: "grpc",
+            response_code: 200,
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls",
+            grpc_response_status: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_calls_are_counted_with_the_status_of_their_trailers() {
+        let metrics = Metrics::default();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("9"));
+        let inner = Full::new(Bytes::from_static(b"x"))
+            .map_err(|never| match never {})
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        let body = GrpcTrailers {
+            inner,
+            record: Some(Recording {
+                metrics: metrics.clone(),
+                labels: labels(),
+                started: Instant::now(),
+                request_bytes: 0,
+                response_bytes: 0,
+            }),
+        };
+        let collected = body.collect().await.expect("body");
+        assert!(collected.trailers().is_some());
+        let mut counted = labels();
+        counted.grpc_response_status = "9".into();
+        assert_eq!(metrics.requests.get_or_create(&counted).get(), 1);
+
+        // Dropped before its trailers: counted as the HTTP status maps.
+        let body = GrpcTrailers {
+            inner: Empty::new().map_err(|never| match never {}).boxed(),
+            record: Some(Recording {
+                metrics: metrics.clone(),
+                labels: labels(),
+                started: Instant::now(),
+                request_bytes: 0,
+                response_bytes: 0,
+            }),
+        };
+        drop(body);
+        counted.grpc_response_status = "2".into();
+        assert_eq!(metrics.requests.get_or_create(&counted).get(), 1);
+    }
 
     #[test]
     fn traceparent_is_started_once_and_kept() {

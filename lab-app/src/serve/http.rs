@@ -14,7 +14,7 @@ use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Version,
     header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE},
 };
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -71,6 +71,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Lets hyper enforce its default timeout for reading request heads.
     builder.http1().timer(TokioTimer::new());
+    let grpc = crate::grpc::server(&app.identity.pod);
     loop {
         let (stream, caller) = super::accept(&listener).await;
         let local = match stream.local_addr() {
@@ -83,10 +84,26 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         let peers = Peers { caller, local };
         let app = Arc::clone(&app);
         let builder = builder.clone();
+        let grpc = grpc.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let app = Arc::clone(&app);
-                async move { handle(app, peers, request).await }
+                let mut grpc = grpc.clone();
+                async move {
+                    if is_grpc(request.headers()) {
+                        use tonic::codegen::Service;
+                        let response = match grpc.call(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        };
+                        return Ok(
+                            response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+                        );
+                    }
+                    handle(app, peers, request)
+                        .await
+                        .map(|r| r.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+                }
             });
             if let Err(err) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -96,6 +113,17 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
             }
         });
     }
+}
+
+/// The error of a response body of either server (the JSON app or gRPC).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether a request is a gRPC call.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// The largest `/bytes/N` body served.
