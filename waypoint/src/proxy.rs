@@ -185,6 +185,36 @@ where
     }
 }
 
+/// Serves `io` as one HBONE tunnel's HTTP connection for `service` (an
+/// address the config need not know), routed by `route_config`, with no
+/// RBAC: the waypoint's HTTP/1.1 and HTTP/2 entry point without HBONE, for
+/// fuzz targets. Returns when the connection ends.
+#[cfg(feature = "fuzzing")]
+pub async fn serve_http_for_fuzzing<IO>(
+    waypoint: Arc<Waypoint>,
+    route_config: &str,
+    service: SocketAddr,
+    io: IO,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(TunnelContext {
+        chain: Chain::Http {
+            name: format!("inbound-vip|{}|http|fuzz", service.port()),
+            route_config: route_config.to_owned(),
+            authz: Default::default(),
+        },
+        reporter: "waypoint",
+        security: "mutual_tls",
+        peer: "spiffe://cluster.local/ns/fuzz/sa/client".to_owned(),
+        peer_namespace: "fuzz".to_owned(),
+        source: SocketAddr::from(([10, 0, 0, 1], 40000)),
+        destination: service,
+        conn: 1,
+    });
+    serve_http(waypoint, ctx, io).await;
+}
+
 async fn relay_tcp<IO>(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
