@@ -4,8 +4,9 @@
 //! - `lab-app serve` answers HTTP/1.1 and h2c with JSON naming the pod and the
 //!   caller (and can call further services), echoes TCP, and speaks a
 //!   server-first banner protocol.
-//! - `lab-app get URL`, `lab-app upgrade URL` and `lab-app tcp ADDR` drive it
-//!   from tests and demos; `lab-app load ADDR` drives the benchmarks.
+//! - `lab-app get URL`, `lab-app upgrade URL`, `lab-app grpc URL` and
+//!   `lab-app tcp ADDR` drive it from tests and demos; `lab-app load ADDR`
+//!   drives the benchmarks.
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -14,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 mod client;
 mod get;
+mod grpc;
 mod load;
 mod resolve;
 mod serve;
@@ -42,6 +44,9 @@ enum Command {
     /// Drive a bounded load against a TCP echo or HTTP server; print a JSON
     /// report.
     Load(load::LoadArgs),
+    /// Make one gRPC call of the lab's test service (unary, server or
+    /// client streaming, bidirectional); print what came back as JSON.
+    Grpc(grpc::GrpcArgs),
 }
 
 #[tokio::main]
@@ -50,7 +55,11 @@ async fn main() -> ExitCode {
     // The server logs each request; the clients keep stderr for problems.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Get(_) | Command::Tcp(_) | Command::Load(_) | Command::Upgrade(_) => "warn",
+        Command::Get(_)
+        | Command::Tcp(_)
+        | Command::Load(_)
+        | Command::Upgrade(_)
+        | Command::Grpc(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -68,6 +77,7 @@ async fn main() -> ExitCode {
         Command::Tcp(args) => tcp_client::run(args).await.map(|()| true),
         Command::Upgrade(args) => upgrade::run(args).await.map(|()| true),
         Command::Load(args) => load::run(args).await.map(|()| true),
+        Command::Grpc(args) => grpc::run(args).await.map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -124,7 +124,7 @@ impl LabState {
     pub fn app_client(&self, pod: &PodPlan, args: &[&str]) -> Result<Command> {
         let mut command = self.command_in_pod(pod, &self.app_binary)?;
         command.args(args);
-        if matches!(args.first(), Some(&"get" | &"tcp" | &"upgrade")) {
+        if matches!(args.first(), Some(&"get" | &"tcp" | &"upgrade" | &"grpc")) {
             command
                 .arg("--hosts")
                 .arg(&self.hosts_file)

@@ -407,3 +407,300 @@ fn authorization_policies(lab: &Lab, productpage: &PodPlan, waypoint: &PodPlan) 
         ok(&seen).then_some(()).ok_or(format!("{seen:?}"))
     });
 }
+
+/// One GET from `from`: the status (from `lab-app get`'s report of a
+/// non-2xx, else 200), the body, and how long it took.
+fn status_of(lab: &Lab, from: &PodPlan, url: &str) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let output = run(lab, from, &["get", url, "--timeout-ms", "15000"]);
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let status = if output.status.success() {
+        200
+    } else {
+        // `GET <uri> from <peer>: 503 Service Unavailable`
+        stderr
+            .rsplit(": ")
+            .next()
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status for {url}: {stderr}"))
+    };
+    (status, stdout, elapsed)
+}
+
+/// Lines of `pod`'s app log that mention all of `needles`.
+fn log_lines(lab: &Lab, pod: &PodPlan, needles: &[&str]) -> usize {
+    std::fs::read_to_string(lab.state.pod_log(pod))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// Whether the waypoint's `istio_requests_total` has a series with all of
+/// `labels` (`name="value"` each).
+fn counted(metrics: &str, labels: &[&str]) -> bool {
+    metrics
+        .lines()
+        .any(|l| l.starts_with("istio_requests_total") && labels.iter().all(|x| l.contains(x)))
+}
+
+/// Lab `name` with flaky.yaml behind the waypoint and flaky-routes.yaml
+/// in effect; returns it with the client, flaky and waypoint pods.
+fn flaky_lab(name: &str) -> (Lab, PodPlan, PodPlan, PodPlan) {
+    let mut lab = Lab::up(
+        name,
+        vec![manifest("flaky.yaml"), manifest("waypoint.yaml")],
+        2,
+    );
+    lab.enrol_namespace("default");
+    lab.state
+        .set_label(
+            &LabelTarget::Namespace("default".into()),
+            "istio.io/use-waypoint",
+            Some("waypoint"),
+        )
+        .expect("bind the namespace to its waypoint");
+    apply_path(&lab, &manifest("flaky-routes.yaml"));
+    lab.state
+        .wait_for_waypoints(Duration::from_secs(15))
+        .expect("waypoint ready");
+    let client = lab.state.pod("client").expect("client").clone();
+    let flaky = lab.state.pod("flaky").expect("flaky").clone();
+    let waypoint = lab.state.pod("waypoint").expect("waypoint pod").clone();
+    mesh_tests::eventually("routes applied", Duration::from_secs(30), || {
+        let warmup = "http://flaky:9080/timeout/warmup?delay_ms=1500";
+        match status_of(&lab, &client, warmup) {
+            (504, _, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    (lab, client, flaky, waypoint)
+}
+
+/// Upstream failures answered as Envoy answers them: a reset before the
+/// response is a 503 `UC` (retried only when the policy says `reset`, then
+/// `UC,URX`), a 503 answer retried by Istio's default policy is passed on
+/// as `URX`, a route timeout is a 504 `UT`, per-try timeouts with retries
+/// a 504 `UT,URX`; the flags show in the metrics and the access log, and
+/// requests on other connections are served while one hangs.
+#[test]
+fn upstream_failures_through_the_waypoint() {
+    let (lab, client, flaky, waypoint) = flaky_lab("twpf");
+    let url = |path: &str| format!("http://flaky:9080{path}");
+
+    // A hanging upstream (route timeout) and another connection: the
+    // other is served at once while the first waits for its timeout.
+    let hanging = lab
+        .state
+        .app_client(
+            &client,
+            &[
+                "get",
+                &url("/timeout/hang?delay_ms=20000"),
+                "--timeout-ms",
+                "15000",
+            ],
+        )
+        .expect("client command")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lab-app");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let others = versions(&lab, &client, &url("/ok"), 10, &[]);
+    assert_eq!(others, vec!["v1"; 10], "requests next to a hanging one");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "10 requests next to a hanging one took {:?}",
+        started.elapsed()
+    );
+    let output = hanging.wait_with_output().expect("hanging client");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(": 504"), "the hanging request: {stderr}");
+
+    // Route timeout: 504 after 1 s, one try.
+    let (status, body, took) = status_of(&lab, &client, &url("/timeout/t1?delay_ms=5000"));
+    assert_eq!((status, body.as_str()), (504, "upstream request timeout"));
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&took),
+        "route timeout of 1 s answered after {took:?}"
+    );
+
+    // Per-try timeouts, retried: three tries of 300 ms each.
+    let (status, _, took) = status_of(&lab, &client, &url("/per-try/p1?delay_ms=5000"));
+    assert_eq!(status, 504);
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&took),
+        "3 tries of 300 ms took {took:?}"
+    );
+    assert_eq!(
+        log_lines(&lab, &flaky, &["/per-try/p1", "delaying the answer"]),
+        3,
+        "tries of /per-try/p1"
+    );
+
+    // A reset before the response, not retried by Istio's default policy.
+    let (status, body, _) = status_of(&lab, &client, &url("/plain/r1?reset=1"));
+    assert_eq!(status, 503);
+    assert!(
+        body.starts_with("upstream connect error or disconnect/reset before headers"),
+        "{body}"
+    );
+    assert_eq!(
+        log_lines(&lab, &flaky, &["/plain/r1"]),
+        1,
+        "tries of /plain/r1"
+    );
+    // Resets retried by a `reset` policy: three tries.
+    let (status, _, _) = status_of(&lab, &client, &url("/retry-reset/r2?reset=1"));
+    assert_eq!(status, 503);
+    assert_eq!(
+        log_lines(&lab, &flaky, &["/retry-reset/r2"]),
+        3,
+        "tries of /retry-reset/r2"
+    );
+    // A 503 answer is retried by the default policy, then passed on.
+    let (status, _, _) = status_of(&lab, &client, &url("/plain/s1?status=503"));
+    assert_eq!(status, 503);
+    assert_eq!(
+        log_lines(&lab, &flaky, &["/plain/s1"]),
+        3,
+        "tries of /plain/s1"
+    );
+
+    let metrics = lab.state.waypoint_metrics(&waypoint).expect("metrics");
+    let flaky_svc = "destination_service=\"flaky.default.svc.cluster.local\"";
+    for (code, flags) in [
+        ("504", "UT"),
+        ("504", "UT,URX"),
+        ("503", "UC"),
+        ("503", "UC,URX"),
+        ("503", "URX"),
+    ] {
+        let code = format!("response_code=\"{code}\"");
+        let flags = format!("response_flags=\"{flags}\"");
+        assert!(
+            counted(&metrics, &[&code, &flags, flaky_svc]),
+            "no {code} {flags} for flaky in\n{metrics}"
+        );
+    }
+    let access = std::fs::read_to_string(lab.state.pod_log(&waypoint)).unwrap_or_default();
+    for (path, flags) in [
+        ("/per-try/p1", "flags=UT,URX"),
+        ("/plain/r1", "flags=UC "),
+        ("/retry-reset/r2", "flags=UC,URX"),
+    ] {
+        assert!(
+            access
+                .lines()
+                .any(|l| l.contains(path) && l.contains(flags) && l.contains("waypoint::access")),
+            "no access log line for {path} with {flags}"
+        );
+    }
+}
+
+/// Sends `count` GETs of `url` at once from `from` (one process each) and
+/// returns how many succeeded.
+fn burst(lab: &Lab, from: &PodPlan, url: &str, count: usize) -> usize {
+    let children: Vec<_> = (0..count)
+        .map(|_| {
+            lab.state
+                .app_client(from, &["get", url, "--timeout-ms", "15000"])
+                .expect("client command")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("lab-app")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|mut c| c.wait().expect("lab-app"))
+        .filter(|s| s.success())
+        .count()
+}
+
+/// The value of the Prometheus sample line starting with `series`.
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A retry storm is bounded: 24 requests failing at once with 503 (which
+/// Istio's default policy retries twice) make at most 24 + 2 × 3 tries
+/// under Envoy's default limit of 3 outstanding retries, not 72; the
+/// refused retries answer with flag `UO` and count in
+/// `envoy_cluster_upstream_rq_retry_overflow`. A DestinationRule's
+/// `maxRetries: 1` lowers the bound to 24 + 2.
+#[test]
+fn retry_limit_bounds_a_retry_storm() {
+    const BURST: usize = 24;
+    let (lab, client, flaky, waypoint) = flaky_lab("twpr");
+    let tries = |path: &str| log_lines(&lab, &flaky, &[path, "delaying the answer"]);
+
+    let ok = burst(
+        &lab,
+        &client,
+        "http://flaky:9080/plain/b1?status=503&delay_ms=1000",
+        BURST,
+    );
+    assert_eq!(ok, 0, "every request fails");
+    let made = tries("/plain/b1?");
+    assert!(
+        (BURST + 1..=BURST + 2 * 3).contains(&made),
+        "{made} tries for {BURST} requests under a limit of 3 retries"
+    );
+    let metrics = lab.state.waypoint_metrics(&waypoint).expect("metrics");
+    let overflow = counter(
+        &metrics,
+        "envoy_cluster_upstream_rq_retry_overflow_total{cluster_name=\"outbound|9080||flaky.default.svc.cluster.local\"}",
+    );
+    assert!(
+        overflow >= (BURST - 3) as f64,
+        "{overflow} retries refused of {BURST} failing requests:\n{metrics}"
+    );
+    assert!(
+        counted(
+            &metrics,
+            &["response_code=\"503\"", "response_flags=\"UO\""]
+        ),
+        "no 503 UO in\n{metrics}"
+    );
+
+    apply_path(&lab, &manifest("flaky-max-retries.yaml"));
+    // In effect once a burst of 4 makes at most 4 + 2 tries.
+    let mut round = 0;
+    mesh_tests::eventually("maxRetries: 1 applied", Duration::from_secs(20), || {
+        round += 1;
+        let path = format!("/plain/probe{round}?");
+        burst(
+            &lab,
+            &client,
+            &format!("http://flaky:9080{path}status=503&delay_ms=500"),
+            4,
+        );
+        let made = tries(&path);
+        (made <= 4 + 2)
+            .then_some(())
+            .ok_or(format!("{made} tries for 4 requests"))
+    });
+    burst(
+        &lab,
+        &client,
+        "http://flaky:9080/plain/b2?status=503&delay_ms=1000",
+        BURST,
+    );
+    let made = tries("/plain/b2?");
+    assert!(
+        (BURST + 1..=BURST + 2).contains(&made),
+        "{made} tries for {BURST} requests under maxRetries: 1"
+    );
+}

@@ -74,8 +74,25 @@ pub struct Limits {
     pub max_pending_requests: Option<u32>,
     /// Concurrent requests.
     pub max_requests: Option<u32>,
-    /// Concurrent retries.
+    /// Concurrent retries (`max_retries`; [`DEFAULT_MAX_RETRIES`] when
+    /// unset, as in Envoy).
     pub max_retries: Option<u32>,
+    /// `retry_budget`, which replaces `max_retries` when set.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's default `max_retries`: without a limit or budget, 3 retries of
+/// a cluster may be outstanding at once.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+/// Envoy's retry budget: concurrent retries limited to a share of the
+/// cluster's requests in flight, but never below a floor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudget {
+    /// The share in percent (Envoy's default 20).
+    pub percent: f64,
+    /// The floor (Envoy's default 3).
+    pub min_concurrency: u32,
 }
 
 /// Outlier detection settings.
@@ -132,6 +149,15 @@ impl ClusterConfig {
             max_pending_requests: value(thresholds.and_then(|t| t.max_pending_requests.as_ref())),
             max_requests: value(thresholds.and_then(|t| t.max_requests.as_ref())),
             max_retries: value(thresholds.and_then(|t| t.max_retries.as_ref())),
+            retry_budget: thresholds
+                .and_then(|t| t.retry_budget.as_ref())
+                .map(|b| RetryBudget {
+                    percent: b
+                        .budget_percent
+                        .as_ref()
+                        .map_or(20.0, |p| p.value.clamp(0.0, 100.0)),
+                    min_concurrency: b.min_retry_concurrency.as_ref().map_or(3, |v| v.value),
+                }),
         };
         let outlier = cluster.outlier_detection.as_ref().map(|o| Outlier {
             consecutive_5xx: o
@@ -255,8 +281,11 @@ pub struct ClusterRuntime {
     next: AtomicUsize,
     /// Requests in flight.
     pub active_requests: AtomicU32,
-    /// Retries in flight.
+    /// Retries outstanding: scheduled (in back-off) or in flight.
     pub active_retries: AtomicU32,
+    /// Retries refused by the retry limit (Envoy's
+    /// `upstream_rq_retry_overflow`).
+    pub retry_overflow: AtomicU64,
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointHealth>>>,
 }
 
@@ -331,7 +360,57 @@ pub enum PickError {
     NoHealthy,
 }
 
+/// A retry's hold on its cluster's retry limit, released when dropped.
+#[derive(Debug)]
+pub struct RetrySlot {
+    runtime: Arc<ClusterRuntime>,
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.runtime.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl ClusterEntry {
+    /// How many retries may be outstanding now: the retry budget's share
+    /// of the requests in flight (at least its floor), else `max_retries`,
+    /// else Envoy's default of 3.
+    pub fn retry_limit(&self) -> u32 {
+        let limits = &self.config.limits;
+        match limits.retry_budget {
+            Some(budget) => {
+                let active = self.runtime.active_requests.load(Ordering::Relaxed);
+                let share = (f64::from(active) * budget.percent / 100.0) as u32;
+                share.max(budget.min_concurrency)
+            }
+            None => limits.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+        }
+    }
+
+    /// Takes a slot for one retry if the retry limit allows, as Envoy does
+    /// when it schedules a retry; the caller holds it through the back-off
+    /// and the retried try, until that try's result is judged. When the
+    /// limit is reached, counts the overflow and returns `None`.
+    pub fn try_retry(&self) -> Option<RetrySlot> {
+        let limit = self.retry_limit();
+        let taken = self
+            .runtime
+            .active_retries
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            Some(RetrySlot {
+                runtime: self.runtime.clone(),
+            })
+        } else {
+            self.runtime.retry_overflow.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
     /// Picks an endpoint: healthy, not ejected, by the cluster's algorithm.
     /// `hash` is the request's hash key (consistent hashing), `roll` a
     /// random number.
@@ -477,6 +556,55 @@ mod tests {
                 .collect(),
             runtime,
         }
+    }
+
+    fn with_limits(limits: Limits) -> ClusterEntry {
+        let c = entry(LbKind::RoundRobin, None, 1);
+        ClusterEntry {
+            config: Arc::new(ClusterConfig {
+                name: "c".into(),
+                eds_name: "c".into(),
+                lb: LbKind::RoundRobin,
+                limits,
+                outlier: None,
+                protocol: UpstreamProtocol::Http1,
+                connect_timeout: Duration::from_secs(1),
+            }),
+            ..c
+        }
+    }
+
+    #[test]
+    fn retry_limit_is_held_until_released() {
+        // Envoy's default without a limit: 3 outstanding retries.
+        let c = entry(LbKind::RoundRobin, None, 1);
+        let held: Vec<RetrySlot> = (0..3).map(|_| c.try_retry().expect("slot")).collect();
+        assert!(c.try_retry().is_none(), "a fourth retry overflows");
+        assert_eq!(c.runtime.retry_overflow.load(Ordering::Relaxed), 1);
+        drop(held);
+        assert_eq!(c.runtime.active_retries.load(Ordering::Relaxed), 0);
+        assert!(c.try_retry().is_some(), "released slots are free again");
+
+        // DestinationRule `maxRetries: 1`.
+        let one = with_limits(Limits {
+            max_retries: Some(1),
+            ..Limits::default()
+        });
+        let slot = one.try_retry();
+        assert!(slot.is_some() && one.try_retry().is_none());
+
+        // A budget: 20 % of the requests in flight, at least 3.
+        let budget = with_limits(Limits {
+            max_retries: Some(1),
+            retry_budget: Some(RetryBudget {
+                percent: 20.0,
+                min_concurrency: 3,
+            }),
+            ..Limits::default()
+        });
+        assert_eq!(budget.retry_limit(), 3);
+        budget.runtime.active_requests.store(50, Ordering::Relaxed);
+        assert_eq!(budget.retry_limit(), 10);
     }
 
     #[test]

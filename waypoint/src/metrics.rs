@@ -25,15 +25,109 @@ pub struct RequestLabels {
     pub request_protocol: &'static str,
     /// Status sent to the caller.
     pub response_code: u16,
-    /// Envoy response flags (`-`, `NR`, `UH`, `UF`, `UO`, `UT`, `UC`, `FI`, `DI`).
-    pub response_flags: &'static str,
+    /// Envoy response flags ([`ResponseFlags`]: `-`, or e.g. `UF,URX`).
+    pub response_flags: String,
     /// Always `mutual_tls`: callers arrive over HBONE.
     pub connection_security_policy: &'static str,
+    /// A gRPC call's status code (from its trailers, or its trailers-only
+    /// head), empty for other requests.
+    pub grpc_response_status: String,
+}
+
+/// Envoy's response flags of one request: a set, written as Envoy writes
+/// it (its short names, comma-separated in Envoy's fixed order; `-` when
+/// empty).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResponseFlags(u16);
+
+impl ResponseFlags {
+    /// No flag.
+    pub const NONE: Self = Self(0);
+    /// `UH`: no healthy upstream.
+    pub const NO_HEALTHY_UPSTREAM: Self = Self(1 << 0);
+    /// `UT`: upstream request timeout (route or per-try).
+    pub const UPSTREAM_TIMEOUT: Self = Self(1 << 1);
+    /// `UF`: upstream connection failure.
+    pub const CONNECTION_FAILURE: Self = Self(1 << 2);
+    /// `UC`: upstream connection termination (closed or reset before a
+    /// response).
+    pub const CONNECTION_TERMINATION: Self = Self(1 << 3);
+    /// `UO`: upstream overflow (circuit breaker, retry budget).
+    pub const OVERFLOW: Self = Self(1 << 4);
+    /// `NR`: no route.
+    pub const NO_ROUTE: Self = Self(1 << 5);
+    /// `DI`: delay injected.
+    pub const DELAY_INJECTED: Self = Self(1 << 6);
+    /// `FI`: fault (abort) injected.
+    pub const FAULT_INJECTED: Self = Self(1 << 7);
+    /// `URX`: the retry policy's attempts were used up.
+    pub const RETRY_LIMIT_EXCEEDED: Self = Self(1 << 8);
+    /// `NC`: no cluster.
+    pub const NO_CLUSTER: Self = Self(1 << 9);
+    /// `DPE`: downstream protocol error.
+    pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 10);
+
+    /// Names in the order Envoy writes them.
+    const NAMES: [(Self, &'static str); 11] = [
+        (Self::NO_HEALTHY_UPSTREAM, "UH"),
+        (Self::UPSTREAM_TIMEOUT, "UT"),
+        (Self::CONNECTION_FAILURE, "UF"),
+        (Self::CONNECTION_TERMINATION, "UC"),
+        (Self::OVERFLOW, "UO"),
+        (Self::NO_ROUTE, "NR"),
+        (Self::DELAY_INJECTED, "DI"),
+        (Self::FAULT_INJECTED, "FI"),
+        (Self::RETRY_LIMIT_EXCEEDED, "URX"),
+        (Self::NO_CLUSTER, "NC"),
+        (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
+    ];
+
+    /// Adds `other`'s flags.
+    pub fn insert(&mut self, other: Self) {
+        self.0 |= other.0;
+    }
+
+    /// Whether every flag of `other` is set.
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == 0 {
+            return f.write_str("-");
+        }
+        let mut first = true;
+        for (flag, name) in Self::NAMES {
+            if self.contains(flag) {
+                if !first {
+                    f.write_str(",")?;
+                }
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The label of a per-cluster counter, as Istio exports Envoy's cluster
+/// stats.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// `outbound|<port>|<subset>|<host>`.
+    pub cluster_name: String,
 }
 
 /// The waypoint's metrics.
 #[derive(Clone)]
 pub struct Metrics {
+    /// `envoy_cluster_upstream_rq_retry_overflow`: retries refused by the
+    /// cluster's retry limit (exposed with the `_total` suffix of counters).
+    pub retry_overflow: Family<ClusterLabels, Counter>,
+    /// `envoy_cluster_upstream_rq_retry`: retries sent.
+    pub retries: Family<ClusterLabels, Counter>,
     /// `istio_requests_total`.
     pub requests: Family<RequestLabels, Counter>,
     /// `istio_request_duration_milliseconds`.
@@ -64,6 +158,8 @@ impl Default for Metrics {
             ])
         };
         Self {
+            retry_overflow: Family::default(),
+            retries: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(ms),
             request_bytes: Family::new_with_constructor(bytes),
@@ -73,25 +169,51 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A registry holding them, prefixed `istio_`.
+    /// A registry holding them: Istio's request metrics prefixed `istio_`,
+    /// the cluster counters `envoy_cluster_`.
     pub fn registry(&self) -> Registry {
-        let mut registry = Registry::with_prefix("istio");
-        registry.register("requests", "Requests handled", self.requests.clone());
-        registry.register(
+        let mut registry = Registry::default();
+        let envoy = registry.sub_registry_with_prefix("envoy_cluster");
+        envoy.register(
+            "upstream_rq_retry_overflow",
+            "Retries refused by the cluster's retry limit",
+            self.retry_overflow.clone(),
+        );
+        envoy.register("upstream_rq_retry", "Retries sent", self.retries.clone());
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Requests handled", self.requests.clone());
+        istio.register(
             "request_duration_milliseconds",
             "Request duration",
             self.duration.clone(),
         );
-        registry.register(
+        istio.register(
             "request_bytes",
             "Request body sizes",
             self.request_bytes.clone(),
         );
-        registry.register(
+        istio.register(
             "response_bytes",
             "Response body sizes",
             self.response_bytes.clone(),
         );
         registry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResponseFlags;
+
+    #[test]
+    fn flags_are_written_in_envoys_order() {
+        assert_eq!(ResponseFlags::NONE.to_string(), "-");
+        let mut flags = ResponseFlags::RETRY_LIMIT_EXCEEDED;
+        flags.insert(ResponseFlags::CONNECTION_FAILURE);
+        assert_eq!(flags.to_string(), "UF,URX");
+        let mut flags = ResponseFlags::OVERFLOW;
+        flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
+        flags.insert(ResponseFlags::DELAY_INJECTED);
+        assert_eq!(flags.to_string(), "UT,UO,DI");
     }
 }

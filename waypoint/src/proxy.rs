@@ -33,12 +33,15 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     cluster::{
-        ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, UpstreamProtocol, mix,
+        ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, RetrySlot,
+        UpstreamProtocol, mix,
     },
     config::{Chain, Config, Store},
-    metrics::{Metrics, RequestLabels},
+    metrics::{ClusterLabels, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
-    route::{Action, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority},
+    route::{
+        Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority,
+    },
     upstream::{Body, BoxError, Clients, Connector},
 };
 
@@ -180,6 +183,36 @@ where
     {
         debug!(error = %err, "HTTP connection ended with an error");
     }
+}
+
+/// Serves `io` as one HBONE tunnel's HTTP connection for `service` (an
+/// address the config need not know), routed by `route_config`, with no
+/// RBAC: the waypoint's HTTP/1.1 and HTTP/2 entry point without HBONE, for
+/// fuzz targets. Returns when the connection ends.
+#[cfg(feature = "fuzzing")]
+pub async fn serve_http_for_fuzzing<IO>(
+    waypoint: Arc<Waypoint>,
+    route_config: &str,
+    service: SocketAddr,
+    io: IO,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(TunnelContext {
+        chain: Chain::Http {
+            name: format!("inbound-vip|{}|http|fuzz", service.port()),
+            route_config: route_config.to_owned(),
+            authz: Default::default(),
+        },
+        reporter: "waypoint",
+        security: "mutual_tls",
+        peer: "spiffe://cluster.local/ns/fuzz/sa/client".to_owned(),
+        peer_namespace: "fuzz".to_owned(),
+        source: SocketAddr::from(([10, 0, 0, 1], 40000)),
+        destination: service,
+        conn: 1,
+    });
+    serve_http(waypoint, ctx, io).await;
 }
 
 async fn relay_tcp<IO>(waypoint: Arc<Waypoint>, ctx: Arc<TunnelContext>, mut io: IO)
@@ -357,7 +390,7 @@ async fn accept_ingress(
 
 /// How a request ended, for metrics and the access log.
 struct Outcome {
-    flags: &'static str,
+    flags: ResponseFlags,
     cluster: String,
     endpoint: Option<Arc<EndpointConfig>>,
     route: String,
@@ -382,7 +415,7 @@ impl Waypoint {
             .unwrap_or("")
             .to_owned();
         let mut outcome = Outcome {
-            flags: "-",
+            flags: ResponseFlags::NONE,
             cluster: String::new(),
             endpoint: None,
             route: String::new(),
@@ -390,7 +423,7 @@ impl Waypoint {
             detail: String::new(),
         };
         let config = self.store.load();
-        let response = if head_size(&parts) > MAX_REQUEST_HEADERS {
+        let mut response = if head_size(&parts) > MAX_REQUEST_HEADERS {
             outcome.detail = format!("request headers over {MAX_REQUEST_HEADERS} bytes");
             local_reply(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -431,23 +464,33 @@ impl Waypoint {
                 .map_or_else(|| "unknown".to_owned(), ToString::to_string),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: status,
-            response_flags: outcome.flags,
+            response_flags: outcome.flags.to_string(),
             connection_security_policy: ctx.security,
+            grpc_response_status: String::new(),
         };
         let elapsed = started.elapsed();
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(request_bytes as f64);
-        self.metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(response_bytes as f64);
+        let record = Recording {
+            metrics: self.metrics.clone(),
+            labels,
+            started,
+            request_bytes,
+            response_bytes,
+        };
+        if !grpc {
+            record.finish(None);
+        } else if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
+            // Trailers-only: the status is in the head.
+            record.finish(Some(&code));
+        } else {
+            // The status comes in the trailers: counted when they pass.
+            response = response.map(|body| {
+                GrpcTrailers {
+                    inner: body,
+                    record: Some(record),
+                }
+                .boxed()
+            });
+        }
         info!(
             target: "waypoint::access",
             conn = ctx.conn,
@@ -456,7 +499,7 @@ impl Waypoint {
             %method,
             path,
             status,
-            flags = outcome.flags,
+            flags = %outcome.flags,
             route = %outcome.route,
             cluster = %outcome.cluster,
             endpoint = %outcome.endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
@@ -494,7 +537,7 @@ impl Waypoint {
             .get(route_config)
             .and_then(|table| table.find(&parts))
         else {
-            outcome.flags = "NR";
+            outcome.flags.insert(ResponseFlags::NO_ROUTE);
             outcome.detail = format!("no route in {route_config}");
             return local_reply(StatusCode::NOT_FOUND, "route not found");
         };
@@ -503,13 +546,13 @@ impl Waypoint {
             if let Some((delay, ppm)) = fault.delay
                 && roll_ppm() < ppm
             {
-                outcome.flags = "DI";
+                outcome.flags.insert(ResponseFlags::DELAY_INJECTED);
                 tokio::time::sleep(delay).await;
             }
             if let Some((status, ppm)) = fault.abort
                 && roll_ppm() < ppm
             {
-                outcome.flags = "FI";
+                outcome.flags.insert(ResponseFlags::FAULT_INJECTED);
                 let mut response = local_reply(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                     "fault filter abort",
@@ -622,7 +665,9 @@ impl Waypoint {
             {
                 Ok(collected) => Payload::Buffered(collected.to_bytes()),
                 Err(err) => {
-                    outcome.flags = "DPE";
+                    outcome
+                        .flags
+                        .insert(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR);
                     outcome.detail = format!("reading the request body: {err}");
                     return Err(local_error(StatusCode::BAD_REQUEST, "bad request body"));
                 }
@@ -638,7 +683,7 @@ impl Waypoint {
             }
         }
         let Some(cluster) = config.clusters.get(&target.cluster).cloned() else {
-            outcome.flags = "NC";
+            outcome.flags.insert(ResponseFlags::NO_CLUSTER);
             outcome.detail = format!("cluster {} not found", target.cluster);
             return Err(local_error(StatusCode::SERVICE_UNAVAILABLE, "no cluster"));
         };
@@ -648,6 +693,9 @@ impl Waypoint {
             .filter(|_| matches!(payload, Payload::Buffered(_)));
         let attempts = async {
             let mut tries = 0u32;
+            // The retry in progress holds a slot of the cluster's retry
+            // limit from its scheduling until its result is judged.
+            let mut retry_slot: Option<RetrySlot> = None;
             loop {
                 tries += 1;
                 outcome.attempts = tries;
@@ -662,28 +710,33 @@ impl Waypoint {
                         outcome,
                     )
                     .await;
+                drop(retry_slot.take());
                 let Some(retry) = retry else {
-                    return result;
+                    return finish(result, outcome);
                 };
-                if tries > retry.attempts
-                    || !should_retry(retry, &result)
-                    || !cluster_allows_retry(&cluster)
-                {
-                    return result;
+                if !should_retry(retry, &result) {
+                    return finish(result, outcome);
                 }
-                cluster
-                    .runtime
-                    .active_retries
-                    .fetch_add(1, Ordering::Relaxed);
+                if tries > retry.attempts {
+                    outcome.flags.insert(ResponseFlags::RETRY_LIMIT_EXCEEDED);
+                    return finish(result, outcome);
+                }
+                let labels = ClusterLabels {
+                    cluster_name: cluster.config.name.clone(),
+                };
+                let Some(slot) = cluster.try_retry() else {
+                    outcome.flags.insert(ResponseFlags::OVERFLOW);
+                    self.metrics.retry_overflow.get_or_create(&labels).inc();
+                    debug!(cluster = %cluster.config.name, tries, "retry refused by the retry limit");
+                    return finish(result, outcome);
+                };
+                retry_slot = Some(slot);
+                self.metrics.retries.get_or_create(&labels).inc();
                 let backoff = RETRY_BACKOFF * 2u32.pow((tries - 1).min(4));
                 tokio::time::sleep(
                     backoff / 2 + backoff.mul_f64((roll_ppm() as f64) / 2_000_000.0),
                 )
                 .await;
-                cluster
-                    .runtime
-                    .active_retries
-                    .fetch_sub(1, Ordering::Relaxed);
                 debug!(cluster = %cluster.config.name, tries, "retrying");
             }
         };
@@ -691,7 +744,7 @@ impl Waypoint {
             Some(limit) => match tokio::time::timeout(limit, attempts).await {
                 Ok(result) => result,
                 Err(_) => {
-                    outcome.flags = "UT";
+                    outcome.flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
                     outcome.detail = format!("no response within the route timeout of {limit:?}");
                     return Err(local_error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -712,7 +765,7 @@ impl Waypoint {
         hash: Option<u64>,
         per_try_timeout: Option<Duration>,
         outcome: &mut Outcome,
-    ) -> Result<Response<Incoming>, LocalReply> {
+    ) -> Attempt {
         let limits = &cluster.config.limits;
         let active = cluster.runtime.active_requests.load(Ordering::Relaxed);
         let limit = match cluster.config.protocol {
@@ -728,7 +781,6 @@ impl Waypoint {
             UpstreamProtocol::Http2 => limits.max_requests,
         };
         if limit.is_some_and(|l| active >= l) {
-            outcome.flags = "UO";
             outcome.detail = format!(
                 "circuit breaker of {} open ({active} requests)",
                 cluster.config.name
@@ -740,7 +792,11 @@ impl Waypoint {
             reply
                 .headers_mut()
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            return Err(Box::new(reply));
+            return Err(Failed {
+                kind: AttemptFailure::NotSent,
+                flag: ResponseFlags::OVERFLOW,
+                reply: Box::new(reply),
+            });
         }
         // Without a hash key (none configured, or none present) a hashing
         // cluster picks at random, as Envoy's ring hash does.
@@ -751,12 +807,12 @@ impl Waypoint {
         let (endpoint, health) = match cluster.pick(hash, random()) {
             Ok(picked) => picked,
             Err(PickError::NoHealthy) => {
-                outcome.flags = "UH";
                 outcome.detail = format!("no healthy endpoint in {}", cluster.config.name);
-                return Err(local_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy upstream",
-                ));
+                return Err(Failed {
+                    kind: AttemptFailure::NotSent,
+                    flag: ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    reply: local_error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+                });
             }
         };
         outcome.endpoint = Some(endpoint.clone());
@@ -772,35 +828,54 @@ impl Waypoint {
         match result {
             Err(()) => {
                 cluster.record(&health, true);
-                outcome.flags = "UT";
-                outcome.detail = "per-try timeout".to_owned();
-                Err(local_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                ))
+                outcome.detail = format!(
+                    "no response within the per-try timeout of {limit:?}",
+                    limit = per_try_timeout.unwrap_or_default()
+                );
+                Err(Failed {
+                    kind: AttemptFailure::PerTryTimeout,
+                    flag: ResponseFlags::UPSTREAM_TIMEOUT,
+                    reply: local_error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
+                })
             }
             Ok(Ok(response)) => {
                 let status = response.status().as_u16();
                 cluster.record(&health, matches!(status, 500..=599));
-                outcome.flags = "-";
+                outcome.detail.clear();
                 Ok(response)
             }
             Ok(Err(err)) => {
                 cluster.record(&health, true);
-                let connect = err.is_connect();
-                outcome.flags = if connect { "UF" } else { "UC" };
-                outcome.detail = error_chain(&err);
-                let reason = if connect {
-                    "connection failure"
+                let kind = if err.is_connect() {
+                    AttemptFailure::ConnectFailure
+                } else if err.is_refused_stream() {
+                    AttemptFailure::RefusedStream
                 } else {
-                    "connection termination"
+                    AttemptFailure::Reset
                 };
-                Err(local_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                outcome.detail = error_chain(&err);
+                let (flag, reason) = match kind {
+                    AttemptFailure::ConnectFailure => {
+                        (ResponseFlags::CONNECTION_FAILURE, "connection failure")
+                    }
+                    AttemptFailure::RefusedStream => {
+                        (ResponseFlags::CONNECTION_TERMINATION, "refused stream")
+                    }
+                    _ => (
+                        ResponseFlags::CONNECTION_TERMINATION,
+                        "connection termination",
                     ),
-                ))
+                };
+                Err(Failed {
+                    kind,
+                    flag,
+                    reply: local_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                        ),
+                    ),
+                })
             }
         }
     }
@@ -848,6 +923,108 @@ impl Waypoint {
                 Err(err) => debug!(error = %err, "mirrored request failed"),
             }
         });
+    }
+}
+
+/// The trailer (or trailers-only header) carrying a gRPC call's status.
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// A request's metrics, recorded once its outcome is known: at the
+/// response head, or for gRPC when the status has passed.
+struct Recording {
+    metrics: Metrics,
+    labels: RequestLabels,
+    started: Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Recording {
+    /// Records the request; for gRPC with `grpc_status` (or, if none came,
+    /// the gRPC code the HTTP status maps to, as Istio does).
+    fn finish(mut self, grpc_status: Option<&HeaderValue>) {
+        if self.labels.request_protocol == "grpc" {
+            self.labels.grpc_response_status = match grpc_status.and_then(|v| v.to_str().ok()) {
+                Some(code) => code.to_owned(),
+                None => grpc_code_for_http(self.labels.response_code).to_string(),
+            };
+        }
+        let labels = &self.labels;
+        let metrics = &self.metrics;
+        metrics.requests.get_or_create(labels).inc();
+        metrics
+            .duration
+            .get_or_create(labels)
+            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+        metrics
+            .request_bytes
+            .get_or_create(labels)
+            .observe(self.request_bytes as f64);
+        metrics
+            .response_bytes
+            .get_or_create(labels)
+            .observe(self.response_bytes as f64);
+    }
+}
+
+/// The gRPC status of an answer without one, by its HTTP status (gRPC's
+/// HTTP-to-gRPC mapping; a 200 without a status is UNKNOWN).
+fn grpc_code_for_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A gRPC response body that records the call's metrics when its trailers
+/// pass (with `grpc-status`), or when it ends or is dropped without them.
+struct GrpcTrailers {
+    inner: Body,
+    record: Option<Recording>,
+}
+
+impl hyper::body::Body for GrpcTrailers {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        let status = match &frame {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|trailers| trailers.get(&GRPC_STATUS)),
+            None | Some(Err(_)) => Some(None),
+        };
+        if let Some(status) = status
+            && let Some(record) = this.record.take()
+        {
+            record.finish(status);
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcTrailers {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(None);
+        }
     }
 }
 
@@ -901,36 +1078,40 @@ impl Payload {
     }
 }
 
-fn should_retry(retry: &Retry, result: &Result<Response<Incoming>, LocalReply>) -> bool {
-    match result {
-        Ok(response) => retry.retries_status(response.status().as_u16()),
-        // Local replies: connection failures and resets are 503, per-try
-        // timeouts 504; circuit-breaker overflow and no healthy upstream
-        // are not retried.
-        Err(reply) => {
-            if reply.headers().contains_key("x-envoy-overloaded") {
-                return false;
-            }
-            match reply.status() {
-                StatusCode::GATEWAY_TIMEOUT => retry.on_5xx || retry.on_gateway_error,
-                StatusCode::SERVICE_UNAVAILABLE => {
-                    retry.on_connect_failure || retry.on_reset || retry.on_5xx
-                }
-                _ => false,
-            }
-        }
-    }
+/// An attempt that got no upstream response: how it failed, its response
+/// flag, and the reply the caller gets unless it is retried.
+struct Failed {
+    kind: AttemptFailure,
+    flag: ResponseFlags,
+    reply: LocalReply,
 }
 
-/// The retry budget: the cluster's `max_retries`, or else 20 % of the
-/// requests in flight (at least 3), so failures cannot multiply load.
-fn cluster_allows_retry(cluster: &ClusterEntry) -> bool {
-    let retries = cluster.runtime.active_retries.load(Ordering::Relaxed);
-    let budget =
-        cluster.config.limits.max_retries.unwrap_or_else(|| {
-            (cluster.runtime.active_requests.load(Ordering::Relaxed) / 5).max(3)
-        });
-    retries < budget
+/// One try of a request.
+type Attempt = Result<Response<Incoming>, Failed>;
+
+/// The request's result from its last attempt, its flag recorded.
+fn finish(result: Attempt, outcome: &mut Outcome) -> Result<Response<Incoming>, LocalReply> {
+    result.map_err(|failed| {
+        outcome.flags.insert(failed.flag);
+        failed.reply
+    })
+}
+
+/// Whether the retry policy asks for another try after `result` (whether
+/// one is allowed is the attempt limit's and the retry budget's call).
+fn should_retry(retry: &Retry, result: &Attempt) -> bool {
+    match result {
+        Ok(response) => {
+            retry.retries_status(response.status().as_u16())
+                || response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .is_some_and(|code| retry.retries_grpc_status(code))
+        }
+        Err(failed) => retry.retries_failure(failed.kind),
+    }
 }
 
 /// Header edits, rewrites and hop-by-hop removal before forwarding.
@@ -1255,6 +1436,63 @@ fn roll_ppm() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn labels() -> RequestLabels {
+        RequestLabels {
+            reporter: "waypoint",
+            source_workload_namespace: "ns".into(),
+            source_principal: "p".into(),
+            destination_service: "s".into(),
+            destination_workload: "w".into(),
+            destination_principal: "d".into(),
+            request_protocol: "grpc",
+            response_code: 200,
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls",
+            grpc_response_status: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_calls_are_counted_with_the_status_of_their_trailers() {
+        let metrics = Metrics::default();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("9"));
+        let inner = Full::new(Bytes::from_static(b"x"))
+            .map_err(|never| match never {})
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        let body = GrpcTrailers {
+            inner,
+            record: Some(Recording {
+                metrics: metrics.clone(),
+                labels: labels(),
+                started: Instant::now(),
+                request_bytes: 0,
+                response_bytes: 0,
+            }),
+        };
+        let collected = body.collect().await.expect("body");
+        assert!(collected.trailers().is_some());
+        let mut counted = labels();
+        counted.grpc_response_status = "9".into();
+        assert_eq!(metrics.requests.get_or_create(&counted).get(), 1);
+
+        // Dropped before its trailers: counted as the HTTP status maps.
+        let body = GrpcTrailers {
+            inner: Empty::new().map_err(|never| match never {}).boxed(),
+            record: Some(Recording {
+                metrics: metrics.clone(),
+                labels: labels(),
+                started: Instant::now(),
+                request_bytes: 0,
+                response_bytes: 0,
+            }),
+        };
+        drop(body);
+        counted.grpc_response_status = "2".into();
+        assert_eq!(metrics.requests.get_or_create(&counted).get(), 1);
+    }
 
     #[test]
     fn traceparent_is_started_once_and_kept() {

@@ -827,22 +827,57 @@ pub struct Retry {
     pub attempts: u32,
     /// Time limit of each try.
     pub per_try_timeout: Option<Duration>,
-    /// On 5xx.
+    /// `5xx`: any 5xx, and no answer at all (connection failure, reset,
+    /// per-try timeout).
     pub on_5xx: bool,
-    /// On 502, 503, 504.
+    /// `gateway-error`: 502, 503, 504, and no answer at all.
     pub on_gateway_error: bool,
-    /// On connection failures.
+    /// `connect-failure`: the connection could not be opened.
     pub on_connect_failure: bool,
-    /// On resets.
+    /// `refused-stream`: an HTTP/2 upstream refused the stream.
+    pub on_refused_stream: bool,
+    /// `reset`: the upstream closed or reset before answering, or did not
+    /// answer within the per-try timeout.
     pub on_reset: bool,
     /// On `retriable_status_codes`.
     pub status_codes: Vec<u16>,
+    /// `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable`: gRPC status codes of a response's headers
+    /// (a trailers-only answer) that are retried.
+    pub grpc_statuses: Vec<u32>,
+}
+
+/// How an attempt failed without an upstream response, as retry policies
+/// distinguish it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// The connection could not be opened (`UF`).
+    ConnectFailure,
+    /// The connection or stream closed or was reset before a response (`UC`).
+    Reset,
+    /// An HTTP/2 upstream refused the stream (`REFUSED_STREAM`).
+    RefusedStream,
+    /// No response within the per-try timeout (`UT`).
+    PerTryTimeout,
+    /// Not sent at all: no healthy endpoint or circuit breaker open.
+    NotSent,
 }
 
 impl Retry {
     fn compile(policy: &RetryPolicy) -> Self {
         let on: Vec<&str> = policy.retry_on.split(',').map(str::trim).collect();
         let has = |k: &str| on.contains(&k);
+        let grpc_statuses = [
+            ("cancelled", 1),
+            ("deadline-exceeded", 4),
+            ("resource-exhausted", 8),
+            ("internal", 13),
+            ("unavailable", 14),
+        ]
+        .into_iter()
+        .filter(|(name, _)| has(name))
+        .map(|(_, code)| code)
+        .collect();
         Self {
             attempts: policy.num_retries.as_ref().map_or(1, |n| n.value),
             per_try_timeout: policy
@@ -852,8 +887,9 @@ impl Retry {
                 .filter(|d| !d.is_zero()),
             on_5xx: has("5xx"),
             on_gateway_error: has("gateway-error"),
-            on_connect_failure: has("connect-failure") || has("refused-stream"),
-            on_reset: has("reset") || has("unavailable") || has("cancelled"),
+            on_connect_failure: has("connect-failure"),
+            on_refused_stream: has("refused-stream"),
+            on_reset: has("reset"),
             status_codes: if has("retriable-status-codes") {
                 policy
                     .retriable_status_codes
@@ -863,6 +899,7 @@ impl Retry {
             } else {
                 Vec::new()
             },
+            grpc_statuses,
         }
     }
 
@@ -871,6 +908,22 @@ impl Retry {
         (self.on_5xx && status >= 500)
             || (self.on_gateway_error && matches!(status, 502..=504))
             || self.status_codes.contains(&status)
+    }
+
+    /// Whether a response whose headers carry `grpc-status: code` is retried.
+    pub fn retries_grpc_status(&self, code: u32) -> bool {
+        self.grpc_statuses.contains(&code)
+    }
+
+    /// Whether an attempt that failed this way is retried.
+    pub fn retries_failure(&self, failure: AttemptFailure) -> bool {
+        let no_answer = self.on_5xx || self.on_gateway_error;
+        match failure {
+            AttemptFailure::ConnectFailure => no_answer || self.on_reset || self.on_connect_failure,
+            AttemptFailure::RefusedStream => no_answer || self.on_reset || self.on_refused_stream,
+            AttemptFailure::Reset | AttemptFailure::PerTryTimeout => no_answer || self.on_reset,
+            AttemptFailure::NotSent => false,
+        }
     }
 }
 
@@ -1070,6 +1123,42 @@ mod tests {
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn retry_conditions_follow_envoys_retry_on() {
+        let policy = |on: &str| {
+            Retry::compile(&RetryPolicy {
+                retry_on: on.into(),
+                retriable_status_codes: vec![503],
+                ..Default::default()
+            })
+        };
+        use AttemptFailure::*;
+        // Istio's default: connection failures, refused streams, 503 and
+        // gRPC UNAVAILABLE / CANCELLED; not resets or timeouts.
+        let istio =
+            policy("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes");
+        assert!(istio.retries_failure(ConnectFailure));
+        assert!(istio.retries_failure(RefusedStream));
+        assert!(!istio.retries_failure(Reset));
+        assert!(!istio.retries_failure(PerTryTimeout));
+        assert!(!istio.retries_failure(NotSent));
+        assert!(istio.retries_status(503) && !istio.retries_status(502));
+        assert!(istio.retries_grpc_status(14) && istio.retries_grpc_status(1));
+        assert!(!istio.retries_grpc_status(13));
+        // `reset` covers every answerless attempt but a circuit breaker's.
+        let reset = policy("reset");
+        for failure in [ConnectFailure, RefusedStream, Reset, PerTryTimeout] {
+            assert!(reset.retries_failure(failure), "{failure:?}");
+        }
+        assert!(!reset.retries_failure(NotSent) && !reset.retries_status(503));
+        // `gateway-error`: 502-504 and answerless attempts.
+        let gateway = policy("gateway-error");
+        assert!(gateway.retries_failure(PerTryTimeout) && gateway.retries_status(504));
+        assert!(!gateway.retries_status(500));
+        assert!(policy("5xx").retries_status(500));
+        assert!(!policy("connect-failure").retries_failure(Reset));
     }
 
     #[test]

@@ -239,6 +239,19 @@ impl SendError {
             SendError::Http1(err) => err.is_connect(),
         }
     }
+
+    /// Whether an HTTP/2 upstream refused the stream (`REFUSED_STREAM`):
+    /// the request was not processed, so it is safe to retry.
+    pub fn is_refused_stream(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = source {
+            if let Some(h2) = err.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = err.source();
+        }
+        false
+    }
 }
 
 /// HTTP/2 connections, one per endpoint, each multiplexing every request to

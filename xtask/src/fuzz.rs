@@ -9,12 +9,13 @@ use clap::Args;
 use crate::{build_ebpf, cmd};
 
 /// The targets, in the order they run.
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "config_load",
     "hbone_server",
     "xds_resources",
     "ads_requests",
     "waypoint_config",
+    "waypoint_http",
 ];
 /// The cargo-fuzz release installed when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";

@@ -36,7 +36,7 @@ enum Command {
     Test(test::TestArgs),
     /// Run the benchmarks (release build, own lab) and write target/bench/report.md.
     Bench(bench::BenchArgs),
-    /// Run the cargo-fuzz targets (YAML loader, HBONE server, xDS resources) for a bounded time.
+    /// Run the cargo-fuzz targets (YAML loader, HBONE server, xDS resources, waypoint HTTP) for a bounded time.
     Fuzz(fuzz::FuzzArgs),
     /// Render the Helm chart in deploy/chart into deploy/rendered/mesh.yaml (no helm needed).
     RenderDeploy(render_deploy::RenderDeployArgs),

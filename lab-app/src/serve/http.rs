@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    convert::Infallible,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -15,7 +14,7 @@ use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Version,
     header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE},
 };
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -72,6 +71,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Lets hyper enforce its default timeout for reading request heads.
     builder.http1().timer(TokioTimer::new());
+    let grpc = crate::grpc::server(&app.identity.pod);
     loop {
         let (stream, caller) = super::accept(&listener).await;
         let local = match stream.local_addr() {
@@ -84,10 +84,26 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         let peers = Peers { caller, local };
         let app = Arc::clone(&app);
         let builder = builder.clone();
+        let grpc = grpc.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(handle(app, peers, request).await) }
+                let mut grpc = grpc.clone();
+                async move {
+                    if is_grpc(request.headers()) {
+                        use tonic::codegen::Service;
+                        let response = match grpc.call(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        };
+                        return Ok(
+                            response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+                        );
+                    }
+                    handle(app, peers, request)
+                        .await
+                        .map(|r| r.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+                }
             });
             if let Err(err) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -99,6 +115,17 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
     }
 }
 
+/// The error of a response body of either server (the JSON app or gRPC).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether a request is a gRPC call.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
 /// The largest `/bytes/N` body served.
 pub const MAX_BYTES: usize = 1 << 20;
 
@@ -106,11 +133,22 @@ pub const MAX_BYTES: usize = 1 << 20;
 /// work per request beyond HTTP itself.
 static FILLER: [u8; MAX_BYTES] = [b'x'; MAX_BYTES];
 
+/// `?reset=1`: the request is dropped unanswered. Returned to hyper as the
+/// service's error, which closes an HTTP/1.1 connection without a response
+/// and resets an HTTP/2 stream.
+#[derive(Debug, thiserror::Error)]
+#[error("closing the connection without an answer, as the request's ?reset=1 asks")]
+pub struct ResetRequested;
+
 /// Answers one request and logs it (but `/bytes/N`, the benchmarks' target,
 /// which is answered without a log line or JSON, as cheaply as possible).
-async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    app: Arc<App>,
+    peers: Peers,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ResetRequested> {
     if let Some(size) = request.uri().path().strip_prefix("/bytes/") {
-        return bytes_body(size);
+        return Ok(bytes_body(size));
     }
     let started = Instant::now();
     let method = request.method().clone();
@@ -119,6 +157,18 @@ async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Resp
         .path_and_query()
         .map_or_else(|| request.uri().path().to_owned(), ToString::to_string);
     let protocol = protocol(request.version());
+    let reset = Shaping::from_query(request.uri().query()).is_ok_and(|s| s.reset);
+    if reset && !app.routes.contains_key(request.uri().path()) {
+        info!(
+            caller = %peers.caller,
+            local = %peers.local,
+            protocol,
+            %method,
+            %target,
+            "request reset without an answer"
+        );
+        return Err(ResetRequested);
+    }
     let response = respond(app, peers, request).await;
     info!(
         caller = %peers.caller,
@@ -130,7 +180,7 @@ async fn handle(app: Arc<App>, peers: Peers, request: Request<Incoming>) -> Resp
         elapsed_ms = started.elapsed().as_millis() as u64,
         "request"
     );
-    response
+    Ok(response)
 }
 
 async fn respond(
@@ -161,6 +211,13 @@ async fn respond(
         match Shaping::from_query(request.uri().query()) {
             Ok(shaping) => {
                 if !shaping.delay.is_zero() {
+                    // Logged on arrival: a caller may give up before the answer.
+                    info!(
+                        caller = %peers.caller,
+                        target = %request.uri(),
+                        delay_ms = shaping.delay.as_millis() as u64,
+                        "delaying the answer"
+                    );
                     tokio::time::sleep(shaping.delay).await;
                 }
                 shaping.status
@@ -403,11 +460,13 @@ fn bytes_body(size: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// `?status=NNN&delay_ms=N` on a plain path.
+/// `?status=NNN&delay_ms=N&reset=1` on a plain path.
 #[derive(Debug, PartialEq, Eq)]
 struct Shaping {
     status: StatusCode,
     delay: Duration,
+    /// Drop the request without answering it.
+    reset: bool,
 }
 
 impl Shaping {
@@ -415,6 +474,7 @@ impl Shaping {
         let mut shaping = Self {
             status: StatusCode::OK,
             delay: Duration::ZERO,
+            reset: false,
         };
         let pairs = query
             .into_iter()
@@ -436,6 +496,7 @@ impl Shaping {
                         .map_err(|_| format!("delay_ms={value}: expected milliseconds"))?;
                     shaping.delay = Duration::from_millis(ms).min(MAX_DELAY);
                 }
+                "reset" => shaping.reset = value == "1" || value == "true",
                 _ => {}
             }
         }
@@ -480,15 +541,21 @@ mod tests {
             Shaping::from_query(None),
             Ok(Shaping {
                 status: StatusCode::OK,
-                delay: Duration::ZERO
+                delay: Duration::ZERO,
+                reset: false,
             })
         );
         assert_eq!(
             Shaping::from_query(Some("a=b&status=503&delay_ms=40&flag")),
             Ok(Shaping {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                delay: Duration::from_millis(40)
+                delay: Duration::from_millis(40),
+                reset: false,
             })
+        );
+        assert_eq!(
+            Shaping::from_query(Some("reset=1")).map(|s| s.reset),
+            Ok(true)
         );
         assert_eq!(
             Shaping::from_query(Some("delay_ms=999999999")).map(|s| s.delay),
