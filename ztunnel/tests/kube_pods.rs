@@ -292,7 +292,7 @@ async fn after_410_gone_the_relisted_pods_and_labels_are_published() {
 
     // While no watch hears of it, `plain` is enrolled and web-0 goes away;
     // then the watch history is compacted (410 Gone) and the agent relists.
-    let mut plain = namespace("plain", Some("ambient"));
+    let plain = namespace("plain", Some("ambient"));
     server.apply_unannounced(plain);
     assert!(server.delete_unannounced("v1", "Pod", "shop", "web-0"));
     server.expire_watches();
