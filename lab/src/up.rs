@@ -141,6 +141,14 @@ fn build_nodes(state: &LabState) -> Result<()> {
         cgroup::create(&state.ztunnel_cgroup(i))?;
         netns::sysctl_in(&node.netns, &["net.ipv4.ip_forward=1"])?;
     }
+    if let [only] = nodes.as_slice() {
+        // No peer to link to, but the node's address must still exist: the
+        // control plane listens on it and probes come from it.
+        netns::ip_in(
+            &only.netns,
+            &["addr", "add", &format!("{}/32", only.ip), "dev", "lo"],
+        )?;
+    }
     if let [a, b] = nodes.as_slice() {
         netns::ip_in(
             &a.netns,

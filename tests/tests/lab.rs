@@ -239,3 +239,20 @@ fn bad_manifests_are_refused_before_anything_is_built() {
     );
     assert_no_trace("tbad");
 }
+
+#[test]
+fn a_one_node_lab_serves_bookinfo_in_the_mesh() {
+    let mut lab = Lab::up("tone", vec![bookinfo_manifest()], 1);
+    assert_eq!(lab.state.plan.nodes.len(), 1);
+    // The control plane listens on the node's own address, which a lone
+    // node has without a peer link; enrolling needs it for certificates.
+    lab.enrol_namespace("default");
+    let state = &lab.state;
+    let productpage = pod(state, "productpage");
+    for target in ["details", "reviews", "ratings"] {
+        let url = format!("http://{target}:9080/");
+        let answers = probe::http_get(state, productpage, &url, &[])
+            .unwrap_or_else(|err| panic!("{url}: {err}"));
+        assert_eq!(answers[0].field("app"), target);
+    }
+}
