@@ -53,7 +53,7 @@ pub enum CertError {
     #[error("CA: {0}")]
     Connect(#[from] ChannelError),
     /// The CA refused.
-    #[error("CA refused: {} ({:?})", mesh_xds::channel::chain(.0), .0.code())]
+    #[error("CA refused: {} ({:?})", .0.message(), .0.code())]
     Refused(#[from] tonic::Status),
     /// The token could not be read.
     #[error("reading the CA token {path}: {source}")]
