@@ -9,6 +9,7 @@
 use std::{
     fs,
     io::Write,
+    net::IpAddr,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -56,9 +57,31 @@ pub enum CaError {
     /// Requested lifetime out of range.
     #[error("requested validity of {0} s is not in 1..={max} s", max = MAX_TTL.as_secs())]
     BadTtl(i64),
+    /// A serving certificate name is not a valid DNS name.
+    #[error("invalid serving certificate name {0}")]
+    BadName(String),
     /// Signing failed.
     #[error("signing: {0}")]
     Sign(#[from] rcgen::Error),
+}
+
+/// A serving certificate the CA issued to the control plane itself.
+#[derive(Clone)]
+pub struct ServingCert {
+    /// The leaf, DER.
+    pub cert_der: Vec<u8>,
+    /// Its private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// When it expires.
+    pub not_after: std::time::SystemTime,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Signs workload certificates with the mesh root.
@@ -167,6 +190,51 @@ impl CertificateAuthority {
         }
         .signed_by(&self.issuer)?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
+    }
+
+    /// Issues the control plane's own serving certificate for `dns_names`
+    /// and `ip_sans`, valid for `ttl`, with a fresh key. Returns the leaf
+    /// (DER), its PKCS#8 key (DER) and when it expires.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ip_sans: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<ServingCert, CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(
+            DnType::CommonName,
+            dns_names.first().map_or("mesh-control", String::as_str),
+        );
+        params.distinguished_name = name;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|dns| {
+                dns.clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e: rcgen::Error| CaError::BadName(format!("{dns}: {e}")))
+            })
+            .chain(ip_sans.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, _>>()?;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial()?);
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        Ok(ServingCert {
+            cert_der: leaf.der().to_vec(),
+            key_der: key.serialize_der(),
+            not_after: std::time::SystemTime::now() + ttl,
+        })
     }
 
     /// The lifetime to grant for a requested `validity_duration` in seconds

@@ -18,6 +18,7 @@ pub mod model;
 pub mod rbac;
 pub mod source;
 pub mod status;
+pub mod tls;
 pub mod waypoint;
 pub mod waypoint_deploy;
 pub mod xds;

@@ -1,6 +1,10 @@
 //! `mesh-control`: the control plane binary.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -9,6 +13,7 @@ use mesh_control::{
     auth::token_review::TokenReviewOptions,
     model::MeshSettings,
     source::kubernetes::KubeOptions,
+    tls::TlsOptions,
     waypoint_deploy::{self, WaypointTemplate},
 };
 
@@ -68,9 +73,25 @@ struct Args {
     /// How long an accepted token is trusted before it is reviewed again.
     #[arg(long, default_value_t = 60)]
     token_review_cache_seconds: u64,
-    /// gRPC listen address (ADS and CA).
+    /// Plaintext gRPC listen address (ADS and CA), Istio's 15010: for the
+    /// lab and debugging only, since callers' bearer tokens cross it in the
+    /// clear.
     #[arg(long, default_value = "0.0.0.0:15010")]
     grpc_addr: SocketAddr,
+    /// TLS 1.3 gRPC listen address (the same ADS and CA), Istio's 15012;
+    /// clients verify the serving certificate with the mesh root.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    grpc_tls_addr: SocketAddr,
+    /// DNS name of the serving certificate (repeatable).
+    #[arg(
+        long = "tls-dns-name",
+        default_values_t = ["mesh-control.istio-system.svc".to_owned(), "istiod.istio-system.svc".to_owned()]
+    )]
+    tls_dns_names: Vec<String>,
+    /// IP address SAN of the serving certificate, for clients that dial the
+    /// control plane by IP (repeatable).
+    #[arg(long = "tls-ip-san")]
+    tls_ip_sans: Vec<IpAddr>,
     /// Monitoring listen address.
     #[arg(long, default_value = "0.0.0.0:15014")]
     status_addr: SocketAddr,
@@ -184,6 +205,11 @@ async fn main() -> anyhow::Result<()> {
         tokens_file: args.tokens_file,
         token_review,
         grpc_addr: args.grpc_addr,
+        tls: Some(TlsOptions {
+            addr: args.grpc_tls_addr,
+            dns_names: args.tls_dns_names,
+            ip_sans: args.tls_ip_sans,
+        }),
         status_addr: args.status_addr,
         settings: MeshSettings {
             trust_domain: args.trust_domain,

@@ -27,6 +27,7 @@ use crate::{
     model::{MeshSettings, Model},
     source::{ConfigSource, DirSource, KubeSource, kubernetes::KubeOptions},
     status::{self, ConfigStatus, StatusState},
+    tls::{self, SERVING_TTL, ServingCerts, TlsOptions},
     xds::{AdsService, ProxyRegistry, Snapshot},
 };
 
@@ -65,8 +66,11 @@ pub struct Options {
     pub tokens_file: Option<PathBuf>,
     /// Service-account tokens checked with TokenReview.
     pub token_review: Option<TokenReviewSetup>,
-    /// gRPC (ADS and CA) listen address; Istio's plaintext xDS port is 15010.
+    /// Plaintext gRPC (ADS and CA) listen address, Istio's 15010: for the
+    /// lab and debugging only, since callers' tokens cross it in the clear.
     pub grpc_addr: SocketAddr,
+    /// The TLS gRPC listener (Istio's 15012), if any.
+    pub tls: Option<TlsOptions>,
     /// Monitoring listen address (15014).
     pub status_addr: SocketAddr,
     /// Trust domain and cluster domain.
@@ -76,8 +80,10 @@ pub struct Options {
 /// Where a running control plane listens.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
-    /// gRPC.
+    /// Plaintext gRPC.
     pub grpc: SocketAddr,
+    /// TLS gRPC, when configured.
+    pub grpc_tls: Option<SocketAddr>,
     /// Monitoring.
     pub status: SocketAddr,
 }
@@ -85,7 +91,7 @@ pub struct Ports {
 /// A running control plane.
 pub struct ControlPlane {
     ports: Ports,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    servers: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl ControlPlane {
@@ -163,25 +169,44 @@ impl ControlPlane {
             .await
             .with_context(|| format!("binding gRPC on {}", options.grpc_addr))?;
         let grpc = listener.local_addr()?;
+        let ca = Arc::new(ca);
         let ads = AdsService::new(snapshots, auth.clone(), registry, metrics.clone());
-        let ca = CaService::new(
-            Arc::new(ca),
+        let ca_service = CaService::new(
+            ca.clone(),
             auth,
             model,
             options.settings.trust_domain.clone(),
             metrics,
         );
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-                .add_service(AggregatedDiscoveryServiceServer::new(ads))
-                .add_service(IstioCertificateServiceServer::new(ca))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        tracing::info!(%grpc, %status, "control plane serving");
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(IstioCertificateServiceServer::new(ca_service));
+        let mut servers = Vec::new();
+        let mut grpc_tls = None;
+        if let Some(tls_options) = &options.tls {
+            let (certs, not_after) = ServingCerts::new(ca, tls_options, SERVING_TTL)
+                .context("issuing the control plane's serving certificate")?;
+            let config = tls::server_config(certs.resolver())?;
+            tokio::spawn(certs.keep_fresh(not_after));
+            let listener = TcpListener::bind(tls_options.addr)
+                .await
+                .with_context(|| format!("binding TLS gRPC on {}", tls_options.addr))?;
+            grpc_tls = Some(listener.local_addr()?);
+            let incoming = tls::incoming(listener, Arc::new(config).into());
+            servers.push(tokio::spawn(router.clone().serve_with_incoming(incoming)));
+        }
+        servers.push(tokio::spawn(
+            router.serve_with_incoming(TcpListenerStream::new(listener)),
+        ));
+        tracing::info!(%grpc, grpc_tls = ?grpc_tls, %status, "control plane serving");
         Ok(Self {
-            ports: Ports { grpc, status },
-            server,
+            ports: Ports {
+                grpc,
+                grpc_tls,
+                status,
+            },
+            servers,
         })
     }
 
@@ -190,9 +215,10 @@ impl ControlPlane {
         self.ports
     }
 
-    /// Runs until the gRPC server fails.
+    /// Runs until a gRPC server (plaintext or TLS) fails.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.server.await?.context("gRPC server")
+        let (ended, _, _) = futures::future::select_all(self.servers).await;
+        ended?.context("gRPC server")
     }
 }
 

@@ -396,6 +396,7 @@ async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_ve
         tokens_file: Some(tokens),
         token_review: None,
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
         status_addr: "127.0.0.1:0".parse().unwrap(),
         settings: MeshSettings::default(),
     })

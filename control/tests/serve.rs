@@ -75,6 +75,7 @@ async fn start() -> Fixture {
         tokens_file: Some(tokens),
         token_review: None,
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
         status_addr: "127.0.0.1:0".parse().unwrap(),
         settings: MeshSettings::default(),
     })
@@ -177,6 +178,7 @@ fn proxy_with_policies(
     tokio::spawn(mesh_xds::run(
         ClientConfig {
             address: format!("http://{grpc}"),
+            root_cert: None,
             token_file: Some(token),
             node_id: "test~proxy".into(),
             types: vec![type_url::ADDRESS, type_url::AUTHORIZATION],
@@ -503,6 +505,8 @@ fn spawn_control(dir: &Path, grpc: SocketAddr) -> Process {
         .arg(dir.join("tokens.json"))
         .arg("--grpc-addr")
         .arg(grpc.to_string())
+        .arg("--grpc-tls-addr")
+        .arg("127.0.0.1:0")
         .arg("--status-addr")
         .arg("127.0.0.1:0")
         .env("MESH_LOG", "warn")

@@ -295,6 +295,7 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
             },
         }),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
         status_addr: "127.0.0.1:0".parse().unwrap(),
         settings: MeshSettings::default(),
     })

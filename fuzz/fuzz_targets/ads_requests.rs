@@ -54,6 +54,7 @@ fn fixture() -> &'static Fixture {
                 tokens_file: Some(tokens),
                 token_review: None,
                 grpc_addr: "127.0.0.1:0".parse().unwrap(),
+                tls: None,
                 status_addr: "127.0.0.1:0".parse().unwrap(),
                 settings: MeshSettings::default(),
             })

@@ -20,9 +20,9 @@ use mesh_api::ca::{
     IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
 };
 use mesh_hbone::{CertStore, Identity, WorkloadCert};
+use mesh_xds::{ChannelError, Target};
 use rcgen::{CertificateParams, KeyPair, SanType};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
 /// A certificate as the CA issued it.
@@ -49,9 +49,9 @@ pub enum CertError {
     /// Making the key or CSR failed.
     #[error("creating the CSR: {0}")]
     Csr(#[from] rcgen::Error),
-    /// Reaching the CA failed.
-    #[error("connecting to the CA: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    /// Reaching the CA (or, over TLS, verifying it) failed.
+    #[error("CA: {0}")]
+    Connect(#[from] ChannelError),
     /// The CA refused.
     #[error("CA refused: {} ({:?})", .0.message(), .0.code())]
     Refused(#[from] tonic::Status),
@@ -73,24 +73,21 @@ type Slot = watch::Receiver<Option<Result<Arc<IssuedCert>, Arc<CertError>>>>;
 /// Obtains and renews workload certificates.
 pub struct CertManager {
     store: CertStore,
-    ca_address: Option<String>,
+    ca: Option<Target>,
     token_file: Option<PathBuf>,
     validity: Duration,
     slots: Mutex<HashMap<String, (Slot, tokio::task::JoinHandle<()>)>>,
 }
 
 impl CertManager {
-    /// A manager asking the CA at `ca_address` (e.g. `http://ctrl:15010`),
-    /// authenticated by the bearer token in `token_file`, for certificates
-    /// valid for `validity`.
-    pub fn new(
-        ca_address: Option<String>,
-        token_file: Option<PathBuf>,
-        validity: Duration,
-    ) -> Arc<Self> {
+    /// A manager asking the CA at `ca` (e.g.
+    /// `https://mesh-control.istio-system.svc:15012` verified with the mesh
+    /// root), authenticated by the bearer token in `token_file`, for
+    /// certificates valid for `validity`.
+    pub fn new(ca: Option<Target>, token_file: Option<PathBuf>, validity: Duration) -> Arc<Self> {
         Arc::new(Self {
             store: CertStore::new(),
-            ca_address,
+            ca,
             token_file,
             validity,
             slots: Mutex::new(HashMap::new()),
@@ -233,16 +230,18 @@ impl CertManager {
     }
 
     async fn fetch(&self, identity: &str) -> Result<IssuedCert, CertError> {
-        let address = self.ca_address.clone().ok_or(CertError::NoCa)?;
+        let target = self.ca.as_ref().ok_or(CertError::NoCa)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(identity.try_into()?)];
         let csr = params.serialize_request(&key)?.pem()?;
 
-        let channel: Channel = Endpoint::from_shared(address)?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
-            .connect()
+        let channel = target
+            .connect(|endpoint| {
+                endpoint
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(10))
+            })
             .await?;
         let mut client = IstioCertificateServiceClient::new(channel);
         let mut request = tonic::Request::new(IstioCertificateRequest {

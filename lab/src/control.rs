@@ -18,8 +18,12 @@ use serde_json::json;
 
 use crate::{Error, LabState, Result, io_err, process, run_dir};
 
-/// gRPC port of the control plane (xDS and CA, Istio's plaintext xDS port).
+/// Plaintext gRPC port of the control plane (xDS and CA, Istio's plaintext
+/// xDS port); the lab's proxies use [`GRPC_TLS_PORT`].
 pub const GRPC_PORT: u16 = 15010;
+/// TLS gRPC port of the control plane (Istio's 15012), which the lab's
+/// ztunnels and waypoints dial, verifying it with the CA's root.
+pub const GRPC_TLS_PORT: u16 = 15012;
 /// Monitoring port.
 pub const STATUS_PORT: u16 = 15014;
 
@@ -32,6 +36,22 @@ impl LabState {
     /// The control plane's gRPC address, as node agents dial it.
     pub fn control_grpc_addr(&self) -> SocketAddr {
         SocketAddr::new(self.control_ip().into(), GRPC_PORT)
+    }
+
+    /// The control plane's TLS gRPC address, as node agents and waypoints
+    /// dial it.
+    pub fn control_grpc_tls_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.control_ip().into(), GRPC_TLS_PORT)
+    }
+
+    /// The `--xds-address` of the lab's proxies.
+    pub fn control_xds_url(&self) -> String {
+        format!("https://{}", self.control_grpc_tls_addr())
+    }
+
+    /// The mesh root the proxies verify the control plane with.
+    pub fn control_root_cert(&self) -> std::path::PathBuf {
+        self.ca_dir().join("root-cert.pem")
     }
 
     /// The control plane's monitoring address.
@@ -106,6 +126,10 @@ impl LabState {
             .arg(self.tokens_file())
             .arg("--grpc-addr")
             .arg(self.control_grpc_addr().to_string())
+            .arg("--grpc-tls-addr")
+            .arg(self.control_grpc_tls_addr().to_string())
+            .arg("--tls-ip-san")
+            .arg(self.control_ip().to_string())
             .arg("--status-addr")
             .arg(self.control_status_addr().to_string())
             .env(
@@ -124,7 +148,8 @@ impl LabState {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-            if crate::up::listening_ports(&table).contains(&GRPC_PORT) {
+            let listening = crate::up::listening_ports(&table);
+            if listening.contains(&GRPC_PORT) && listening.contains(&GRPC_TLS_PORT) {
                 return Ok(pid);
             }
             if Instant::now() > deadline || !std::path::Path::new(&format!("/proc/{pid}")).exists()

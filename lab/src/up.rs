@@ -250,7 +250,9 @@ fn start_app(state: &LabState, pod: &PodPlan) -> Result<u32> {
         let mut command = state.command_in_pod(pod, state.waypoint_binary())?;
         command
             .arg("--xds-address")
-            .arg(format!("http://{}", state.control_grpc_addr()))
+            .arg(state.control_xds_url())
+            .arg("--xds-root-cert")
+            .arg(state.control_root_cert())
             // In the lab a waypoint authenticates as its node (the CA signs
             // identities of pods on the caller's node); on Kubernetes it
             // uses its own service-account token.

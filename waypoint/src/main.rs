@@ -26,9 +26,17 @@ use waypoint::{
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The control plane's xDS and CA address, e.g. `http://istiod:15010`.
+    /// The control plane's xDS and CA address:
+    /// `https://mesh-control.istio-system.svc:15012`, or plaintext
+    /// `http://...:15010` (lab and debugging only: the token crosses it in
+    /// the clear).
     #[arg(long)]
     xds_address: String,
+    /// PEM file of the mesh root the control plane's certificate must
+    /// verify against (used with an `https://` address; default Istio's
+    /// `/var/run/secrets/istio/root-cert.pem`).
+    #[arg(long)]
+    xds_root_cert: Option<PathBuf>,
     /// File holding the bearer token for the control plane.
     #[arg(long)]
     xds_token_file: Option<PathBuf>,
@@ -70,8 +78,15 @@ async fn main() -> anyhow::Result<()> {
     mesh_admin::process::raise_fd_limit();
     let cli = Cli::parse();
     let identity = Identity::new(&cli.trust_domain, &cli.namespace, &cli.service_account);
+    let target = mesh_xds::Target {
+        address: cli.xds_address.clone(),
+        root_cert: cli
+            .xds_root_cert
+            .clone()
+            .or_else(|| mesh_xds::channel::default_root_cert(&cli.xds_address)),
+    };
     let certs = CertManager::new(
-        Some(cli.xds_address.clone()),
+        Some(target.clone()),
         cli.xds_token_file.clone(),
         Duration::from_secs(cli.cert_ttl),
     );
@@ -96,7 +111,8 @@ async fn main() -> anyhow::Result<()> {
     let key = format!("{}/{}", cli.namespace, cli.gateway);
     tokio::spawn(mesh_xds::run(
         mesh_xds::ClientConfig {
-            address: cli.xds_address.clone(),
+            address: target.address.clone(),
+            root_cert: target.root_cert.clone(),
             token_file: cli.xds_token_file.clone(),
             node_id: format!(
                 "waypoint~{}~{}.{}~{}.svc.cluster.local",

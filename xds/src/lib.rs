@@ -29,7 +29,11 @@ use mesh_api::envoy::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::{Request, metadata::MetadataValue, transport::Endpoint};
+use tonic::{Request, metadata::MetadataValue};
+
+pub mod channel;
+
+pub use channel::{ChannelError, Target};
 
 /// First reconnect delay.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -39,8 +43,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// Where and how to connect.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Control plane address, e.g. `http://10.255.0.254:15010`.
+    /// Control plane address: `https://mesh-control.istio-system.svc:15012`,
+    /// or plaintext `http://10.255.0.254:15010` (lab and debugging only).
     pub address: String,
+    /// PEM file of the mesh root the server's certificate must verify
+    /// against; required for `https://`.
+    pub root_cert: Option<PathBuf>,
     /// File holding the bearer token (read at every connect, so it can be
     /// rotated); none sends no token.
     pub token_file: Option<PathBuf>,
@@ -93,14 +101,9 @@ pub trait Handler: Send + 'static {
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// Could not connect.
-    #[error("connecting to {address}: {source}")]
-    Connect {
-        /// Control plane address.
-        address: String,
-        /// Transport error.
-        source: tonic::transport::Error,
-    },
+    /// Could not connect (or, over TLS, verify the server).
+    #[error(transparent)]
+    Connect(#[from] ChannelError),
     /// The token file could not be read.
     #[error("reading token {path}: {source}")]
     Token {
@@ -110,7 +113,7 @@ pub enum StreamError {
         source: std::io::Error,
     },
     /// The server refused or ended the stream.
-    #[error("stream: {0}")]
+    #[error("stream: {}", channel::chain(.0))]
     Status(#[from] tonic::Status),
     /// The stream ended cleanly.
     #[error("control plane closed the stream")]
@@ -171,18 +174,18 @@ async fn stream_inner(
         ),
         None => None,
     };
-    let connect_error = |source| StreamError::Connect {
+    let target = Target {
         address: config.address.clone(),
-        source,
+        root_cert: config.root_cert.clone(),
     };
-    let channel = Endpoint::from_shared(config.address.clone())
-        .map_err(connect_error)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(connect_error)?;
+    let channel = target
+        .connect(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+        })
+        .await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
 

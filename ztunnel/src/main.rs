@@ -113,9 +113,17 @@ struct RunArgs {
     /// This node's name, as pods' `spec.nodeName` says.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The control plane's xDS address, e.g. `http://istiod:15010`.
+    /// The control plane's xDS and CA address:
+    /// `https://mesh-control.istio-system.svc:15012`, or plaintext
+    /// `http://...:15010` (lab and debugging only: the token crosses it in
+    /// the clear).
     #[arg(long)]
     xds_address: Option<String>,
+    /// PEM file of the mesh root the control plane's certificate must
+    /// verify against (used with an `https://` address; default Istio's
+    /// `/var/run/secrets/istio/root-cert.pem`).
+    #[arg(long)]
+    xds_root_cert: Option<PathBuf>,
     /// File holding this node agent's bearer token for the control plane.
     #[arg(long)]
     xds_token_file: Option<PathBuf>,
@@ -171,8 +179,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let policy = std::sync::Arc::new(policy::PolicyStore::new(&args.root_namespace));
     let synced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tcp_metrics = metrics::TcpMetrics::default();
+    let target = args.xds_address.as_ref().map(|address| mesh_xds::Target {
+        address: address.clone(),
+        root_cert: args
+            .xds_root_cert
+            .clone()
+            .or_else(|| mesh_xds::channel::default_root_cert(address)),
+    });
     let certs = identity::CertManager::new(
-        args.xds_address.clone(),
+        target.clone(),
         args.xds_token_file.clone(),
         Duration::from_secs(args.workload_cert_ttl),
     );
@@ -192,10 +207,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tcp_metrics: tcp_metrics.clone(),
         },
     )?;
-    if let Some(address) = &args.xds_address {
+    if let Some(target) = &target {
         tokio::spawn(mesh_xds::run(
             mesh_xds::ClientConfig {
-                address: address.clone(),
+                address: target.address.clone(),
+                root_cert: target.root_cert.clone(),
                 token_file: args.xds_token_file.clone(),
                 node_id: format!("ztunnel~{}", args.node_name),
                 types: vec![

@@ -180,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
         .arg(&tokens)
         .arg("--grpc-addr")
         .arg(format!("127.0.0.1:{grpc}"))
+        .arg("--grpc-tls-addr")
+        .arg("127.0.0.1:0")
         .arg("--status-addr")
         .arg(format!("127.0.0.1:{status}"))
         .env("MESH_LOG", "warn")
@@ -240,6 +242,7 @@ async fn measure(
         tokio::spawn(mesh_xds::run(
             ClientConfig {
                 address: format!("http://127.0.0.1:{grpc}"),
+                root_cert: None,
                 token_file: Some(token_file.to_owned()),
                 node_id: format!("bench~{i}"),
                 types: vec![type_url::ADDRESS, type_url::AUTHORIZATION],
