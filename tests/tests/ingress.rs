@@ -65,13 +65,32 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
         .expect("opt details out");
     let outside = lab.state.pod("details").expect("details").clone();
 
-    // The routed paths reach productpage (which calls details and reviews).
+    // The routed paths reach productpage (which calls details and reviews),
+    // over HBONE once the gateway's endpoints say productpage is enrolled
+    // (that push may land after the gateway first became ready).
     let url = format!("{GATEWAY_URL}/productpage");
-    eventually("productpage through the gateway", || {
+    let over_hbone = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_requests_total")
+                && l.contains("reporter=\"source\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("destination_service=\"productpage.default.svc.cluster.local\"")
+                // Over HBONE to the enrolled pod, its identity checked.
+                && l.contains(
+                    "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"",
+                )
+        })
+    };
+    eventually("productpage through the gateway over HBONE", || {
         let (ok, body, text) = get(&lab, &outside, &url, &[]);
-        (ok && body["app"] == "productpage")
-            .then_some(())
-            .ok_or(text)
+        if !(ok && body["app"] == "productpage") {
+            return Err(text);
+        }
+        let metrics = lab
+            .state
+            .waypoint_metrics(&gateway)
+            .map_err(|e| e.to_string())?;
+        over_hbone(&metrics).then_some(()).ok_or(metrics)
     });
     let (ok, body, text) = get(
         &lab,
@@ -90,12 +109,7 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
         .waypoint_metrics(&gateway)
         .expect("gateway metrics");
     assert!(
-        metrics.lines().any(|l| l.starts_with("istio_requests_total")
-            && l.contains("reporter=\"source\"")
-            && l.contains("response_code=\"200\"")
-            && l.contains("destination_service=\"productpage.default.svc.cluster.local\"")
-            // Over HBONE to the enrolled pod, its identity checked.
-            && l.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"")),
+        over_hbone(&metrics),
         "no 200 to productpage over HBONE in\n{metrics}"
     );
     assert!(
