@@ -3,7 +3,10 @@
 //! relists, a CRD that is not installed leaves the rest working, and an
 //! invalid object is reported by kind, namespace, name and field.
 
-use std::{net::SocketAddr, time::Duration};
+mod common;
+use common::http_get;
+
+use std::time::Duration;
 
 use mesh_config::validate;
 use mesh_control::{
@@ -367,20 +370,6 @@ async fn an_invalid_virtual_service_is_reported_by_kind_namespace_name_and_field
     );
 }
 
-async fn get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_version() {
     let server = shop().await;
@@ -403,7 +392,7 @@ async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_ve
     .await
     .expect("control plane on the fake API");
     let status = control.ports().status;
-    let first = get(status, "/debug/config_errors").await;
+    let first = http_get(status, "/debug/config_errors").await;
     assert!(first.contains("\"errors\": []"), "{first}");
 
     // A bad edit of a working VirtualService: reported, and the last good
@@ -416,7 +405,7 @@ async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_ve
     ));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let errors = get(status, "/debug/config_errors").await;
+        let errors = http_get(status, "/debug/config_errors").await;
         if errors.contains("kubernetes:VirtualService/shop/reviews: VirtualService shop/reviews: field `spec.http[0].route`: destination weights sum to 110, not 100 (last good version kept)") {
             break;
         }

@@ -1,6 +1,9 @@
 //! The control plane over real gRPC: delta ADS pushes, ACK/NACK status, and
 //! the CA's authorization, driven by the same client the proxies use.
 
+mod common;
+use common::{create_certificate, csr, http_get, plaintext};
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -10,9 +13,6 @@ use std::{
 };
 
 use mesh_api::{
-    ca::{
-        IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
-    },
     security::Authorization,
     type_url,
     workload::{Address, address},
@@ -212,20 +212,6 @@ async fn wait_for(
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn workloads_and_services_are_pushed_and_changes_arrive_within_a_second() {
     let fixture = start().await;
@@ -253,10 +239,10 @@ async fn workloads_and_services_are_pushed_and_changes_arrive_within_a_second() 
     })
     .await;
 
-    let syncz = get(ports.status, "/debug/syncz").await;
+    let syncz = http_get(ports.status, "/debug/syncz").await;
     assert!(syncz.contains("\"proxy\": \"test~proxy\""), "{syncz}");
     assert!(syncz.contains("\"acked_version\": 3"), "{syncz}");
-    let metrics = get(ports.status, "/metrics").await;
+    let metrics = http_get(ports.status, "/metrics").await;
     assert!(
         metrics.contains("pilot_xds_pushes_total{type=\"Address\"}"),
         "{metrics}"
@@ -278,7 +264,7 @@ async fn broken_config_keeps_the_rest_and_is_reported() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let errors = get(ports.status, "/debug/config_errors").await;
+    let errors = http_get(ports.status, "/debug/config_errors").await;
     assert!(
         errors.contains("broken.yaml: document 1 (Service shop/bad): field `spec.ports[0].port`"),
         "{errors}"
@@ -349,7 +335,7 @@ async fn policies_are_pushed_and_a_broken_edit_keeps_the_last_good_version() {
     .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let errors = loop {
-        let errors = get(ports.status, "/debug/config_errors").await;
+        let errors = http_get(ports.status, "/debug/config_errors").await;
         if errors.contains("ipBlocks") || tokio::time::Instant::now() > deadline {
             break errors;
         }
@@ -391,9 +377,9 @@ async fn nacks_are_recorded_per_proxy() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let syncz = get(ports.status, "/debug/syncz").await;
+    let syncz = http_get(ports.status, "/debug/syncz").await;
     assert!(syncz.contains("refused by test"), "{syncz}");
-    let metrics = get(ports.status, "/metrics").await;
+    let metrics = http_get(ports.status, "/metrics").await;
     assert!(
         metrics.contains("pilot_total_xds_rejects_total{type=\"Address\"} 1"),
         "{metrics}"
@@ -413,50 +399,19 @@ async fn unauthenticated_streams_are_refused() {
     assert!(held.lock().unwrap().is_empty());
 }
 
-fn csr(uri: &str) -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.serialize_request(&key).unwrap().pem().unwrap()
-}
-
-async fn create_certificate(
-    grpc: SocketAddr,
-    token: Option<&str>,
-    csr: String,
-) -> Result<Vec<String>, tonic::Status> {
-    let mut client = IstioCertificateServiceClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(IstioCertificateRequest {
-        csr,
-        validity_duration: 3600,
-        metadata: None,
-    });
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    client
-        .create_certificate(request)
-        .await
-        .map(|r| r.into_inner().cert_chain)
-}
-
 #[tokio::test]
 async fn ca_signs_only_identities_running_on_the_callers_node() {
     let fixture = start().await;
     let grpc = fixture.control.ports().grpc;
     let web = "spiffe://cluster.local/ns/shop/sa/web";
 
-    let chain = create_certificate(grpc, Some(TOKEN0), csr(web))
+    let chain = create_certificate(plaintext(grpc).await, Some(TOKEN0), csr(web))
         .await
         .unwrap();
     assert_eq!(chain.len(), 2);
     assert!(chain[0].starts_with("-----BEGIN CERTIFICATE-----"));
 
-    let other_node = create_certificate(grpc, Some(TOKEN1), csr(web))
+    let other_node = create_certificate(plaintext(grpc).await, Some(TOKEN1), csr(web))
         .await
         .unwrap_err();
     assert_eq!(
@@ -470,16 +425,21 @@ async fn ca_signs_only_identities_running_on_the_callers_node() {
             .contains("no pod on node node1 runs as")
     );
 
-    let other_domain =
-        create_certificate(grpc, Some(TOKEN0), csr("spiffe://evil.org/ns/shop/sa/web"))
-            .await
-            .unwrap_err();
+    let other_domain = create_certificate(
+        plaintext(grpc).await,
+        Some(TOKEN0),
+        csr("spiffe://evil.org/ns/shop/sa/web"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(other_domain.code(), tonic::Code::PermissionDenied);
 
-    let anonymous = create_certificate(grpc, None, csr(web)).await.unwrap_err();
+    let anonymous = create_certificate(plaintext(grpc).await, None, csr(web))
+        .await
+        .unwrap_err();
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
 
-    let garbage = create_certificate(grpc, Some(TOKEN0), "garbage".into())
+    let garbage = create_certificate(plaintext(grpc).await, Some(TOKEN0), "garbage".into())
         .await
         .unwrap_err();
     assert_eq!(garbage.code(), tonic::Code::InvalidArgument);

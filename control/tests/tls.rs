@@ -2,6 +2,9 @@
 //! root get ADS and certificates; a client trusting another root is
 //! refused during the handshake; the bearer token is still required.
 
+mod common;
+use common::{create_certificate, csr};
+
 use std::{
     collections::BTreeSet,
     path::Path,
@@ -9,12 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_api::{
-    ca::{
-        IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
-    },
-    type_url,
-};
+use mesh_api::type_url;
 use mesh_control::{
     ControlPlane, Options, SourceOptions, ca::CertificateAuthority, model::MeshSettings,
     tls::TlsOptions,
@@ -75,35 +73,6 @@ impl Handler for Names {
     }
 }
 
-fn csr(uri: &str) -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.serialize_request(&key).unwrap().pem().unwrap()
-}
-
-async fn create_certificate(
-    target: &Target,
-    token: Option<&str>,
-) -> Result<Vec<String>, tonic::Status> {
-    let channel = target.connect(|e| e).await.unwrap();
-    let mut client = IstioCertificateServiceClient::new(channel);
-    let mut request = tonic::Request::new(IstioCertificateRequest {
-        csr: csr("spiffe://cluster.local/ns/shop/sa/web"),
-        validity_duration: 0,
-        metadata: None,
-    });
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    client
-        .create_certificate(request)
-        .await
-        .map(|r| r.into_inner().cert_chain)
-}
-
 #[tokio::test]
 async fn verified_clients_get_ads_and_certificates_over_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,9 +110,21 @@ async fn verified_clients_get_ads_and_certificates_over_tls() {
         address: address.clone(),
         root_cert: Some(root),
     };
-    let chain = create_certificate(&target, Some(TOKEN)).await.unwrap();
+    let chain = create_certificate(
+        target.connect(|e| e).await.unwrap(),
+        Some(TOKEN),
+        csr("spiffe://cluster.local/ns/shop/sa/web"),
+    )
+    .await
+    .unwrap();
     assert_eq!(chain.len(), 2);
-    let refused = create_certificate(&target, None).await.unwrap_err();
+    let refused = create_certificate(
+        target.connect(|e| e).await.unwrap(),
+        None,
+        csr("spiffe://cluster.local/ns/shop/sa/web"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
 }
 

@@ -3,6 +3,9 @@
 //! accounts get in, answers are cached, and an API server that cannot be
 //! asked is `Unavailable`, not a refusal.
 
+mod common;
+use common::{create_certificate, csr, plaintext};
+
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -233,21 +236,11 @@ async fn an_api_server_that_cannot_review_makes_callers_unavailable_not_refused(
     );
 }
 
-fn csr(uri: &str) -> String {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.serialize_request(&key).unwrap().pem().unwrap()
-}
-
 /// The whole control plane on the fake API server, with no tokens file:
 /// config from the API, callers by TokenReview, and the CA signing only
 /// identities that run on the reviewed caller's node.
 #[tokio::test]
 async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
-    use mesh_api::ca::{
-        IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
-    };
     use mesh_control::{
         ControlPlane, Options, SourceOptions, TokenReviewSetup,
         model::MeshSettings,
@@ -303,26 +296,13 @@ async fn the_ca_signs_for_service_account_callers_on_their_node_only() {
     .expect("control plane");
     let grpc = control.ports().grpc;
     let sign_as = |token: &'static str, identity: &'static str| async move {
-        let mut client = IstioCertificateServiceClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr: csr(identity),
-            validity_duration: 3600,
-            metadata: None,
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        client.create_certificate(request).await
+        create_certificate(plaintext(grpc).await, Some(token), csr(identity)).await
     };
     let sign = |token: &'static str| sign_as(token, "spiffe://cluster.local/ns/shop/sa/web");
     assert!(
         !sign("ztunnel-node0")
             .await
             .expect("node0's ztunnel gets web's certificate")
-            .into_inner()
-            .cert_chain
             .is_empty()
     );
     let other_node = sign("ztunnel-old-cluster").await.unwrap_err();
