@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod model;
 pub mod rbac;
+pub mod root_cert;
 pub mod source;
 pub mod status;
 pub mod tls;

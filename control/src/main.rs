@@ -12,6 +12,7 @@ use mesh_control::{
     ControlPlane, Options, SourceOptions, TokenReviewSetup,
     auth::token_review::TokenReviewOptions,
     model::MeshSettings,
+    root_cert,
     source::kubernetes::KubeOptions,
     tls::TlsOptions,
     waypoint_deploy::{self, WaypointTemplate},
@@ -104,6 +105,10 @@ struct Args {
     /// Root namespace: its selector-less policies apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// The control plane's own namespace (with `--kubernetes`, the mesh
+    /// root is published there as ConfigMap `istio-ca-root-cert`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    namespace: String,
     /// Deploy a waypoint (ServiceAccount, Deployment, Service) for every
     /// Gateway of class `istio-waypoint` (needs `--kubernetes` and
     /// `--waypoint-image`).
@@ -183,11 +188,14 @@ async fn main() -> anyhow::Result<()> {
                     token_audience: args.waypoint_token_audience.clone(),
                     trust_domain: args.trust_domain.clone(),
                     log_level: args.waypoint_log_level.clone(),
+                    // Set once the CA is loaded.
+                    root_cert: None,
                 },
             ))
         }
         _ => None,
     };
+    let kube_client_for_root = kube_config.clone().filter(|_| args.kubernetes);
     let source = if let Some(client) = kube_config.filter(|_| args.kubernetes) {
         SourceOptions::Kubernetes {
             client,
@@ -218,7 +226,20 @@ async fn main() -> anyhow::Result<()> {
         },
     })
     .await?;
-    if let Some((client, template)) = waypoints {
+    if let Some(config) = &kube_client_for_root {
+        // ztunnel, in this namespace, verifies 15012 with it.
+        let client = kube::Client::try_from((**config).clone())
+            .context("building a Kubernetes client to publish the mesh root")?;
+        tokio::spawn(root_cert::publish_until_done(
+            client,
+            args.namespace.clone(),
+            control.root_pem().to_owned(),
+        ));
+    }
+    if let Some((client, mut template)) = waypoints {
+        if template.xds_address.starts_with("https://") {
+            template.root_cert = Some(control.root_pem().to_owned());
+        }
         tokio::spawn(waypoint_deploy::run(
             client,
             args.gateway_api_version,

@@ -91,6 +91,7 @@ pub struct Ports {
 /// A running control plane.
 pub struct ControlPlane {
     ports: Ports,
+    root_pem: String,
     servers: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
@@ -170,6 +171,7 @@ impl ControlPlane {
             .with_context(|| format!("binding gRPC on {}", options.grpc_addr))?;
         let grpc = listener.local_addr()?;
         let ca = Arc::new(ca);
+        let root_pem = ca.root_pem().to_owned();
         let ads = AdsService::new(snapshots, auth.clone(), registry, metrics.clone());
         let ca_service = CaService::new(
             ca.clone(),
@@ -201,6 +203,7 @@ impl ControlPlane {
         ));
         tracing::info!(%grpc, grpc_tls = ?grpc_tls, %status, "control plane serving");
         Ok(Self {
+            root_pem,
             ports: Ports {
                 grpc,
                 grpc_tls,
@@ -208,6 +211,11 @@ impl ControlPlane {
             },
             servers,
         })
+    }
+
+    /// The mesh root certificate (PEM): what proxies verify 15012 with.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// Where it listens.

@@ -28,11 +28,11 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
-            Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-            ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            ProjectedVolumeSource, ResourceRequirements, SecurityContext, Service, ServiceAccount,
-            ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount,
-            VolumeProjection,
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+            HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+            Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext, Service,
+            ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
+            VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{
@@ -48,6 +48,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+
+use crate::root_cert;
 
 /// `gatewayClassName` of waypoints.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
@@ -112,6 +114,10 @@ pub struct WaypointTemplate {
     pub trust_domain: String,
     /// `RUST_LOG` of the waypoint.
     pub log_level: String,
+    /// The mesh root (PEM), when the waypoint dials the control plane over
+    /// TLS: published as [`root_cert::CONFIG_MAP`] in the Gateway's
+    /// namespace and mounted for `--xds-root-cert`.
+    pub root_cert: Option<String>,
 }
 
 /// The Gateway a waypoint is deployed for.
@@ -276,6 +282,33 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
         }]),
         ..Container::default()
     };
+    let mut container = container;
+    let mut volumes = Vec::new();
+    if template.root_cert.is_some() {
+        if let Some(args) = container.args.as_mut() {
+            args.push(format!(
+                "--xds-root-cert={}/{}",
+                root_cert::MOUNT_DIR,
+                root_cert::KEY
+            ));
+        }
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.push(VolumeMount {
+                name: "mesh-root".into(),
+                mount_path: root_cert::MOUNT_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+        volumes.push(Volume {
+            name: "mesh-root".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: root_cert::CONFIG_MAP.into(),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let token = Volume {
         name: "mesh-token".into(),
         projected: Some(ProjectedVolumeSource {
@@ -316,7 +349,7 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![token]),
+                    volumes: Some(std::iter::once(token).chain(volumes).collect()),
                     ..PodSpec::default()
                 }),
             },
@@ -470,6 +503,11 @@ async fn reconcile(
     let ns = &gateway.namespace;
     let name = &gateway.name;
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    // Shared by every waypoint of the namespace (no owner: the last
+    // Gateway's deletion must not take it from the others).
+    if let Some(root_pem) = &template.root_cert {
+        root_cert::publish(client, ns, root_pem).await?;
+    }
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&objects.service_account))
         .await
@@ -525,6 +563,7 @@ mod tests {
             token_audience: "istio-ca".into(),
             trust_domain: "cluster.local".into(),
             log_level: "info".into(),
+            root_cert: None,
         }
     }
 
@@ -535,6 +574,42 @@ mod tests {
             name: "waypoint".into(),
             uid: "uid-1".into(),
         }
+    }
+
+    #[test]
+    fn over_tls_a_waypoint_mounts_the_published_root() {
+        let plain = render(&gateway(), &template());
+        let pod = plain.deployment.spec.template.spec.unwrap();
+        assert_eq!(pod.volumes.unwrap().len(), 1, "only the token");
+
+        let mut tls = template();
+        tls.xds_address = "https://mesh-control.istio-system.svc:15012".into();
+        tls.root_cert = Some("PEM".into());
+        let pod = render(&gateway(), &tls)
+            .deployment
+            .spec
+            .template
+            .spec
+            .unwrap();
+        let container = &pod.containers[0];
+        let args = container.args.as_ref().unwrap();
+        assert!(args.contains(&"--xds-address=https://mesh-control.istio-system.svc:15012".into()));
+        assert!(args.contains(&"--xds-root-cert=/var/run/secrets/istio/root-cert.pem".into()));
+        let mount = container
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "mesh-root")
+            .expect("root mounted");
+        assert_eq!(mount.mount_path, root_cert::MOUNT_DIR);
+        let volume = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "mesh-root")
+            .expect("root volume");
+        assert_eq!(volume.config_map.unwrap().name, root_cert::CONFIG_MAP);
     }
 
     #[test]

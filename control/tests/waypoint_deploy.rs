@@ -23,6 +23,7 @@ fn template() -> WaypointTemplate {
         token_audience: "istio-ca".into(),
         trust_domain: "cluster.local".into(),
         log_level: "info".into(),
+        root_cert: None,
     }
 }
 

@@ -292,6 +292,43 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         assert!(waypoints.contains(&need), "{need:?}: {waypoints:?}");
     }
     assert_access(&manifests, "mesh-control", &waypoints);
+    // The mesh root, published for proxies to verify 15012.
+    let root: Vec<(&str, &str, &str)> = mesh_control::root_cert::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(root.contains(&("", "configmaps", "patch")), "{root:?}");
+    assert_access(&manifests, "mesh-control", &root);
+}
+
+/// Proxies reach the control plane only over TLS (15012), verified with
+/// the root the control plane publishes: no token crosses the network in
+/// plaintext.
+#[test]
+fn proxies_dial_the_control_plane_over_tls_with_the_published_root() {
+    let text = rendered_text();
+    assert!(
+        !text.contains("svc:15010"),
+        "a proxy dials plaintext 15010:\n{text}"
+    );
+    let ztunnel = format!(
+        "--xds-address=https://mesh-control.{}.svc:15012",
+        RELEASE_NAMESPACE
+    );
+    assert!(text.contains(&ztunnel), "{ztunnel} missing");
+    let root = format!(
+        "--xds-root-cert={}/{}",
+        mesh_control::root_cert::MOUNT_DIR,
+        mesh_control::root_cert::KEY
+    );
+    assert!(text.contains(&root), "{root} missing");
+    assert!(
+        text.contains(&format!("name: {}", mesh_control::root_cert::CONFIG_MAP)),
+        "the DaemonSet mounts the published root"
+    );
+    assert!(text.contains("--waypoint-xds-address=https://"));
 }
 
 /// The control plane deploys waypoints with the chart's waypoint image and
@@ -312,7 +349,7 @@ fn control_plane_deploys_waypoints_from_the_chart_values() {
         format!("--waypoint-image={hub}/waypoint:{tag}"),
         "--waypoint-cpu-request=100m".to_owned(),
         "--waypoint-memory-limit=512Mi".to_owned(),
-        format!("--waypoint-xds-address=http://mesh-control.{RELEASE_NAMESPACE}.svc:15010"),
+        format!("--waypoint-xds-address=https://mesh-control.{RELEASE_NAMESPACE}.svc:15012"),
         "--waypoint-token-audience=istio-ca".to_owned(),
         "--token-review-waypoint-service-account=*/*".to_owned(),
     ] {
