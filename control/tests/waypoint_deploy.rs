@@ -200,3 +200,46 @@ async fn a_failed_apply_is_retried() {
     .await;
     controller.abort();
 }
+
+#[tokio::test]
+async fn over_tls_the_mesh_root_is_published_in_the_waypoints_namespace() {
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::new(GATEWAY_API, "Gateway", "gateways", true));
+    server.serve(Kind::deployment());
+    server.serve(Kind::service());
+    server.serve(Kind::service_account());
+    server.serve(Kind::new("v1", "ConfigMap", "configmaps", true));
+    server.apply(gateway("waypoint", "istio-waypoint"));
+    let mut tls = template();
+    tls.xds_address = "https://mesh-control.istio-system.svc:15012".into();
+    tls.root_cert = Some("-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n".into());
+    let controller = tokio::spawn(waypoint_deploy::run(server.client(), "v1".into(), tls));
+
+    let root = eventually("the published root", || {
+        server.get(
+            "v1",
+            "ConfigMap",
+            "shop",
+            mesh_control::root_cert::CONFIG_MAP,
+        )
+    })
+    .await;
+    assert_eq!(
+        root["data"][mesh_control::root_cert::KEY],
+        "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n"
+    );
+    // Shared by the namespace's waypoints: no owner to collect it with one.
+    assert!(root["metadata"]["ownerReferences"].is_null());
+    let deployment = eventually("the waypoint Deployment", || {
+        server.get("apps/v1", "Deployment", "shop", "waypoint")
+    })
+    .await;
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array().unwrap().contains(&json!(
+            "--xds-root-cert=/var/run/secrets/istio/root-cert.pem"
+        )),
+        "{args}"
+    );
+    controller.abort();
+}
