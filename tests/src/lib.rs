@@ -45,6 +45,18 @@ impl Lab {
             .unwrap_or_else(|err| panic!("certificates for {namespace}: {err}"));
     }
 
+    /// Labels namespace `namespace` `istio.io/use-waypoint=<waypoint>`: its
+    /// services' traffic goes through that waypoint.
+    pub fn use_waypoint(&mut self, namespace: &str, waypoint: &str) {
+        self.state
+            .set_label(
+                &mesh_lab::mesh::LabelTarget::Namespace(namespace.to_owned()),
+                "istio.io/use-waypoint",
+                Some(waypoint),
+            )
+            .unwrap_or_else(|err| panic!("bind {namespace} to waypoint {waypoint}: {err}"));
+    }
+
     /// Brings up Istio's bookinfo sample.
     pub fn bookinfo(name: &str) -> Self {
         Self::up(name, vec![bookinfo_manifest()], 2)

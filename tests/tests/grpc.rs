@@ -6,7 +6,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use mesh_lab::{PodPlan, mesh::LabelTarget};
+use mesh_lab::PodPlan;
 use mesh_tests::Lab;
 use serde_json::Value;
 
@@ -45,13 +45,7 @@ fn grpc_calls_through_the_waypoint() {
         2,
     );
     lab.enrol_namespace("default");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            "istio.io/use-waypoint",
-            Some("waypoint"),
-        )
-        .expect("bind the namespace to its waypoint");
+    lab.use_waypoint("default", "waypoint");
     mesh_lab::cluster::apply(&lab.state.plan.name, &manifest("grpc-route.yaml")).expect("apply");
     lab.state
         .wait_for_waypoints(Duration::from_secs(15))

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_lab::{PodPlan, mesh::LabelTarget};
+use mesh_lab::PodPlan;
 use mesh_tests::{Lab, bookinfo_manifest};
 
 /// How long config may take to show in traffic.
@@ -101,13 +101,7 @@ fn bookinfo_networking_samples_through_the_waypoint() {
         2,
     );
     lab.enrol_namespace("default");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            "istio.io/use-waypoint",
-            Some("waypoint"),
-        )
-        .expect("bind the namespace to its waypoint");
+    lab.use_waypoint("default", "waypoint");
     apply(&lab, "destination-rule-all.yaml");
     apply(&lab, "virtual-service-all-v1.yaml");
     lab.state
@@ -456,13 +450,7 @@ fn flaky_lab(name: &str) -> (Lab, PodPlan, PodPlan, PodPlan) {
         2,
     );
     lab.enrol_namespace("default");
-    lab.state
-        .set_label(
-            &LabelTarget::Namespace("default".into()),
-            "istio.io/use-waypoint",
-            Some("waypoint"),
-        )
-        .expect("bind the namespace to its waypoint");
+    lab.use_waypoint("default", "waypoint");
     apply_path(&lab, &manifest("flaky-routes.yaml"));
     lab.state
         .wait_for_waypoints(Duration::from_secs(15))

@@ -77,15 +77,27 @@ fn names(pods: &NodePods) -> Vec<String> {
         .collect()
 }
 
+/// An API server serving Pods and Namespaces, none of them yet.
+async fn node_api() -> FakeApiServer {
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::pod());
+    server.serve(Kind::namespace());
+    server
+}
+
+/// [`node_api`] with namespace `shop` enrolled and `plain` not.
+async fn shop_and_plain() -> FakeApiServer {
+    let server = node_api().await;
+    server.apply(namespace("shop", Some("ambient")));
+    server.apply(namespace("plain", None));
+    server
+}
+
 #[tokio::test]
 async fn this_nodes_enrolled_pods_are_located_on_the_host() {
     let host = tempfile::tempdir().unwrap();
     let h = host.path();
-    let server = FakeApiServer::start().await;
-    server.serve(Kind::pod());
-    server.serve(Kind::namespace());
-    server.apply(namespace("shop", Some("ambient")));
-    server.apply(namespace("plain", None));
+    let server = shop_and_plain().await;
     // systemd driver, Burstable.
     server.apply(pod(PodSpec {
         ns: "shop",
@@ -240,9 +252,7 @@ async fn this_nodes_enrolled_pods_are_located_on_the_host() {
 #[tokio::test]
 async fn an_empty_node_is_published_once_listed() {
     let host = tempfile::tempdir().unwrap();
-    let server = FakeApiServer::start().await;
-    server.serve(Kind::pod());
-    server.serve(Kind::namespace());
+    let server = node_api().await;
     let mut pods = KubePods::start(server.client(), "node0", roots(host.path()));
     // Empty, but published: this is what releases pods that left while the
     // agent was away.
@@ -253,11 +263,7 @@ async fn an_empty_node_is_published_once_listed() {
 async fn after_410_gone_the_relisted_pods_and_labels_are_published() {
     let host = tempfile::tempdir().unwrap();
     let h = host.path();
-    let server = FakeApiServer::start().await;
-    server.serve(Kind::pod());
-    server.serve(Kind::namespace());
-    server.apply(namespace("shop", Some("ambient")));
-    server.apply(namespace("plain", None));
+    let server = shop_and_plain().await;
     server.apply(pod(PodSpec {
         ns: "shop",
         name: "web-0",
