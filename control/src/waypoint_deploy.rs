@@ -226,7 +226,7 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
         ..ContainerPort::default()
     };
     let quantity = |q: &str| Quantity(q.to_owned());
-    let container = Container {
+    let mut container = Container {
         name: "waypoint".into(),
         image: Some(template.image.clone()),
         image_pull_policy: Some(template.image_pull_policy.clone()),
@@ -282,7 +282,6 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
         }]),
         ..Container::default()
     };
-    let mut container = container;
     let mut volumes = Vec::new();
     if template.root_cert.is_some() {
         if let Some(args) = container.args.as_mut() {
