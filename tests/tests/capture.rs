@@ -351,6 +351,27 @@ fn enrolled_traffic_goes_through_ztunnel_and_only_it() {
         Duration::from_secs(1),
     );
 
+    // A port nobody listens on, through both ztunnels: the destination
+    // pod's refusal comes back as fast as it would directly.
+    let started = Instant::now();
+    let err = probe::tcp(
+        &lab.state,
+        &productpage,
+        &format!("{}:9999", details.ip),
+        &["--send", "x"],
+    )
+    .expect_err("a closed port through the mesh");
+    let message = err.to_string();
+    assert!(
+        message.contains("refused") || message.contains("reset") || message.contains("closed"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a closed port was refused after {:?}",
+        started.elapsed()
+    );
+
     // ztunnel down: the node's enrolled pods fail fast both ways, never bypass.
     lab.state
         .stop_ztunnel(productpage.node)

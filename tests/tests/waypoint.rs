@@ -472,8 +472,9 @@ fn flaky_lab(name: &str) -> (Lab, PodPlan, PodPlan, PodPlan) {
 /// response is a 503 `UC` (retried only when the policy says `reset`, then
 /// `UC,URX`), a 503 answer retried by Istio's default policy is passed on
 /// as `URX`, a route timeout is a 504 `UT`, per-try timeouts with retries
-/// a 504 `UT,URX`; the flags show in the metrics and the access log, and
-/// requests on other connections are served while one hangs.
+/// a 504 `UT,URX`, a dead upstream a prompt 503 `UF,URX`; the flags show
+/// in the metrics and the access log, and requests on other connections
+/// are served while one hangs.
 #[test]
 fn upstream_failures_through_the_waypoint() {
     let (lab, client, flaky, waypoint) = flaky_lab("twpf");
@@ -589,6 +590,33 @@ fn upstream_failures_through_the_waypoint() {
             "no access log line for {path} with {flags}"
         );
     }
+
+    // The upstream app dies (SIGKILL): its port refuses connections, so
+    // each try fails to connect, and the answer is a prompt 503 `UF`, with
+    // Istio's default policy retrying `connect-failure`.
+    std::fs::write(lab.state.pod_cgroup(&flaky).join("cgroup.kill"), "1").expect("kill flaky");
+    let (status, body, took) = status_of(&lab, &client, &url("/plain/dead"));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("upstream connect error or disconnect/reset before headers"),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a refused upstream answered after {took:?}"
+    );
+    let metrics = lab.state.waypoint_metrics(&waypoint).expect("metrics");
+    assert!(
+        counted(
+            &metrics,
+            &[
+                "response_code=\"503\"",
+                "response_flags=\"UF,URX\"",
+                flaky_svc
+            ]
+        ),
+        "no 503 UF,URX for flaky in\n{metrics}"
+    );
 }
 
 /// Sends `count` GETs of `url` at once from `from` (one process each) and

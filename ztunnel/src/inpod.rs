@@ -91,14 +91,18 @@ impl PodNetns {
 
     /// Sets the pod's namespace up for transparent delivery: marked replies
     /// are routed locally (`ip rule fwmark DELIVERY_MARK lookup
-    /// DELIVERY_TABLE`, `local 0.0.0.0/0 dev lo table DELIVERY_TABLE`) and
-    /// accepted sockets inherit their SYN's mark (`tcp_fwmark_accept`).
+    /// DELIVERY_TABLE`, `local 0.0.0.0/0 dev lo table DELIVERY_TABLE`),
+    /// accepted sockets inherit their SYN's mark (`tcp_fwmark_accept`), and
+    /// so do the kernel's own replies (`fwmark_reflect`): the RST refusing a
+    /// SYN to a closed port comes back to ztunnel, instead of going to the
+    /// original client's address and leaving the dial to time out.
     /// Idempotent.
     pub async fn prepare_delivery(&self) -> io::Result<()> {
         let netns = self.netns.clone();
         let (connection, handle) = tokio::task::spawn_blocking(move || {
             in_netns(&netns, || {
                 std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+                std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
                 let (connection, handle, _) = rtnetlink::new_connection()?;
                 Ok((connection, handle))
             })
