@@ -18,7 +18,7 @@ use crate::{
         networking::{
             Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
             LoadBalancer, Resolution, ServerTlsMode, ServiceEntrySpec, StringMatch, TrafficPolicy,
-            VirtualServiceSpec,
+            VirtualServiceSpec, grpc_status_code,
         },
         security::{AuthorizationAction, AuthorizationPolicySpec, PeerAuthenticationSpec},
     },
@@ -540,6 +540,14 @@ fn http_route(
                 (None, None) => at.error(
                     format!("{path}.fault.abort"),
                     "an abort needs httpStatus or grpcStatus",
+                ),
+                (None, Some(name)) if grpc_status_code(name).is_none() => at.error(
+                    format!("{path}.fault.abort.grpcStatus"),
+                    format!("{name:?} is not a gRPC status name (e.g. UNAVAILABLE)"),
+                ),
+                (Some(_), Some(_)) => at.error(
+                    format!("{path}.fault.abort"),
+                    "an abort has either httpStatus or grpcStatus, not both",
                 ),
                 _ => {}
             }
@@ -1141,6 +1149,33 @@ mod tests {
             errs.iter()
                 .any(|e| e.contains("`spec.http[0].fault.abort.percentage.value`: percentage 150"))
         );
+    }
+
+    #[test]
+    fn grpc_aborts_name_a_grpc_status() {
+        let vs = |abort: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: g}}\nspec:\n  hosts: [a]\n  http:\n  - fault: {{abort: {abort}}}\n    route: [{{destination: {{host: a}}}}]\n"
+            )
+        };
+        assert_eq!(
+            errors(&vs("{grpcStatus: UNAVAILABLE}")),
+            Vec::<String>::new()
+        );
+        let errs = errors(&vs("{grpcStatus: UNAVAIL}"));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains(
+                "`spec.http[0].fault.abort.grpcStatus`: \"UNAVAIL\" is not a gRPC status"
+            ),
+            "{errs:?}"
+        );
+        let errs = errors(&vs("{grpcStatus: UNAVAILABLE, httpStatus: 503}"));
+        assert!(
+            errs.len() == 1 && errs[0].contains("either httpStatus or grpcStatus"),
+            "{errs:?}"
+        );
+        assert_eq!(grpc_status_code("UNAUTHENTICATED"), Some(16));
     }
 
     #[test]

@@ -1077,7 +1077,13 @@ fn fault_config(fault: &net::HttpFault) -> HttpFault {
     let abort = fault.abort.as_ref().map(|a| FaultAbort {
         error_type: a
             .http_status
-            .map(|s| fault_abort::ErrorType::HttpStatus(s.clamp(0, 999) as u32)),
+            .map(|s| fault_abort::ErrorType::HttpStatus(s.clamp(0, 999) as u32))
+            .or_else(|| {
+                a.grpc_status
+                    .as_deref()
+                    .and_then(mesh_config::istio::networking::grpc_status_code)
+                    .map(fault_abort::ErrorType::GrpcStatus)
+            }),
         percentage: Some(fraction(a.percentage.as_ref().map_or(100.0, |p| p.value))),
         ..Default::default()
     });

@@ -169,6 +169,9 @@ pub struct GrpcArgs {
     /// Notes to stream.
     #[arg(long, default_value_t = 3)]
     pub count: u32,
+    /// Request metadata of a `Unary` call, `name=value` (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
     /// Time limit of the call.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -201,6 +204,24 @@ fn metadata_json(metadata: &MetadataMap) -> Value {
     Value::Object(entries)
 }
 
+/// `note` with the metadata of `--header`.
+fn unary_request(args: &GrpcArgs, note: Note) -> anyhow::Result<tonic::Request<Note>> {
+    let mut request = tonic::Request::new(note);
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once('=')
+            .with_context(|| format!("--header {header:?} is not NAME=VALUE"))?;
+        let name: tonic::metadata::MetadataKey<tonic::metadata::Ascii> = name
+            .parse()
+            .with_context(|| format!("--header name {name:?}"))?;
+        let value = value
+            .parse()
+            .with_context(|| format!("--header value {value:?}"))?;
+        request.metadata_mut().insert(name, value);
+    }
+    Ok(request)
+}
+
 /// Makes the call and prints what came back as one JSON object.
 pub async fn run(args: GrpcArgs) -> anyhow::Result<()> {
     let uri: http::Uri = args.url.parse().context("the server URL")?;
@@ -230,7 +251,10 @@ pub async fn run(args: GrpcArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let report = match args.call {
-        Call::Unary => match client.unary(note(args.text.clone(), 0)).await {
+        Call::Unary => match client
+            .unary(unary_request(&args, note(args.text.clone(), 0))?)
+            .await
+        {
             Ok(answer) => {
                 let metadata = metadata_json(answer.metadata());
                 let answer = answer.into_inner();

@@ -2,7 +2,8 @@
 //! (`lab-app grpc`, lab-app's gRPC test service) make unary,
 //! server-streaming, client-streaming and bidirectional calls through a
 //! VirtualService; statuses, messages, custom trailers and every streamed
-//! message arrive, and `istio_requests_total` counts the calls as gRPC.
+//! message arrive, the waypoint's own answers (injected faults) are gRPC
+//! statuses, and `istio_requests_total` counts the calls as gRPC.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -83,6 +84,22 @@ fn grpc_calls_through_the_waypoint() {
         "the custom trailer: {failed}"
     );
 
+    // The waypoint's own answers are gRPC statuses, as Envoy's are: an
+    // injected gRPC abort carries its code, an injected HTTP 503 becomes
+    // UNAVAILABLE, both with Envoy's message, and the app never sees them.
+    let aborted = call(&lab, &client, "unary", &["--header", "x-fault=abort"]);
+    assert_eq!(
+        (&aborted["code"], &aborted["message"]),
+        (&Value::from(8), &Value::from("fault filter abort")),
+        "{aborted}"
+    );
+    let unavailable = call(&lab, &client, "unary", &["--header", "x-fault=http"]);
+    assert_eq!(
+        (&unavailable["code"], &unavailable["message"]),
+        (&Value::from(14), &Value::from("fault filter abort")),
+        "{unavailable}"
+    );
+
     // Server streaming: 10 000 notes in order, then OK.
     let streamed = call(&lab, &client, "count", &["--count", "10000"]);
     assert_eq!(
@@ -136,7 +153,7 @@ fn grpc_calls_through_the_waypoint() {
                 && l.contains("destination_service=\"echo-grpc.default.svc.cluster.local\"")
         })
         .collect();
-    for status in ["0", "5", "9"] {
+    for status in ["0", "5", "8", "9", "14"] {
         let label = format!("grpc_response_status=\"{status}\"");
         assert!(
             grpc_calls

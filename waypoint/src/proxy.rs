@@ -40,7 +40,8 @@ use crate::{
     metrics::{ClusterLabels, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
     route::{
-        Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget, authority,
+        Abort, Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget,
+        authority,
     },
     upstream::{Body, BoxError, Clients, Connector},
 };
@@ -432,6 +433,9 @@ impl Waypoint {
         } else {
             self.route(&config, ctx, parts, body, &mut outcome).await
         };
+        if grpc {
+            response = grpc_local_reply(response);
+        }
         let status = response.status().as_u16();
         let response_bytes = content_length(response.headers()).unwrap_or(0);
         let labels = RequestLabels {
@@ -549,14 +553,17 @@ impl Waypoint {
                 outcome.flags.insert(ResponseFlags::DELAY_INJECTED);
                 tokio::time::sleep(delay).await;
             }
-            if let Some((status, ppm)) = fault.abort
+            if let Some((abort, ppm)) = fault.abort
                 && roll_ppm() < ppm
             {
                 outcome.flags.insert(ResponseFlags::FAULT_INJECTED);
-                let mut response = local_reply(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                    "fault filter abort",
-                );
+                let mut response = match abort {
+                    Abort::Http(status) => local_reply(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                        FAULT_ABORT_BODY,
+                    ),
+                    Abort::Grpc(code) => grpc_reply(code, FAULT_ABORT_BODY),
+                };
                 route.response_headers.apply(response.headers_mut());
                 return response;
             }
@@ -928,6 +935,7 @@ impl Waypoint {
 
 /// The trailer (or trailers-only header) carrying a gRPC call's status.
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// A request's metrics, recorded once its outcome is known: at the
 /// response head, or for gRPC when the status has passed.
@@ -1334,13 +1342,23 @@ fn local_error(status: StatusCode, body: &str) -> LocalReply {
     Box::new(local_reply(status, body))
 }
 
+/// Body of an injected abort, as Envoy words it.
+const FAULT_ABORT_BODY: &str = "fault filter abort";
+
+/// Marks a response the waypoint made itself; holds its text, which a
+/// gRPC caller gets as `grpc-message` instead.
+#[derive(Clone)]
+struct LocalText(Bytes);
+
 /// A response made by the waypoint itself.
 fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
+    let text = Bytes::from(body.to_owned());
     let mut response = Response::new(
-        Full::new(Bytes::from(body.to_owned()))
+        Full::new(text.clone())
             .map_err(|never| match never {})
             .boxed(),
     );
+    response.extensions_mut().insert(LocalText(text));
     *response.status_mut() = status;
     if !body.is_empty() {
         response
@@ -1351,6 +1369,68 @@ fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     response
+}
+
+/// A gRPC trailers-only response: HTTP 200 whose head carries
+/// `grpc-status` `code` and `grpc-message` `message`, no body.
+fn grpc_reply(code: u32, message: &str) -> Response<Body> {
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
+    if !message.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&grpc_message(message))
+    {
+        headers.insert(GRPC_MESSAGE.clone(), value);
+    }
+    response
+}
+
+/// The waypoint's own reply to a gRPC request, made a gRPC status as
+/// Envoy does: the HTTP status mapped to its gRPC code (gRPC's
+/// HTTP-to-gRPC table), the text as `grpc-message`, the other headers
+/// kept. Responses from upstream pass unchanged.
+fn grpc_local_reply(response: Response<Body>) -> Response<Body> {
+    let Some(LocalText(text)) = response.extensions().get::<LocalText>().cloned() else {
+        return response;
+    };
+    let code = grpc_code_of(response.status());
+    let mut reply = grpc_reply(code, &String::from_utf8_lossy(&text));
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            reply.headers_mut().append(name, value.clone());
+        }
+    }
+    reply
+}
+
+/// gRPC code for an HTTP status (gRPC's `http-grpc-status-mapping`).
+fn grpc_code_of(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// `message` percent-encoded as `grpc-message` requires: bytes outside
+/// printable ASCII, and `%`, as `%XX`.
+fn grpc_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -1512,5 +1592,46 @@ mod tests {
             started.as_str(),
             "an existing trace is kept"
         );
+    }
+    #[test]
+    fn local_replies_to_grpc_callers_are_grpc_statuses() {
+        let mut denied = local_reply(StatusCode::FORBIDDEN, DENIED_BODY);
+        denied
+            .headers_mut()
+            .insert("x-kept", HeaderValue::from_static("yes"));
+        let reply = grpc_local_reply(denied);
+        assert_eq!(reply.status(), StatusCode::OK);
+        let headers = reply.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(headers[&GRPC_STATUS], "7");
+        assert_eq!(headers[&GRPC_MESSAGE], DENIED_BODY);
+        assert_eq!(headers["x-kept"], "yes");
+        assert!(!headers.contains_key(header::CONTENT_LENGTH));
+        assert!(hyper::body::Body::is_end_stream(reply.body()));
+
+        for (status, code) in [
+            (503, "14"),
+            (504, "14"),
+            (404, "12"),
+            (400, "13"),
+            (418, "2"),
+        ] {
+            let reply = grpc_local_reply(local_reply(StatusCode::from_u16(status).unwrap(), ""));
+            assert_eq!(reply.headers()[&GRPC_STATUS], code, "HTTP {status}");
+            assert!(!reply.headers().contains_key(&GRPC_MESSAGE));
+        }
+
+        // An upstream's answer is not the waypoint's: it passes as it is.
+        let mut upstream = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+        *upstream.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let passed = grpc_local_reply(upstream);
+        assert_eq!(passed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!passed.headers().contains_key(&GRPC_STATUS));
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(grpc_message("no route: 100% gone"), "no route: 100%25 gone");
+        assert_eq!(grpc_message("caf\u{e9}\n"), "caf%C3%A9%0A");
     }
 }

@@ -932,8 +932,17 @@ impl Retry {
 pub struct Fault {
     /// `(delay, parts per million)`.
     pub delay: Option<(Duration, u32)>,
-    /// `(status, parts per million)`.
-    pub abort: Option<(u16, u32)>,
+    /// `(answer, parts per million)`.
+    pub abort: Option<(Abort, u32)>,
+}
+
+/// What an injected abort answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(u16),
+    /// A gRPC status, in a trailers-only gRPC response.
+    Grpc(u32),
 }
 
 impl Fault {
@@ -951,18 +960,35 @@ impl Fault {
         };
         let abort = match &fault.abort {
             None => None,
-            Some(a) => match &a.error_type {
-                Some(fault_abort::ErrorType::HttpStatus(status)) => Some((
-                    u16::try_from(*status)
-                        .ok()
-                        .filter(|s| (200..600).contains(s))
-                        .ok_or_else(|| {
-                            format!("fault.abort.http_status {status} is not an HTTP status")
-                        })?,
+            Some(a) => {
+                let answer = match &a.error_type {
+                    Some(fault_abort::ErrorType::HttpStatus(status)) => Abort::Http(
+                        u16::try_from(*status)
+                            .ok()
+                            .filter(|s| (200..600).contains(s))
+                            .ok_or_else(|| {
+                                format!("fault.abort.http_status {status} is not an HTTP status")
+                            })?,
+                    ),
+                    Some(fault_abort::ErrorType::GrpcStatus(code)) if *code <= 16 => {
+                        Abort::Grpc(*code)
+                    }
+                    Some(fault_abort::ErrorType::GrpcStatus(code)) => {
+                        return Err(format!(
+                            "fault.abort.grpc_status {code} is not a gRPC status"
+                        ));
+                    }
+                    _ => {
+                        return Err(
+                            "fault.abort: only http_status and grpc_status are supported".into(),
+                        );
+                    }
+                };
+                Some((
+                    answer,
                     a.percentage.as_ref().map_or(1_000_000, parts_per_million),
-                )),
-                _ => return Err("fault.abort: only http_status is supported".into()),
-            },
+                ))
+            }
         };
         Ok(Self { delay, abort })
     }

@@ -310,12 +310,41 @@ pub struct FaultAbort {
     /// HTTP status to answer with.
     #[serde(default)]
     pub http_status: Option<i64>,
-    /// gRPC status to answer with.
+    /// gRPC status to answer with, by name (`UNAVAILABLE`).
     #[serde(default)]
     pub grpc_status: Option<String>,
     /// Share of requests.
     #[serde(default)]
     pub percentage: Option<Percent>,
+}
+
+/// gRPC's status names and their codes, as `grpcStatus` spells them.
+const GRPC_STATUS_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The code of gRPC status `name` (`UNAVAILABLE` is 14), if it is one.
+pub fn grpc_status_code(name: &str) -> Option<u32> {
+    GRPC_STATUS_CODES
+        .iter()
+        .position(|known| *known == name)
+        .map(|code| code as u32)
 }
 
 /// One mirror target.
