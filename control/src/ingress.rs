@@ -26,8 +26,15 @@
 //!   the `serverCertificate`/`privateKey` files on the gateway. Its routes
 //!   (`https.<port>.<i>~<ns>~<deployment>`) hold only that server's hosts.
 //!
-//! MUTUAL and passthrough TLS, and TCP servers, are reported as not
-//! supported yet.
+//! - `tls.mode: MUTUAL` requires a client certificate issued by the
+//!   server's client CA, `OPTIONAL_MUTUAL` checks one when presented (the
+//!   CA from the Secret's `ca.crt`, a Secret `<credentialName>-cacert`, or
+//!   the `caCertificates` file).
+//! - An HTTP server with `tls.httpsRedirect` marks its virtual hosts
+//!   `require_tls: ALL`: plaintext requests get a 301 to `https://`.
+//!
+//! Passthrough TLS, `ISTIO_MUTUAL`, client SAN checks and TCP servers are
+//! reported as not supported yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -36,13 +43,14 @@ use mesh_api::envoy::{
         config::{
             core::v3::{DataSource, TransportSocket, data_source, transport_socket},
             listener::v3::{FilterChain, FilterChainMatch, Listener},
-            route::v3::{RouteConfiguration, VirtualHost},
+            route::v3::{RouteConfiguration, VirtualHost, virtual_host::TlsRequirementType},
         },
         extensions::transport_sockets::tls::v3::{
-            CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+            CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
+            common_tls_context::ValidationContextType,
         },
     },
-    google::protobuf::Any,
+    google::protobuf::{Any, BoolValue},
 };
 use mesh_config::{
     Manifests,
@@ -116,18 +124,24 @@ pub fn build(
         for (i, server) in gateway.spec.servers.iter().enumerate() {
             let Some(port) = &server.port else { continue };
             let protocol = port.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
-            let simple_tls = server
-                .tls
-                .as_ref()
-                .is_some_and(|t| matches!(t.mode, None | Some(net::ServerTlsMode::Simple)));
+            let terminated_tls = server.tls.as_ref().is_some_and(|t| {
+                matches!(
+                    t.mode,
+                    None | Some(
+                        net::ServerTlsMode::Simple
+                            | net::ServerTlsMode::Mutual
+                            | net::ServerTlsMode::OptionalMutual
+                    )
+                )
+            });
             let served_here = match protocol.as_str() {
                 "HTTP" | "HTTP2" | "GRPC" => true,
-                "HTTPS" => simple_tls,
+                "HTTPS" => terminated_tls,
                 _ => false,
             };
             if !served_here {
                 warnings.push(format!(
-                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC and HTTPS with tls.mode SIMPLE are",
+                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC and HTTPS with tls.mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL are",
                     server.tls.as_ref().and_then(|t| t.mode).map(|m| format!(", tls.mode {m:?}")).unwrap_or_default()
                 ));
                 continue;
@@ -173,11 +187,14 @@ pub fn build(
                 let gateway_ns = key.split('/').next().unwrap_or_default();
                 for (index, bound) in https.iter().enumerate() {
                     let id = gateway_id(bound.gateway);
-                    let Some(tls) = server_tls(bound.server, manifests, gateway_ns) else {
-                        warnings.push(format!(
-                            "Gateway {id}: the HTTPS server on port {port} has no usable certificate (credentialName names a Secret with tls.crt and tls.key in {gateway_ns}, or serverCertificate and privateKey files); it is not served"
-                        ));
-                        continue;
+                    let tls = match server_tls(bound.server, manifests, gateway_ns) {
+                        Ok(tls) => tls,
+                        Err(why) => {
+                            warnings.push(format!(
+                                "Gateway {id}: the HTTPS server on port {port} is not served: {why}"
+                            ));
+                            continue;
+                        }
                     };
                     let route_config = https_route_name(&key, port, index);
                     let virtual_hosts = virtual_hosts(
@@ -263,36 +280,101 @@ fn insert_routes(
     );
 }
 
+/// A field of Secret `name` in namespace `ns`: the first of `keys` present.
+fn secret_field(manifests: &Manifests, ns: &str, name: &str, keys: &[&str]) -> Option<Vec<u8>> {
+    let secret = manifests.secrets.iter().find(|s| {
+        s.metadata.name.as_deref() == Some(name)
+            && s.metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
+                == ns
+    })?;
+    let data = secret.data.as_ref()?;
+    keys.iter().find_map(|k| data.get(*k)).map(|b| b.0.clone())
+}
+
 /// The TLS context of an HTTPS server: its certificate from the Secret
-/// `credentialName` (in the gateway's namespace) or from files.
+/// `credentialName` (in the gateway's namespace) or from files; for
+/// `MUTUAL` (client certificate required) and `OPTIONAL_MUTUAL` (checked
+/// when presented), the client CA from that Secret's `ca.crt`, a Secret
+/// `<credentialName>-cacert`, or the `caCertificates` file, as Istio
+/// reads them. `Err` says why the server cannot be served.
 fn server_tls(
     server: &net::Server,
     manifests: &Manifests,
     gateway_ns: &str,
-) -> Option<DownstreamTlsContext> {
-    let tls = server.tls.as_ref()?;
+) -> Result<DownstreamTlsContext, String> {
+    let tls = server.tls.as_ref().ok_or("it has no tls settings")?;
     let (chain, key) = if let Some(name) = &tls.credential_name {
-        let secret = manifests.secrets.iter().find(|s| {
-            s.metadata.name.as_deref() == Some(name.as_str())
-                && s.metadata
-                    .namespace
-                    .as_deref()
-                    .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
-                    == gateway_ns
-        })?;
-        let data = secret.data.as_ref()?;
-        let field = |names: [&str; 2]| names.iter().find_map(|n| data.get(*n)).map(|b| b.0.clone());
+        let field = |keys: &[&str]| secret_field(manifests, gateway_ns, name, keys);
+        let (Some(chain), Some(key)) = (field(&["tls.crt", "cert"]), field(&["tls.key", "key"]))
+        else {
+            return Err(format!(
+                "credentialName {name} names no Secret with tls.crt and tls.key in {gateway_ns}"
+            ));
+        };
         (
-            data_source::Specifier::InlineBytes(field(["tls.crt", "cert"])?),
-            data_source::Specifier::InlineBytes(field(["tls.key", "key"])?),
+            data_source::Specifier::InlineBytes(chain),
+            data_source::Specifier::InlineBytes(key),
         )
     } else {
+        let (Some(chain), Some(key)) = (&tls.server_certificate, &tls.private_key) else {
+            return Err(
+                "it needs credentialName, or serverCertificate and privateKey files".to_owned(),
+            );
+        };
         (
-            data_source::Specifier::Filename(tls.server_certificate.clone()?),
-            data_source::Specifier::Filename(tls.private_key.clone()?),
+            data_source::Specifier::Filename(chain.clone()),
+            data_source::Specifier::Filename(key.clone()),
         )
     };
-    Some(DownstreamTlsContext {
+    let mutual = matches!(
+        tls.mode,
+        Some(net::ServerTlsMode::Mutual | net::ServerTlsMode::OptionalMutual)
+    );
+    let validation = if mutual {
+        if !tls.subject_alt_names.is_empty() {
+            return Err(
+                "tls.subjectAltNames (client SAN checks) are not supported yet; a check that cannot be made is refused, not skipped".to_owned(),
+            );
+        }
+        let ca = match &tls.credential_name {
+            Some(name) => {
+                let ca = secret_field(manifests, gateway_ns, name, &["ca.crt", "cacert"])
+                    .or_else(|| {
+                        let cacert = format!("{name}-cacert");
+                        secret_field(manifests, gateway_ns, &cacert, &["ca.crt", "cacert"])
+                    })
+                    .ok_or_else(|| {
+                        format!(
+                            "{:?} needs the client CA: ca.crt in Secret {name} or in Secret {name}-cacert in {gateway_ns}",
+                            tls.mode.expect("mutual")
+                        )
+                    })?;
+                data_source::Specifier::InlineBytes(ca)
+            }
+            None => {
+                data_source::Specifier::Filename(tls.ca_certificates.clone().ok_or_else(|| {
+                    format!("{:?} needs caCertificates", tls.mode.expect("mutual"))
+                })?)
+            }
+        };
+        Some(ValidationContextType::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: Some(DataSource {
+                    specifier: Some(ca),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ))
+    } else {
+        None
+    };
+    Ok(DownstreamTlsContext {
+        require_client_certificate: (tls.mode == Some(net::ServerTlsMode::Mutual))
+            .then_some(BoolValue { value: true }),
         common_tls_context: Some(CommonTlsContext {
             tls_certificates: vec![TlsCertificate {
                 certificate_chain: Some(DataSource {
@@ -306,6 +388,7 @@ fn server_tls(
                 ..Default::default()
             }],
             alpn_protocols: vec!["h2".to_owned(), "http/1.1".to_owned()],
+            validation_context_type: validation,
             ..Default::default()
         }),
         ..Default::default()
@@ -322,8 +405,8 @@ fn virtual_hosts(
     rules: &DestinationRules<'_>,
     warnings: &mut Vec<String>,
 ) -> Vec<VirtualHost> {
-    // Domain -> routes, in VirtualService order.
-    let mut hosts: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    // Domain -> (routes in VirtualService order, whether TLS is required).
+    let mut hosts: BTreeMap<String, (Vec<_>, bool)> = BTreeMap::new();
     for vs in &manifests.virtual_services {
         let vs_ns = vs
             .metadata
@@ -340,21 +423,25 @@ fn virtual_hosts(
         }
         let gateway_names: BTreeSet<String> = bound.iter().map(|s| gateway_id(s.gateway)).collect();
         for host in &vs.spec.hosts {
-            let allowed = bound.iter().any(|s| {
-                let gateway_ns = s.gateway.metadata.namespace.as_deref();
-                let gateway_ns = gateway_ns.unwrap_or(mesh_config::DEFAULT_NAMESPACE);
-                s.server
-                    .hosts
-                    .iter()
-                    .any(|pattern| server_allows(pattern, gateway_ns, vs_ns, host))
-            });
-            if !allowed {
+            let allowing: Vec<_> = bound
+                .iter()
+                .filter(|s| {
+                    let gateway_ns = s.gateway.metadata.namespace.as_deref();
+                    let gateway_ns = gateway_ns.unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+                    s.server
+                        .hosts
+                        .iter()
+                        .any(|pattern| server_allows(pattern, gateway_ns, vs_ns, host))
+                })
+                .collect();
+            if allowing.is_empty() {
                 warnings.push(format!(
                     "VirtualService {vs_ns}/{vs_name}: host {host} is not among the hosts of its gateway's servers on port {port}"
                 ));
                 continue;
             }
-            let entry = hosts.entry(host.to_ascii_lowercase()).or_default();
+            let (entry, require_tls) = hosts.entry(host.to_ascii_lowercase()).or_default();
+            *require_tls |= allowing.iter().any(|s| https_redirect(s.server));
             entry.extend(vs_routes(
                 vs,
                 port,
@@ -364,18 +451,41 @@ fn virtual_hosts(
             ));
         }
     }
+    // A redirecting server redirects its hosts even where no
+    // VirtualService routes them.
+    for server in servers.iter().filter(|s| https_redirect(s.server)) {
+        for pattern in &server.server.hosts {
+            let host = pattern.split_once('/').map_or(pattern.as_str(), |(_, h)| h);
+            hosts
+                .entry(host.to_ascii_lowercase())
+                .or_insert_with(|| (Vec::new(), true));
+        }
+    }
     hosts
         .into_iter()
-        .map(|(domain, mut routes)| {
+        .map(|(domain, (mut routes, require_tls))| {
             add_hash_policies(&mut routes, rules, warnings);
             VirtualHost {
                 name: format!("{domain}:{port}"),
                 domains: vec![domain],
                 routes,
+                require_tls: if require_tls {
+                    TlsRequirementType::All as i32
+                } else {
+                    TlsRequirementType::None as i32
+                },
                 ..Default::default()
             }
         })
         .collect()
+}
+
+/// Whether a server redirects plaintext HTTP to HTTPS (`tls.httpsRedirect`).
+fn https_redirect(server: &net::Server) -> bool {
+    server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.https_redirect == Some(true))
 }
 
 /// `<namespace>/<name>` of a Gateway.
@@ -522,5 +632,79 @@ mod tests {
             "bk",
             "*.example.com"
         ));
+    }
+    #[test]
+    fn mutual_servers_need_their_client_ca_and_refuse_checks_they_cannot_make() {
+        let config = |tls: &str, secret_data: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: cred, namespace: istio-system}}\ndata: {{{secret_data}}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: gw-0\n  namespace: istio-system\n  labels: {{istio: ingressgateway}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: gw, uid: u}}]\nspec: {{containers: [{{name: istio-proxy}}]}}\nstatus: {{podIP: 10.244.0.9}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g, namespace: istio-system}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8443, name: https, protocol: HTTPS}}\n    hosts: [a.example.com]\n    tls: {tls}\n"
+            )
+        };
+        // base64 of "pem"
+        let cert_and_key = "tls.crt: cGVt, tls.key: cGVt";
+        let build = |text: String| {
+            let loaded = mesh_config::load_str("t.yaml", &text);
+            assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+            Model::build(&loaded.manifests, &MeshSettings::default())
+        };
+        let key = "istio-system/gw";
+
+        let model = build(config("{mode: MUTUAL, credentialName: cred}", cert_and_key));
+        assert!(
+            !model
+                .envoy
+                .listeners
+                .contains_key(&listener_name(key, 8443))
+        );
+        assert!(
+            model
+                .warnings
+                .iter()
+                .any(|w| w.contains("Gateway istio-system/g")
+                    && w.contains("needs the client CA: ca.crt in Secret cred")),
+            "{:?}",
+            model.warnings
+        );
+
+        let model = build(config(
+            "{mode: MUTUAL, credentialName: cred, subjectAltNames: [spiffe://x]}",
+            &format!("{cert_and_key}, ca.crt: cGVt"),
+        ));
+        assert!(
+            !model
+                .envoy
+                .listeners
+                .contains_key(&listener_name(key, 8443))
+        );
+        assert!(
+            model.warnings.iter().any(|w| w.contains("subjectAltNames")),
+            "{:?}",
+            model.warnings
+        );
+
+        let model = build(config(
+            "{mode: OPTIONAL_MUTUAL, credentialName: cred}",
+            &format!("{cert_and_key}, ca.crt: cGVt"),
+        ));
+        let (_, listener) = &model.envoy.listeners[&listener_name(key, 8443)];
+        let socket = listener.filter_chains[0].transport_socket.as_ref().unwrap();
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("{socket:?}")
+        };
+        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        assert_eq!(
+            tls.require_client_certificate, None,
+            "optional: checked if presented"
+        );
+        let common = tls.common_tls_context.unwrap();
+        let Some(ValidationContextType::ValidationContext(validation)) =
+            common.validation_context_type
+        else {
+            panic!("no validation context")
+        };
+        assert_eq!(
+            validation.trusted_ca.and_then(|d| d.specifier),
+            Some(data_source::Specifier::InlineBytes(b"pem".to_vec()))
+        );
     }
 }

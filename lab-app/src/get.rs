@@ -24,6 +24,12 @@ pub struct GetArgs {
     /// PEM file of the CA that signs the server's certificate (`https://`).
     #[arg(long, value_name = "PEM")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of a client certificate chain to present (mutual TLS).
+    #[arg(long, value_name = "PEM", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
     /// Connect to this `host:port` instead of the URL's, keeping the URL's
     /// host for SNI and `Host` (as curl's `--connect-to`).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
@@ -62,9 +68,13 @@ fn parse_host_port(value: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
-/// Trusts the CA certificates of `path`.
-fn tls_config(path: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject};
+/// Trusts the CA certificates of `path`; presents the client certificate
+/// of `client` (chain and key files), if given.
+fn tls_config(
+    path: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(path)
         .with_context(|| format!("reading {}", path.display()))?
@@ -74,13 +84,25 @@ fn tls_config(path: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig
             .context("adding a trusted root")?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS versions")?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("reading {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("a certificate in {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("reading the key {}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("the client certificate and key")?
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 /// Parses `--header K:V`.
@@ -97,7 +119,12 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
     let resolver = args.resolve.resolver()?;
     let mut target = Target::parse(&args.url)?;
     target.connect_to = args.connect_to.clone();
-    let tls = args.ca_file.as_deref().map(tls_config).transpose()?;
+    let client_cert = args.cert_file.as_deref().zip(args.key_file.as_deref());
+    let tls = args
+        .ca_file
+        .as_deref()
+        .map(|ca| tls_config(ca, client_cert))
+        .transpose()?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let headers: HeaderMap = args.headers.into_iter().collect();
 
@@ -133,8 +160,14 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
         }
         if !response.status().is_success() {
             all_ok = false;
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(|l| format!(" (location: {l})"))
+                .unwrap_or_default();
             eprintln!(
-                "GET {} from {}: {}",
+                "GET {} from {}: {}{location}",
                 target.uri,
                 connection.peer(),
                 response.status()

@@ -3,7 +3,8 @@
 //! to it) lets clients outside the mesh reach productpage through the
 //! gateway the lab deploys, as Istio's install does; an HTTPS server
 //! (`tls.mode: SIMPLE`, certificate from a Secret) terminates TLS for its
-//! SNI host. A slowloris client is cut off at the head time limit without
+//! SNI host, a `MUTUAL` one also requires a client certificate from its CA,
+//! and `httpsRedirect` sends plaintext clients to HTTPS. A slowloris client is cut off at the head time limit without
 //! affecting other requests.
 
 use std::time::Duration;
@@ -194,7 +195,10 @@ fn slowloris(lab: &Lab, client: &PodPlan) {
 
 /// An HTTPS server for `bookinfo.example.com` with a certificate from a
 /// Secret: the right SNI gets productpage over HTTP/1.1 and HTTP/2 (ALPN),
-/// another SNI gets no TLS handshake at all.
+/// another SNI gets no TLS handshake at all. Its HTTP server on port 80
+/// (`httpsRedirect`) redirects plaintext requests for that host, and
+/// `secure.example.com` (`MUTUAL`) serves only clients with a certificate
+/// from its client CA.
 fn https_server(lab: &Lab, client: &PodPlan) {
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_key = rcgen::KeyPair::generate().expect("key");
@@ -203,12 +207,39 @@ fn https_server(lab: &Lab, client: &PodPlan) {
     let ca = ca_params.self_signed(&ca_key).expect("CA");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().expect("key");
-    let leaf = rcgen::CertificateParams::new(vec!["bookinfo.example.com".to_owned()])
-        .expect("params")
-        .signed_by(&key, &issuer)
-        .expect("leaf");
+    let leaf = rcgen::CertificateParams::new(vec![
+        "bookinfo.example.com".to_owned(),
+        "secure.example.com".to_owned(),
+    ])
+    .expect("params")
+    .signed_by(&key, &issuer)
+    .expect("leaf");
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    // A client certificate from the client CA (here the same test CA), and
+    // one from a CA the gateway does not trust.
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let client_cert = rcgen::CertificateParams::new(vec!["client.example.com".to_owned()])
+        .expect("params")
+        .signed_by(&client_key, &issuer)
+        .expect("client certificate");
+    let (client_cert_file, client_key_file) = (
+        dir.path().join("client.pem"),
+        dir.path().join("client-key.pem"),
+    );
+    std::fs::write(&client_cert_file, client_cert.pem()).expect("write client cert");
+    std::fs::write(&client_key_file, client_key.serialize_pem()).expect("write client key");
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let other_cert = rcgen::CertificateParams::new(vec!["client.example.com".to_owned()])
+        .expect("params")
+        .self_signed(&other_key)
+        .expect("untrusted client certificate");
+    let (other_cert_file, other_key_file) = (
+        dir.path().join("other.pem"),
+        dir.path().join("other-key.pem"),
+    );
+    std::fs::write(&other_cert_file, other_cert.pem()).expect("write other cert");
+    std::fs::write(&other_key_file, other_key.serialize_pem()).expect("write other key");
 
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
@@ -218,10 +249,14 @@ fn https_server(lab: &Lab, client: &PodPlan) {
         },
         type_: Some("kubernetes.io/tls".into()),
         data: Some(
-            [("tls.crt", leaf.pem()), ("tls.key", key.serialize_pem())]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.into_bytes())))
-                .collect(),
+            [
+                ("tls.crt", leaf.pem()),
+                ("tls.key", key.serialize_pem()),
+                ("ca.crt", ca.pem()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.into_bytes())))
+            .collect(),
         ),
         ..Default::default()
     };
@@ -237,12 +272,18 @@ spec:
   - port: {number: 8443, name: https, protocol: HTTPS}
     hosts: [bookinfo.example.com]
     tls: {mode: SIMPLE, credentialName: bookinfo-credential}
+  - port: {number: 8443, name: https-mutual, protocol: HTTPS}
+    hosts: [secure.example.com]
+    tls: {mode: MUTUAL, credentialName: bookinfo-credential}
+  - port: {number: 8080, name: http-redirect, protocol: HTTP}
+    hosts: [bookinfo.example.com]
+    tls: {httpsRedirect: true}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: bookinfo-https, namespace: default}
 spec:
-  hosts: [bookinfo.example.com]
+  hosts: [bookinfo.example.com, secure.example.com]
   gateways: [bookinfo-https]
   http:
   - match: [{uri: {exact: /productpage}}]
@@ -286,4 +327,56 @@ spec:
         &via_gateway,
     );
     assert!(!ok && text.contains("TLS"), "{text}");
+
+    // Mutual TLS: a certificate from the client CA is served, none or one
+    // from another CA gets no further than the handshake.
+    let secure = "https://secure.example.com/productpage";
+    let with_cert = |cert: &std::path::Path, key: &std::path::Path| {
+        let mut args = via_gateway.to_vec();
+        args.extend([
+            "--cert-file",
+            cert.to_str().expect("utf-8 path"),
+            "--key-file",
+            key.to_str().expect("utf-8 path"),
+        ]);
+        get(lab, client, secure, &args)
+    };
+    let (ok, body, text) = with_cert(&client_cert_file, &client_key_file);
+    assert!(
+        ok && body["app"] == "productpage",
+        "MUTUAL with a client certificate: {text}"
+    );
+    let (ok, _, text) = get(lab, client, secure, &via_gateway);
+    assert!(
+        !ok && refused_in_handshake(&text),
+        "MUTUAL without a client certificate: {text}"
+    );
+    let (ok, _, text) = with_cert(&other_cert_file, &other_key_file);
+    assert!(
+        !ok && refused_in_handshake(&text),
+        "MUTUAL with an untrusted certificate: {text}"
+    );
+
+    // httpsRedirect: plaintext for that host is sent to https://; other
+    // hosts on the port are routed as before.
+    let (ok, _, text) = get(
+        lab,
+        client,
+        "http://bookinfo.example.com/productpage?u=1",
+        &["--connect-to", "istio-ingressgateway.istio-system:80"],
+    );
+    assert!(
+        !ok && text.contains("301")
+            && text.contains("(location: https://bookinfo.example.com/productpage?u=1)"),
+        "{text}"
+    );
+    let (ok, body, text) = get(lab, client, &format!("{GATEWAY_URL}/productpage"), &[]);
+    assert!(ok && body["app"] == "productpage", "{text}");
+}
+
+/// Whether a failed `lab-app get` was refused by the server's TLS alert
+/// (with TLS 1.3 the client learns of a refused certificate on its first
+/// read): no answer came.
+fn refused_in_handshake(text: &str) -> bool {
+    text.contains("received fatal alert")
 }

@@ -1,7 +1,8 @@
 //! Ingress listeners: a port of an ingress gateway, plain HTTP or TLS
 //! terminated with the certificate of the filter chain the client's SNI
 //! selects (Envoy's `server_names` match: exact, then the longest
-//! `*.suffix`, then the chain without names).
+//! `*.suffix`, then the chain without names), checking client
+//! certificates against the chain's trusted CA when it has one (mutual TLS).
 
 use std::sync::Arc;
 
@@ -10,10 +11,15 @@ use mesh_api::envoy::envoy::{
         core::v3::{DataSource, data_source},
         listener::v3::FilterChain,
     },
-    extensions::transport_sockets::tls::v3::DownstreamTlsContext,
+    extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, DownstreamTlsContext, common_tls_context::ValidationContextType,
+    },
 };
 use prost::Message;
-use rustls::ServerConfig;
+use rustls::{
+    RootCertStore, ServerConfig,
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::config::Chain;
@@ -114,16 +120,12 @@ pub fn compile_chain_tls(
     };
     let context = DownstreamTlsContext::decode(any.value.as_slice())
         .map_err(|e| format!("{at}.transport_socket: {e}"))?;
-    if context
+    let require_client = context
         .require_client_certificate
         .as_ref()
-        .is_some_and(|b| b.value)
-    {
-        return Err(format!(
-            "{at}: client certificates (MUTUAL) are not supported"
-        ));
-    }
+        .is_some_and(|b| b.value);
     let common = context.common_tls_context.unwrap_or_default();
+    let client_verifier = client_verifier(&common, require_client, at)?;
     let [certificate] = common.tls_certificates.as_slice() else {
         return Err(format!(
             "{at}: exactly one tls_certificates entry is supported"
@@ -148,7 +150,7 @@ pub fn compile_chain_tls(
     let mut config = ServerConfig::builder_with_provider(mesh_hbone::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("{at}: {e}"))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier)
         .with_single_cert(certs, key)
         .map_err(|e| format!("{at}: certificate and key: {e}"))?;
     config.alpn_protocols = common
@@ -157,6 +159,82 @@ pub fn compile_chain_tls(
         .map(|p| p.as_bytes().to_vec())
         .collect();
     Ok((server_names, Some(Arc::new(config))))
+}
+
+/// How a chain checks client certificates (Istio's `MUTUAL` and
+/// `OPTIONAL_MUTUAL`): against the validation context's `trusted_ca`,
+/// required when `require` is set, else checked only when presented. No
+/// validation context: no client certificate is asked for.
+fn client_verifier(
+    common: &CommonTlsContext,
+    require: bool,
+    at: &str,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    let validation = match &common.validation_context_type {
+        None if require => {
+            return Err(format!(
+                "{at}.require_client_certificate: needs a validation_context with trusted_ca"
+            ));
+        }
+        None => return Ok(WebPkiClientVerifier::no_client_auth()),
+        Some(ValidationContextType::ValidationContext(validation)) => validation,
+        Some(_) => {
+            return Err(format!(
+                "{at}.validation_context: only an inline validation_context is supported"
+            ));
+        }
+    };
+    let unsupported = [
+        (
+            "match_typed_subject_alt_names",
+            !validation.match_typed_subject_alt_names.is_empty(),
+        ),
+        #[allow(deprecated)]
+        (
+            "match_subject_alt_names",
+            !validation.match_subject_alt_names.is_empty(),
+        ),
+        (
+            "verify_certificate_spki",
+            !validation.verify_certificate_spki.is_empty(),
+        ),
+        (
+            "verify_certificate_hash",
+            !validation.verify_certificate_hash.is_empty(),
+        ),
+        ("crl", validation.crl.is_some()),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(format!(
+            "{at}.validation_context.{field}: not supported (a client check that cannot be made is refused, not skipped)"
+        ));
+    }
+    let ca_pem = data(
+        validation.trusted_ca.as_ref(),
+        &format!("{at}.validation_context.trusted_ca"),
+    )?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        let cert = cert.map_err(|e| format!("{at}.validation_context.trusted_ca: bad PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{at}.validation_context.trusted_ca: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{at}.validation_context.trusted_ca: no certificate"
+        ));
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), mesh_hbone::tls::provider());
+    let builder = if require {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder
+        .build()
+        .map_err(|e| format!("{at}.validation_context: {e}"))
 }
 
 /// The bytes of a data source: inline, or a file on the gateway.

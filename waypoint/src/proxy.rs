@@ -91,6 +91,9 @@ struct TunnelContext {
     source: SocketAddr,
     /// The service address the tunnel is for.
     destination: SocketAddr,
+    /// Whether the downstream connection is TLS (HBONE, or an HTTPS
+    /// ingress port).
+    tls: bool,
     conn: u64,
 }
 
@@ -137,6 +140,7 @@ impl mesh_hbone::Handler for Tunnels {
             peer_namespace: req.peer_identity.namespace.clone(),
             source: req.forwarded_for.unwrap_or(req.peer_addr),
             destination: req.authority,
+            tls: true,
             conn: req.connection_id,
         });
         let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
@@ -211,6 +215,7 @@ pub async fn serve_http_for_fuzzing<IO>(
         peer_namespace: "fuzz".to_owned(),
         source: SocketAddr::from(([10, 0, 0, 1], 40000)),
         destination: service,
+        tls: true,
         conn: 1,
     });
     serve_http(waypoint, ctx, io).await;
@@ -345,21 +350,22 @@ async fn accept_ingress(
         let waypoint = waypoint.clone();
         tokio::spawn(
             async move {
-                let context = |chain: Chain, security| {
+                let context = |chain: Chain, tls| {
                     Arc::new(TunnelContext {
                         chain,
                         reporter: "source",
-                        security,
+                        security: "none",
                         peer: String::new(),
                         peer_namespace: String::new(),
                         source: peer,
                         destination: local,
+                        tls,
                         conn,
                     })
                 };
                 if !ingress.is_tls() {
                     let Some(first) = ingress.chains.first() else { return };
-                    let ctx = context(first.chain.clone(), "none");
+                    let ctx = context(first.chain.clone(), false);
                     return serve_chain(waypoint, ctx, stream).await;
                 }
                 // Read the ClientHello, pick the chain by SNI, then finish
@@ -381,7 +387,7 @@ async fn accept_ingress(
                     Ok(Err(err)) => return debug!(error = %err, "TLS handshake failed"),
                     Err(_) => return debug!("TLS handshake timed out"),
                 };
-                let ctx = context(chosen.chain.clone(), "none");
+                let ctx = context(chosen.chain.clone(), true);
                 serve_chain(waypoint, ctx, stream).await
             }
             .instrument(span),
@@ -536,11 +542,11 @@ impl Waypoint {
             outcome.detail = denial_detail(policy);
             return local_reply(StatusCode::FORBIDDEN, DENIED_BODY);
         }
-        let Some(route) = config
-            .routes
-            .get(route_config)
-            .and_then(|table| table.find(&parts))
-        else {
+        let table = config.routes.get(route_config);
+        if !ctx.tls && table.is_some_and(|t| t.requires_tls(&parts)) {
+            return https_redirect(&parts);
+        }
+        let Some(route) = table.and_then(|table| table.find(&parts)) else {
             outcome.flags.insert(ResponseFlags::NO_ROUTE);
             outcome.detail = format!("no route in {route_config}");
             return local_reply(StatusCode::NOT_FOUND, "route not found");
@@ -1368,6 +1374,18 @@ fn local_reply(status: StatusCode, body: &str) -> Response<Body> {
     response
         .headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    response
+}
+
+/// Envoy's answer to a plaintext request for a virtual host that requires
+/// TLS: 301 to the same host and path over `https://`.
+fn https_redirect(parts: &Parts) -> Response<Body> {
+    let host = authority(parts).unwrap_or_default();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut response = local_reply(StatusCode::MOVED_PERMANENTLY, "");
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
     response
 }
 

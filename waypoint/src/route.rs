@@ -16,7 +16,7 @@ use mesh_api::envoy::{
             route::v3::{
                 CorsPolicy, HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration,
                 header_matcher::HeaderMatchSpecifier, query_parameter_matcher, redirect_action,
-                route, route_action, route_match,
+                route, route_action, route_match, virtual_host::TlsRequirementType,
             },
         },
         extensions::filters::http::fault::v3::{HttpFault, fault_abort},
@@ -48,6 +48,8 @@ pub struct RouteTable {
 struct CompiledHost {
     domains: Vec<Domain>,
     routes: Vec<CompiledRoute>,
+    /// `require_tls`: plaintext requests are redirected to `https://`.
+    require_tls: bool,
 }
 
 /// An Envoy virtual host domain.
@@ -112,7 +114,12 @@ impl RouteTable {
                     format!("virtual_hosts[{h}].routes[{i}] ({}): {e}", route.name)
                 })?);
             }
-            hosts.push(CompiledHost { domains, routes });
+            let require_tls = host.require_tls != TlsRequirementType::None as i32;
+            hosts.push(CompiledHost {
+                domains,
+                routes,
+                require_tls,
+            });
         }
         Ok(Self {
             name: config.name.clone(),
@@ -125,6 +132,12 @@ impl RouteTable {
     pub fn find(&self, request: &Parts) -> Option<&CompiledRoute> {
         let host = self.host_for(request)?;
         host.routes.iter().find(|r| r.matcher.matches(request))
+    }
+
+    /// Whether the virtual host of the request requires TLS (Istio's
+    /// `httpsRedirect`): a plaintext request gets a redirect instead.
+    pub fn requires_tls(&self, request: &Parts) -> bool {
+        self.host_for(request).is_some_and(|h| h.require_tls)
     }
 
     fn host_for(&self, request: &Parts) -> Option<&CompiledHost> {
