@@ -33,8 +33,13 @@
 //! - An HTTP server with `tls.httpsRedirect` marks its virtual hosts
 //!   `require_tls: ALL`: plaintext requests get a 301 to `https://`.
 //!
-//! Passthrough TLS, `ISTIO_MUTUAL`, client SAN checks and TCP servers are
-//! reported as not supported yet.
+//! - TCP servers (and MONGO, REDIS, MYSQL) get one plain filter chain with a
+//!   TCP proxy to the weighted destinations of the first VirtualService
+//!   `tcp` route bound to the Gateway whose match allows the port; TLS
+//!   servers (SIMPLE, MUTUAL) terminate TLS, then do the same.
+//!
+//! Passthrough TLS, `ISTIO_MUTUAL` and client SAN checks are reported as not
+//! supported yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -42,7 +47,7 @@ use mesh_api::envoy::{
     envoy::{
         config::{
             core::v3::{DataSource, TransportSocket, data_source, transport_socket},
-            listener::v3::{FilterChain, FilterChainMatch, Listener},
+            listener::v3::{Filter, FilterChain, FilterChainMatch, Listener},
             route::v3::{RouteConfiguration, VirtualHost, virtual_host::TlsRequirementType},
         },
         extensions::transport_sockets::tls::v3::{
@@ -59,8 +64,8 @@ use mesh_config::{
 use prost::{Message, Name};
 
 use crate::waypoint::{
-    DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, socket_address,
-    vs_routes,
+    DestinationRules, ServiceRef, add_hash_policies, destination_cluster, hcm_filter, host_matches,
+    socket_address, tcp_proxy_filter, vs_routes,
 };
 
 /// A gateway deployment's key: `<namespace>/<deployment>`.
@@ -134,14 +139,14 @@ pub fn build(
                     )
                 )
             });
-            let served_here = match protocol.as_str() {
-                "HTTP" | "HTTP2" | "GRPC" => true,
-                "HTTPS" => terminated_tls,
-                _ => false,
+            let served_here = match ServerKind::of(server) {
+                Some(ServerKind::Http | ServerKind::Tcp) => true,
+                Some(ServerKind::Https | ServerKind::Tls) => terminated_tls,
+                None => false,
             };
             if !served_here {
                 warnings.push(format!(
-                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC and HTTPS with tls.mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL are",
+                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC, TCP, and HTTPS or TLS with tls.mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL are",
                     server.tls.as_ref().and_then(|t| t.mode).map(|m| format!(", tls.mode {m:?}")).unwrap_or_default()
                 ));
                 continue;
@@ -159,21 +164,40 @@ pub fn build(
 
     for (key, ports) in served {
         for (port, servers) in ports {
-            let (https, http): (Vec<_>, Vec<_>) = servers.into_iter().partition(|s| {
-                s.server
-                    .port
-                    .as_ref()
-                    .and_then(|p| p.protocol.as_deref())
-                    .is_some_and(|p| p.eq_ignore_ascii_case("HTTPS"))
+            let (terminated, plain): (Vec<_>, Vec<_>) = servers.into_iter().partition(|s| {
+                matches!(
+                    ServerKind::of(s.server),
+                    Some(ServerKind::Https | ServerKind::Tls)
+                )
             });
+            let (tcp, http): (Vec<_>, Vec<_>) = plain
+                .into_iter()
+                .partition(|s| ServerKind::of(s.server) == Some(ServerKind::Tcp));
             let mut filter_chains = Vec::new();
-            if !http.is_empty() {
-                for ignored in &https {
+            let shared = |kind: &str, others: &[BoundServer<'_>], warnings: &mut Vec<String>| {
+                for ignored in others {
                     warnings.push(format!(
-                        "Gateway {}: an HTTPS server on port {port} shares it with an HTTP server; the HTTPS server is not served",
+                        "Gateway {}: a server on port {port} shares it with a {kind} server; it is not served",
                         gateway_id(ignored.gateway)
                     ));
                 }
+            };
+            if !tcp.is_empty() {
+                shared("TCP", &http, warnings);
+                shared("TCP", &terminated, warnings);
+                match tcp_route(manifests, &tcp, port, warnings) {
+                    Some(filter) => filter_chains.push(FilterChain {
+                        name: format!("tcp.{port}~{}", key.replace('/', "~")),
+                        filters: vec![filter],
+                        ..Default::default()
+                    }),
+                    None => warnings.push(format!(
+                        "Gateway {}: the TCP server on port {port} has no VirtualService tcp route bound to it; it is not served",
+                        gateway_id(tcp[0].gateway)
+                    )),
+                }
+            } else if !http.is_empty() {
+                shared("HTTP", &terminated, warnings);
                 let route_config = route_name(&key, port);
                 let virtual_hosts =
                     virtual_hosts(manifests, &http, port, &by_host, &rules, warnings);
@@ -185,9 +209,17 @@ pub fn build(
                 });
             } else {
                 let gateway_ns = key.split('/').next().unwrap_or_default();
-                for (index, bound) in https.iter().enumerate() {
+                for (index, bound) in terminated.iter().enumerate() {
                     let id = gateway_id(bound.gateway);
                     let tls = match server_tls(bound.server, manifests, gateway_ns) {
+                        // Bytes after a TLS server's handshake are the
+                        // app's own: no HTTP ALPN is offered for them.
+                        Ok(mut tls) if ServerKind::of(bound.server) == Some(ServerKind::Tls) => {
+                            if let Some(common) = tls.common_tls_context.as_mut() {
+                                common.alpn_protocols.clear();
+                            }
+                            tls
+                        }
                         Ok(tls) => tls,
                         Err(why) => {
                             warnings.push(format!(
@@ -197,15 +229,30 @@ pub fn build(
                         }
                     };
                     let route_config = https_route_name(&key, port, index);
-                    let virtual_hosts = virtual_hosts(
-                        manifests,
-                        std::slice::from_ref(bound),
-                        port,
-                        &by_host,
-                        &rules,
-                        warnings,
-                    );
-                    insert_routes(routes, &key, &route_config, virtual_hosts);
+                    let filter = if ServerKind::of(bound.server) == Some(ServerKind::Tls) {
+                        // TLS terminated here, then the VirtualService's
+                        // `tcp` route, as Istio routes a TLS server.
+                        let Some(filter) =
+                            tcp_route(manifests, std::slice::from_ref(bound), port, warnings)
+                        else {
+                            warnings.push(format!(
+                                "Gateway {id}: the TLS server on port {port} has no VirtualService tcp route bound to it; it is not served"
+                            ));
+                            continue;
+                        };
+                        filter
+                    } else {
+                        let virtual_hosts = virtual_hosts(
+                            manifests,
+                            std::slice::from_ref(bound),
+                            port,
+                            &by_host,
+                            &rules,
+                            warnings,
+                        );
+                        insert_routes(routes, &key, &route_config, virtual_hosts);
+                        hcm_filter(&route_config, &[])
+                    };
                     let server_names: Vec<String> = bound
                         .server
                         .hosts
@@ -228,7 +275,7 @@ pub fn build(
                             server_names,
                             ..Default::default()
                         }),
-                        filters: vec![hcm_filter(&route_config, &[])],
+                        filters: vec![filter],
                         transport_socket: Some(TransportSocket {
                             name: TLS_TRANSPORT_SOCKET.to_owned(),
                             config_type: Some(transport_socket::ConfigType::TypedConfig(Any {
@@ -258,6 +305,92 @@ pub fn build(
             );
         }
     }
+}
+
+/// What a Gateway server carries, by its port's protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerKind {
+    /// HTTP, HTTP2, GRPC: routed by `http` routes.
+    Http,
+    /// HTTPS: TLS, then `http` routes.
+    Https,
+    /// TCP and the other opaque protocols: `tcp` routes.
+    Tcp,
+    /// TLS: terminated here (SIMPLE, MUTUAL), then `tcp` routes.
+    Tls,
+}
+
+impl ServerKind {
+    fn of(server: &net::Server) -> Option<Self> {
+        let protocol = server.port.as_ref()?.protocol.as_deref()?;
+        Some(match protocol.to_ascii_uppercase().as_str() {
+            "HTTP" | "HTTP2" | "GRPC" => Self::Http,
+            "HTTPS" => Self::Https,
+            "TCP" | "MONGO" | "REDIS" | "MYSQL" => Self::Tcp,
+            "TLS" => Self::Tls,
+            _ => return None,
+        })
+    }
+}
+
+/// The TCP proxy of gateway port `port`: the first `tcp` route (in
+/// VirtualService order) of a VirtualService bound to one of `servers`'
+/// Gateways whose match allows this port and gateway (no match: any),
+/// to its weighted destinations.
+fn tcp_route(
+    manifests: &Manifests,
+    servers: &[BoundServer<'_>],
+    port: u32,
+    warnings: &mut Vec<String>,
+) -> Option<Filter> {
+    for vs in &manifests.virtual_services {
+        let vs_ns = vs
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let bound: BTreeSet<String> = servers
+            .iter()
+            .filter(|s| names_gateway(&vs.spec.gateways, vs_ns, s.gateway))
+            .map(|s| gateway_id(s.gateway))
+            .collect();
+        if bound.is_empty() {
+            continue;
+        }
+        let route = vs.spec.tcp.iter().find(|r| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && (m.gateways.is_empty()
+                            || m.gateways
+                                .iter()
+                                .any(|g| bound.contains(&qualified(g, vs_ns))))
+                })
+        });
+        let Some(route) = route else { continue };
+        if route
+            .matches
+            .iter()
+            .any(|m| !m.source_labels.is_empty() || !m.destination_subnets.is_empty())
+        {
+            warnings.push(format!(
+                "VirtualService {vs_ns}/{}: tcp sourceLabels/destinationSubnets are not supported at a gateway; matching on port and gateway only",
+                vs.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+        let clusters: Vec<(String, u32)> = route
+            .route
+            .iter()
+            .map(|d| {
+                (
+                    destination_cluster(&d.destination, vs_ns, port),
+                    d.weight.map_or(100, |w| w.max(0) as u32),
+                )
+            })
+            .collect();
+        return Some(tcp_proxy_filter(&format!("gateway.{port}"), &clusters));
+    }
+    None
 }
 
 /// Adds route configuration `name`, scoped to gateway deployment `key`.

@@ -502,25 +502,46 @@ fn tcp_filter(
                     svc.hostname
                 ));
             }
-            let clusters: Vec<tcp_proxy::weighted_cluster::ClusterWeight> = route
+            let clusters: Vec<(String, u32)> = route
                 .route
                 .iter()
-                .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
-                    name: destination_cluster(&d.destination, namespace, port),
-                    weight: d.weight.map_or(100, |w| w.max(0) as u32),
-                    ..Default::default()
+                .map(|d| {
+                    (
+                        destination_cluster(&d.destination, namespace, port),
+                        d.weight.map_or(100, |w| w.max(0) as u32),
+                    )
                 })
                 .collect();
-            match clusters.as_slice() {
-                [one] => tcp_proxy::ClusterSpecifier::Cluster(one.name.clone()),
-                _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
-                    clusters,
-                }),
-            }
+            return tcp_proxy_filter(&route_name(port, &svc.hostname), &clusters);
         }
     };
+    tcp_proxy(&route_name(port, &svc.hostname), cluster)
+}
+
+/// A TCP proxy filter to `clusters` (`(name, weight)`): one cluster, or
+/// weighted ones.
+pub(crate) fn tcp_proxy_filter(stat_prefix: &str, clusters: &[(String, u32)]) -> Filter {
+    let cluster = match clusters {
+        [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.clone()),
+        _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: clusters
+                .iter()
+                .map(
+                    |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                        name: name.clone(),
+                        weight: *weight,
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+        }),
+    };
+    tcp_proxy(stat_prefix, cluster)
+}
+
+fn tcp_proxy(stat_prefix: &str, cluster: tcp_proxy::ClusterSpecifier) -> Filter {
     let proxy = TcpProxy {
-        stat_prefix: route_name(port, &svc.hostname),
+        stat_prefix: stat_prefix.to_owned(),
         cluster_specifier: Some(cluster),
         ..Default::default()
     };
@@ -531,7 +552,11 @@ fn tcp_filter(
 }
 
 /// The cluster a VirtualService destination names, on `port` unless it says.
-fn destination_cluster(destination: &net::Destination, namespace: &str, port: u32) -> String {
+pub(crate) fn destination_cluster(
+    destination: &net::Destination,
+    namespace: &str,
+    port: u32,
+) -> String {
     let port = destination
         .port
         .as_ref()

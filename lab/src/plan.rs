@@ -424,7 +424,7 @@ pub const INGRESS_PORTS: [u16; 2] = [15020, 15021];
 /// default ingress) when no Deployment provides it, adds Istio's
 /// `istio-ingressgateway` Deployment and Service in `istio-system`, as an
 /// Istio install would have: Service ports 80 and 443 to the pod's 8080 and
-/// 8443. The lab runs the waypoint binary in such pods; it binds the ports
+/// 8443, and 31400 (Istio's former default TCP port). The lab runs the waypoint binary in such pods; it binds the ports
 /// of the Gateway servers it is sent.
 pub fn add_ingress_gateway(manifests: &mut Manifests) {
     let wanted = manifests
@@ -456,6 +456,7 @@ pub fn add_ingress_gateway(manifests: &mut Manifests) {
         &[
             ("http2", 80, 8080),
             ("https", 443, 8443),
+            ("tcp", 31400, 31400),
             ("status-port", 15021, 15021),
         ],
     );

@@ -4,7 +4,8 @@
 //! gateway the lab deploys, as Istio's install does; an HTTPS server
 //! (`tls.mode: SIMPLE`, certificate from a Secret) terminates TLS for its
 //! SNI host, a `MUTUAL` one also requires a client certificate from its CA,
-//! and `httpsRedirect` sends plaintext clients to HTTPS. A slowloris client is cut off at the head time limit without
+//! `httpsRedirect` sends plaintext clients to HTTPS, and TCP and TLS
+//! servers relay bytes to a VirtualService's `tcp` route. A slowloris client is cut off at the head time limit without
 //! affecting other requests.
 
 use std::time::Duration;
@@ -210,6 +211,7 @@ fn https_server(lab: &Lab, client: &PodPlan) {
     let leaf = rcgen::CertificateParams::new(vec![
         "bookinfo.example.com".to_owned(),
         "secure.example.com".to_owned(),
+        "tls.example.com".to_owned(),
     ])
     .expect("params")
     .signed_by(&key, &issuer)
@@ -278,6 +280,20 @@ spec:
   - port: {number: 8080, name: http-redirect, protocol: HTTP}
     hosts: [bookinfo.example.com]
     tls: {httpsRedirect: true}
+  - port: {number: 8443, name: tls, protocol: TLS}
+    hosts: [tls.example.com]
+    tls: {mode: SIMPLE, credentialName: bookinfo-credential}
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bookinfo-tcp, namespace: default}
+spec:
+  hosts: [tls.example.com]
+  gateways: [bookinfo-https]
+  tcp:
+  - route: [{destination: {host: productpage, port: {number: 9080}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -346,14 +362,14 @@ spec:
         ok && body["app"] == "productpage",
         "MUTUAL with a client certificate: {text}"
     );
-    let (ok, _, text) = get(lab, client, secure, &via_gateway);
+    let (ok, body, text) = get(lab, client, secure, &via_gateway);
     assert!(
-        !ok && refused_in_handshake(&text),
+        refused_in_handshake(ok, &body, &text),
         "MUTUAL without a client certificate: {text}"
     );
-    let (ok, _, text) = with_cert(&other_cert_file, &other_key_file);
+    let (ok, body, text) = with_cert(&other_cert_file, &other_key_file);
     assert!(
-        !ok && refused_in_handshake(&text),
+        refused_in_handshake(ok, &body, &text),
         "MUTUAL with an untrusted certificate: {text}"
     );
 
@@ -372,11 +388,35 @@ spec:
     );
     let (ok, body, text) = get(lab, client, &format!("{GATEWAY_URL}/productpage"), &[]);
     assert!(ok && body["app"] == "productpage", "{text}");
+
+    // A TCP server: the bytes go to the `tcp` route's destination as they
+    // are (here an HTTP/1.0 request, answered and closed by productpage).
+    let request = "GET /productpage HTTP/1.0\r\nHost: bookinfo\r\n\r\n";
+    let answer = mesh_lab::probe::tcp(
+        &lab.state,
+        client,
+        "istio-ingressgateway.istio-system:31400",
+        &["--send", request, "--trickle-ms", "1"],
+    )
+    .expect("a TCP exchange through the gateway");
+    assert!(
+        answer.contains("HTTP/1.0 200") && answer.contains("\"app\":\"productpage\""),
+        "{answer}"
+    );
+    // A TLS server: TLS ends at the gateway, the plaintext inside goes to
+    // the `tcp` route (here the client's HTTP/1.1, answered by productpage).
+    let (ok, body, text) = get(
+        lab,
+        client,
+        "https://tls.example.com/productpage",
+        &via_gateway,
+    );
+    assert!(ok && body["app"] == "productpage", "TLS server: {text}");
 }
 
-/// Whether a failed `lab-app get` was refused by the server's TLS alert
-/// (with TLS 1.3 the client learns of a refused certificate on its first
-/// read): no answer came.
-fn refused_in_handshake(text: &str) -> bool {
-    text.contains("received fatal alert")
+/// Whether `lab-app get` failed at the connection, with no answer: with
+/// TLS 1.3 a client learns of a refused certificate from the server's alert
+/// after its handshake, as the alert itself or as the connection closing.
+fn refused_in_handshake(ok: bool, body: &Value, text: &str) -> bool {
+    !ok && body.is_null() && text.starts_with("error: ")
 }
