@@ -38,8 +38,12 @@
 //!   `tcp` route bound to the Gateway whose match allows the port; TLS
 //!   servers (SIMPLE, MUTUAL) terminate TLS, then do the same.
 //!
-//! Passthrough TLS, `ISTIO_MUTUAL` and client SAN checks are reported as not
-//! supported yet.
+//! - TLS servers with `tls.mode: PASSTHROUGH` get a filter chain per bound
+//!   VirtualService `tls` route, matched by its `sniHosts` and relaying the
+//!   encrypted bytes, unterminated, to its destinations.
+//!
+//! `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and client SAN checks are reported as
+//! not supported yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -139,14 +143,19 @@ pub fn build(
                     )
                 )
             });
+            let passthrough = server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.mode == Some(net::ServerTlsMode::Passthrough));
             let served_here = match ServerKind::of(server) {
                 Some(ServerKind::Http | ServerKind::Tcp) => true,
-                Some(ServerKind::Https | ServerKind::Tls) => terminated_tls,
+                Some(ServerKind::Https) => terminated_tls,
+                Some(ServerKind::Tls) => terminated_tls || passthrough,
                 None => false,
             };
             if !served_here {
                 warnings.push(format!(
-                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC, TCP, and HTTPS or TLS with tls.mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL are",
+                    "Gateway {id}: servers[{i}] ({protocol}{}) is not served by the ingress gateway yet; HTTP, HTTP2, GRPC, TCP, HTTPS or TLS with tls.mode SIMPLE, MUTUAL or OPTIONAL_MUTUAL, and TLS PASSTHROUGH are",
                     server.tls.as_ref().and_then(|t| t.mode).map(|m| format!(", tls.mode {m:?}")).unwrap_or_default()
                 ));
                 continue;
@@ -211,6 +220,16 @@ pub fn build(
                 let gateway_ns = key.split('/').next().unwrap_or_default();
                 for (index, bound) in terminated.iter().enumerate() {
                     let id = gateway_id(bound.gateway);
+                    if is_passthrough(bound.server) {
+                        let chains = passthrough_chains(manifests, bound, port, warnings);
+                        if chains.is_empty() {
+                            warnings.push(format!(
+                                "Gateway {id}: the PASSTHROUGH server on port {port} has no VirtualService tls route bound to it; it is not served"
+                            ));
+                        }
+                        filter_chains.extend(chains);
+                        continue;
+                    }
                     let tls = match server_tls(bound.server, manifests, gateway_ns) {
                         // Bytes after a TLS server's handshake are the
                         // app's own: no HTTP ALPN is offered for them.
@@ -391,6 +410,102 @@ fn tcp_route(
         return Some(tcp_proxy_filter(&format!("gateway.{port}"), &clusters));
     }
     None
+}
+
+/// Whether a server passes TLS through unterminated (`tls.mode: PASSTHROUGH`).
+fn is_passthrough(server: &net::Server) -> bool {
+    server
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == Some(net::ServerTlsMode::Passthrough))
+}
+
+/// The filter chains of a PASSTHROUGH server: one per VirtualService `tls`
+/// route bound to its Gateway, matched by the route's `sniHosts` (those the
+/// server's hosts allow) and relaying the still-encrypted connection to the
+/// route's weighted destinations.
+fn passthrough_chains(
+    manifests: &Manifests,
+    bound: &BoundServer<'_>,
+    port: u32,
+    warnings: &mut Vec<String>,
+) -> Vec<FilterChain> {
+    let gateway_ns = bound
+        .gateway
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+    let id = gateway_id(bound.gateway);
+    let mut chains = Vec::new();
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    for vs in &manifests.virtual_services {
+        let vs_ns = vs
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
+        if !names_gateway(&vs.spec.gateways, vs_ns, bound.gateway) {
+            continue;
+        }
+        for (r, route) in vs.spec.tls.iter().enumerate() {
+            let sni: BTreeSet<String> = route
+                .matches
+                .iter()
+                .filter(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && (m.gateways.is_empty()
+                            || m.gateways.iter().any(|g| qualified(g, vs_ns) == id))
+                })
+                .flat_map(|m| &m.sni_hosts)
+                .map(|h| h.to_ascii_lowercase())
+                .filter(|h| {
+                    let allowed = bound
+                        .server
+                        .hosts
+                        .iter()
+                        .any(|pattern| server_allows(pattern, gateway_ns, vs_ns, h));
+                    if !allowed {
+                        warnings.push(format!(
+                            "VirtualService {vs_ns}/{vs_name}: spec.tls[{r}] sniHost {h} is not among the hosts of Gateway {id} on port {port}"
+                        ));
+                    }
+                    allowed && !taken.contains(h)
+                })
+                .collect();
+            if sni.is_empty() {
+                continue;
+            }
+            taken.extend(sni.iter().cloned());
+            let clusters: Vec<(String, u32)> = route
+                .route
+                .iter()
+                .map(|d| {
+                    (
+                        destination_cluster(&d.destination, vs_ns, port),
+                        d.weight.map_or(100, |w| w.max(0) as u32),
+                    )
+                })
+                .collect();
+            // `*` takes every SNI: a chain without names.
+            let server_names: Vec<String> = if sni.contains("*") {
+                Vec::new()
+            } else {
+                sni.into_iter().collect()
+            };
+            chains.push(FilterChain {
+                name: format!("tls.{port}~{vs_ns}~{vs_name}~{r}"),
+                filter_chain_match: (!server_names.is_empty()).then(|| FilterChainMatch {
+                    server_names,
+                    ..Default::default()
+                }),
+                filters: vec![tcp_proxy_filter(&format!("gateway.{port}"), &clusters)],
+                ..Default::default()
+            });
+        }
+    }
+    chains
 }
 
 /// Adds route configuration `name`, scoped to gateway deployment `key`.

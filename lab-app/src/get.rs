@@ -56,6 +56,9 @@ pub struct GetArgs {
     /// count under their status), as one JSON object.
     #[arg(long)]
     pub tally: bool,
+    /// Print each response's headers (`name: value`) to stderr.
+    #[arg(long)]
+    pub show_headers: bool,
     /// Time limit for connecting, and for each request.
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -153,6 +156,11 @@ pub async fn run(args: GetArgs) -> anyhow::Result<bool> {
                 what: format!("GET {}", target.uri),
                 timeout,
             })??;
+        if args.show_headers {
+            for (name, value) in response.headers() {
+                eprintln!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+            }
+        }
         if args.tally {
             *tally.entry(answered_by(&response)).or_default() += 1;
         } else {

@@ -46,7 +46,13 @@ fn get(lab: &Lab, from: &PodPlan, url: &str, extra: &[&str]) -> (bool, Value, St
 fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
     let gateway_sample =
         mesh_lab::istio_samples_dir().join("bookinfo/networking/bookinfo-gateway.yaml");
-    let mut lab = Lab::up("tig", vec![bookinfo_manifest(), gateway_sample], 2);
+    let tls_backend =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/tls-backend.yaml");
+    let mut lab = Lab::up(
+        "tig",
+        vec![bookinfo_manifest(), gateway_sample, tls_backend],
+        2,
+    );
     lab.enrol_namespace("default");
     lab.state
         .wait_for_waypoints(Duration::from_secs(15))
@@ -212,6 +218,7 @@ fn https_server(lab: &Lab, client: &PodPlan) {
         "bookinfo.example.com".to_owned(),
         "secure.example.com".to_owned(),
         "tls.example.com".to_owned(),
+        "pass.example.com".to_owned(),
     ])
     .expect("params")
     .signed_by(&key, &issuer)
@@ -262,9 +269,14 @@ fn https_server(lab: &Lab, client: &PodPlan) {
         ),
         ..Default::default()
     };
+    // The passthrough backend's own copy, in its namespace.
+    let mut backend_secret = secret.clone();
+    backend_secret.metadata.name = Some("backend-credential".into());
+    backend_secret.metadata.namespace = Some("default".into());
     let config = format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}",
         serde_yaml::to_string(&secret).expect("secret yaml"),
+        serde_yaml::to_string(&backend_secret).expect("secret yaml"),
         r#"apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: bookinfo-https, namespace: default}
@@ -285,6 +297,40 @@ spec:
     tls: {mode: SIMPLE, credentialName: bookinfo-credential}
   - port: {number: 31400, name: tcp, protocol: TCP}
     hosts: ["*"]
+  - port: {number: 8443, name: tls-passthrough, protocol: TLS}
+    hosts: [pass.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pass, namespace: default}
+spec:
+  hosts: [pass.example.com]
+  gateways: [bookinfo-https]
+  tls:
+  - match: [{sniHosts: [pass.example.com], port: 8443}]
+    route: [{destination: {host: tls-backend, port: {number: 443}}}]
+---
+# The backend behind the passthrough: it terminates TLS itself.
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tls-backend, namespace: default}
+spec:
+  selector: {istio: tls-backend}
+  servers:
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: [pass.example.com]
+    tls: {mode: SIMPLE, credentialName: backend-credential}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tls-backend, namespace: default}
+spec:
+  hosts: [pass.example.com]
+  gateways: [tls-backend]
+  http:
+  - route: [{destination: {host: productpage, port: {number: 9080}}}]
+    headers: {response: {set: {x-terminated-by: tls-backend}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -412,6 +458,20 @@ spec:
         &via_gateway,
     );
     assert!(ok && body["app"] == "productpage", "TLS server: {text}");
+
+    // TLS passthrough: the gateway routes by SNI without terminating; the
+    // backend's own TLS (its response header shows) reaches productpage.
+    mesh_tests::eventually("passthrough backend ready", SETTLE, || {
+        let (ok, body, text) = get(
+            lab,
+            client,
+            "https://pass.example.com/productpage",
+            &[&via_gateway[..], &["--show-headers"]].concat(),
+        );
+        (ok && body["app"] == "productpage" && text.contains("x-terminated-by: tls-backend"))
+            .then_some(())
+            .ok_or(text)
+    });
 }
 
 /// Whether `lab-app get` failed at the connection, with no answer: with

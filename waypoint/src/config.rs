@@ -335,16 +335,26 @@ pub fn compile_listener(listener: &Listener) -> Result<Compiled, String> {
             }
         }
         let (server_names, tls) = compile_chain_tls(chain, &at)?;
+        let compiled = compile_chain(chain, &at)?;
+        if tls.is_none() && !server_names.is_empty() && !matches!(compiled, Chain::Tcp { .. }) {
+            return Err(format!(
+                "{at}: a chain matched by server_names without a TLS transport socket passes TLS through, so it must be a TCP proxy"
+            ));
+        }
         chains.push(IngressChain {
             server_names,
             tls,
-            chain: compile_chain(chain, &at)?,
+            chain: compiled,
         });
     }
-    let plain = chains.iter().filter(|c| c.tls.is_none()).count();
-    if chains.is_empty() || (plain > 0 && chains.len() > 1) {
+    let plain = chains
+        .iter()
+        .filter(|c| c.tls.is_none() && c.server_names.is_empty())
+        .count();
+    let by_sni = chains.len() - plain;
+    if chains.is_empty() || (plain > 0 && by_sni > 0) || plain > 1 {
         return Err(format!(
-            "filter_chains: an ingress listener (port {port}) has one plain chain or TLS chains only"
+            "filter_chains: an ingress listener (port {port}) has one plain chain, or chains chosen by SNI only"
         ));
     }
     Ok(Compiled::Ingress(

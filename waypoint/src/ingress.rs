@@ -38,16 +38,20 @@ pub struct IngressListener {
 pub struct IngressChain {
     /// SNI names it serves (lowercase; `*.suffix` allowed); empty: any.
     pub server_names: Vec<String>,
-    /// Its TLS termination; none for plain HTTP.
+    /// Its TLS termination; none for plain HTTP or TCP, and for TLS passed
+    /// through unterminated (a TCP chain with `server_names`).
     pub tls: Option<Arc<ServerConfig>>,
     /// What its connections get.
     pub chain: Chain,
 }
 
 impl IngressListener {
-    /// Whether connections start with a TLS handshake.
-    pub fn is_tls(&self) -> bool {
-        self.chains.iter().any(|c| c.tls.is_some())
+    /// Whether connections start with a TLS ClientHello whose SNI picks the
+    /// chain (chains that terminate TLS, or pass it through by name).
+    pub fn routes_by_sni(&self) -> bool {
+        self.chains
+            .iter()
+            .any(|c| c.tls.is_some() || !c.server_names.is_empty())
     }
 
     /// The chain for a client that sent `sni`.
@@ -99,11 +103,7 @@ pub fn compile_chain_tls(
         })
         .unwrap_or_default();
     let Some(socket) = &chain.transport_socket else {
-        if !server_names.is_empty() {
-            return Err(format!(
-                "{at}.filter_chain_match.server_names: needs a TLS transport socket"
-            ));
-        }
+        // Server names without a transport socket: TLS passed through.
         return Ok((server_names, None));
     };
     if socket.name != TLS_TRANSPORT_SOCKET {

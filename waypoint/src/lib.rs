@@ -7,6 +7,7 @@
 //! A library so tests and fuzz targets reach the route compiler and matcher;
 //! the binary (`main.rs`) wires it up.
 
+pub mod client_hello;
 pub mod cluster;
 pub mod config;
 pub mod ingress;

@@ -363,25 +363,40 @@ async fn accept_ingress(
                         conn,
                     })
                 };
-                if !ingress.is_tls() {
+                if !ingress.routes_by_sni() {
                     let Some(first) = ingress.chains.first() else { return };
                     let ctx = context(first.chain.clone(), false);
                     return serve_chain(waypoint, ctx, stream).await;
                 }
-                // Read the ClientHello, pick the chain by SNI, then finish
-                // the handshake with that chain's certificate.
-                let acceptor =
-                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-                let start = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor).await {
-                    Ok(Ok(start)) => start,
+                // Read the ClientHello and pick the chain by SNI; then
+                // either pass the untouched bytes through, or finish the
+                // handshake with that chain's certificate.
+                let mut stream = stream;
+                let (hello, sni) = match tokio::time::timeout(
+                    HEADER_READ_TIMEOUT,
+                    crate::client_hello::read(&mut stream),
+                )
+                .await
+                {
+                    Ok(Ok(read)) => read,
                     Ok(Err(err)) => return debug!(error = %err, "TLS ClientHello failed"),
                     Err(_) => return debug!("no TLS ClientHello in time"),
                 };
-                let sni = start.client_hello().server_name().map(str::to_owned);
                 let Some(chosen) = ingress.for_sni(sni.as_deref()) else {
                     return info!(target: "waypoint::access", sni = sni.as_deref().unwrap_or(""), flags = "NR", "no filter chain for this SNI");
                 };
-                let Some(tls) = chosen.tls.clone() else { return };
+                let stream = crate::client_hello::Prefixed::new(hello, stream);
+                let Some(tls) = chosen.tls.clone() else {
+                    // Passthrough: the TLS session is the backend's.
+                    let ctx = context(chosen.chain.clone(), true);
+                    return serve_chain(waypoint, ctx, stream).await;
+                };
+                let acceptor =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+                let start = match acceptor.await {
+                    Ok(start) => start,
+                    Err(err) => return debug!(error = %err, "TLS ClientHello failed"),
+                };
                 let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, start.into_stream(tls)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(err)) => return debug!(error = %err, "TLS handshake failed"),
