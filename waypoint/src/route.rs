@@ -654,7 +654,7 @@ impl Forward {
             Some(r) => Some((
                 regex::Regex::new(&r.pattern.as_ref().ok_or("regex_rewrite: no pattern")?.regex)
                     .map_err(|e| format!("regex_rewrite: {e}"))?,
-                r.substitution.clone(),
+                envoy_substitution(&r.substitution),
             )),
             None => None,
         };
@@ -938,6 +938,27 @@ impl Retry {
             AttemptFailure::NotSent => false,
         }
     }
+}
+
+/// An Envoy `regex_rewrite` substitution (capture groups as `\1`, every
+/// other character literal) in the `regex` crate's syntax (`${1}`, `$$`).
+fn envoy_substitution(substitution: &str) -> String {
+    let mut out = String::with_capacity(substitution.len() + 8);
+    let mut chars = substitution.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' if chars.peek().is_some_and(char::is_ascii_digit) => {
+                out.push_str("${");
+                while let Some(d) = chars.next_if(char::is_ascii_digit) {
+                    out.push(d);
+                }
+                out.push('}');
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Fault injection of a route.
@@ -1407,6 +1428,26 @@ mod tests {
             bad,
             "route.hash_policy[0]: cookie \"a b\": not a cookie name"
         );
+    }
+
+    #[test]
+    fn regex_rewrites_read_envoy_capture_groups() {
+        let rewrite = |pattern: &str, substitution: &str, path: &str| {
+            regex::Regex::new(pattern)
+                .unwrap()
+                .replace_all(path, envoy_substitution(substitution).as_str())
+                .into_owned()
+        };
+        assert_eq!(
+            rewrite(
+                "^/service/([^/]+)(/.*)$",
+                "\\2/instance/\\1",
+                "/service/foo/v1/api"
+            ),
+            "/v1/api/instance/foo"
+        );
+        assert_eq!(rewrite("^/a", "/$b", "/a/x"), "/$b/x");
+        assert_eq!(rewrite("^/a", "/b\\", "/a"), "/b\\");
     }
 
     #[test]
