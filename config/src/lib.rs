@@ -54,6 +54,8 @@ pub enum Resource {
     PeerAuthentication(Box<istio::PeerAuthentication>),
     /// `gateway.networking.k8s.io` Gateway.
     KubeGateway(Box<istio::KubeGateway>),
+    /// `gateway.networking.k8s.io` HTTPRoute.
+    KubeHttpRoute(Box<istio::KubeHttpRoute>),
     /// A kind this crate does not model (yet): kept by identity only.
     Other(ResourceId),
 }
@@ -110,6 +112,8 @@ pub struct Manifests {
     pub peer_authentications: Vec<istio::PeerAuthentication>,
     /// Gateway API Gateways.
     pub kube_gateways: Vec<istio::KubeGateway>,
+    /// Gateway API HTTPRoutes.
+    pub http_routes: Vec<istio::KubeHttpRoute>,
     /// Resources of kinds not modelled here.
     pub others: Vec<ResourceId>,
     /// Where each resource came from (file name), for error messages.
@@ -133,6 +137,7 @@ impl Manifests {
             Resource::AuthorizationPolicy(r) => self.authorization_policies.push(*r),
             Resource::PeerAuthentication(r) => self.peer_authentications.push(*r),
             Resource::KubeGateway(r) => self.kube_gateways.push(*r),
+            Resource::KubeHttpRoute(r) => self.http_routes.push(*r),
             Resource::Other(id) => self.others.push(id),
         }
     }
@@ -153,6 +158,7 @@ impl Manifests {
             .extend(other.authorization_policies);
         self.peer_authentications.extend(other.peer_authentications);
         self.kube_gateways.extend(other.kube_gateways);
+        self.http_routes.extend(other.http_routes);
         self.others.extend(other.others);
         self.sources.extend(other.sources);
     }
@@ -172,6 +178,7 @@ impl Manifests {
             + self.authorization_policies.len()
             + self.peer_authentications.len()
             + self.kube_gateways.len()
+            + self.http_routes.len()
             + self.others.len()
     }
 
@@ -224,6 +231,9 @@ impl Manifests {
             )),
             "Gateway" => Resource::KubeGateway(Box::new(
                 named(&self.kube_gateways, id, |r| &r.metadata)?.clone(),
+            )),
+            "HTTPRoute" => Resource::KubeHttpRoute(Box::new(
+                named(&self.http_routes, id, |r| &r.metadata)?.clone(),
             )),
             "ServiceEntry" => Resource::ServiceEntry(Box::new(
                 named(&self.service_entries, id, |r| &r.metadata)?.clone(),

@@ -264,6 +264,7 @@ fn parse_resource(
         "AuthorizationPolicy" if security => parse!(AuthorizationPolicy),
         "PeerAuthentication" if security => parse!(PeerAuthentication),
         "Gateway" if gateway_api => parse!(KubeGateway),
+        "HTTPRoute" if gateway_api => parse!(KubeHttpRoute),
         _ => Resource::Other(id.clone()),
     };
     Ok((id, resource))

@@ -15,6 +15,9 @@ use crate::{
     Manifests, ResourceId,
     istio::{
         Crd, KubeGatewaySpec,
+        gateway_api::{
+            HttpRouteFilter, HttpRouteSpec, PathMatchType, PathModifierType, ValueMatchType,
+        },
         networking::{
             Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
             LoadBalancer, Resolution, ServerTlsMode, ServiceEntrySpec, StringMatch, TrafficPolicy,
@@ -124,6 +127,11 @@ pub fn validate(manifests: &Manifests) -> Vec<ValidationError> {
         kube_gateway(&mut at, &gw.spec);
         check.finish(at);
     }
+    for route in &manifests.http_routes {
+        let mut at = check.at(route);
+        http_route_api(&mut at, &route.spec);
+        check.finish(at);
+    }
     check.errors
 }
 
@@ -151,6 +159,7 @@ pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) 
         keep(&mut manifests.authorization_policies, &invalid);
         keep(&mut manifests.peer_authentications, &invalid);
         keep(&mut manifests.kube_gateways, &invalid);
+        keep(&mut manifests.http_routes, &invalid);
         errors.extend(found);
     }
 }
@@ -1047,6 +1056,158 @@ fn kube_gateway(at: &mut At, spec: &KubeGatewaySpec) {
     }
 }
 
+/// Gateway API HTTPRoute rules (the Gateway API's own validation).
+fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
+    if spec.parent_refs.is_empty() {
+        at.error("spec.parentRefs", "a route needs at least one parentRef");
+    }
+    for (i, parent) in spec.parent_refs.iter().enumerate() {
+        let path = format!("spec.parentRefs[{i}]");
+        if parent.name.is_empty() {
+            at.error(format!("{path}.name"), "name is required");
+        }
+        if let Some(port) = parent.port {
+            at.port(format!("{path}.port"), port);
+        }
+    }
+    let regex = |at: &mut At, path: String, re: &str| {
+        if let Err(err) = regex::Regex::new(re) {
+            at.error(
+                path,
+                format!("regex `{re}` does not compile: {}", first_line(&err)),
+            );
+        }
+    };
+    for (r, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{r}]");
+        let mut prefix_matches = true;
+        for (m, matched) in rule.matches.iter().enumerate() {
+            let path = format!("{path}.matches[{m}]");
+            if let Some(p) = &matched.path {
+                let value = p.value.as_deref().unwrap_or("/");
+                match p.type_.unwrap_or(PathMatchType::PathPrefix) {
+                    PathMatchType::RegularExpression => {
+                        prefix_matches = false;
+                        regex(at, format!("{path}.path.value"), value);
+                    }
+                    kind => {
+                        prefix_matches &= kind == PathMatchType::PathPrefix;
+                        if !value.starts_with('/') {
+                            at.error(
+                                format!("{path}.path.value"),
+                                format!("path `{value}` must start with /"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (field, list) in [
+                ("headers", &matched.headers),
+                ("queryParams", &matched.query_params),
+            ] {
+                for (h, value) in list.iter().enumerate() {
+                    let path = format!("{path}.{field}[{h}]");
+                    if value.name.is_empty() {
+                        at.error(format!("{path}.name"), "name is required");
+                    }
+                    if value.type_ == Some(ValueMatchType::RegularExpression) {
+                        regex(at, format!("{path}.value"), &value.value);
+                    }
+                }
+            }
+        }
+        let mut all_filters: Vec<(String, &HttpRouteFilter)> = rule
+            .filters
+            .iter()
+            .enumerate()
+            .map(|(f, filter)| (format!("{path}.filters[{f}]"), filter))
+            .collect();
+        for (b, backend) in rule.backend_refs.iter().enumerate() {
+            for (f, filter) in backend.filters.iter().enumerate() {
+                all_filters.push((format!("{path}.backendRefs[{b}].filters[{f}]"), filter));
+            }
+        }
+        for (path, filter) in all_filters {
+            let present = match filter.type_.as_str() {
+                "RequestHeaderModifier" => filter.request_header_modifier.is_some(),
+                "ResponseHeaderModifier" => filter.response_header_modifier.is_some(),
+                "RequestRedirect" => filter.request_redirect.is_some(),
+                "URLRewrite" => filter.url_rewrite.is_some(),
+                "RequestMirror" => filter.request_mirror.is_some(),
+                other => {
+                    at.error(
+                        format!("{path}.type"),
+                        format!("filter type `{other}` is not supported"),
+                    );
+                    continue;
+                }
+            };
+            if !present {
+                at.error(
+                    path.clone(),
+                    format!("a {} filter needs its settings", filter.type_),
+                );
+            }
+            let paths = [
+                filter
+                    .request_redirect
+                    .as_ref()
+                    .and_then(|r| r.path.as_ref()),
+                filter.url_rewrite.as_ref().and_then(|r| r.path.as_ref()),
+            ];
+            for modifier in paths.into_iter().flatten() {
+                let (value, field) = match modifier.type_ {
+                    PathModifierType::ReplaceFullPath => {
+                        (&modifier.replace_full_path, "replaceFullPath")
+                    }
+                    PathModifierType::ReplacePrefixMatch => {
+                        (&modifier.replace_prefix_match, "replacePrefixMatch")
+                    }
+                };
+                if value.is_none() {
+                    at.error(
+                        format!("{path}.path.{field}"),
+                        format!("{field} is required"),
+                    );
+                }
+                if modifier.type_ == PathModifierType::ReplacePrefixMatch && !prefix_matches {
+                    at.error(
+                        format!("{path}.path"),
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
+                    );
+                }
+            }
+            if let Some(code) = filter.request_redirect.as_ref().and_then(|r| r.status_code)
+                && !matches!(code, 301 | 302 | 303 | 307 | 308)
+            {
+                at.error(
+                    format!("{path}.requestRedirect.statusCode"),
+                    format!("{code} is not a redirect status"),
+                );
+            }
+        }
+        for (b, backend) in rule.backend_refs.iter().enumerate() {
+            let path = format!("{path}.backendRefs[{b}]");
+            at.non_negative(format!("{path}.weight"), backend.weight);
+            if backend
+                .backend
+                .kind
+                .as_deref()
+                .is_some_and(|k| k != "Service")
+            {
+                at.error(
+                    format!("{path}.kind"),
+                    "only Service backends are supported",
+                );
+            }
+            match backend.backend.port {
+                None => at.error(format!("{path}.port"), "a Service backend needs a port"),
+                Some(port) => at.port(format!("{path}.port"), port),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1149,6 +1310,41 @@ mod tests {
             errs.iter()
                 .any(|e| e.contains("`spec.http[0].fault.abort.percentage.value`: percentage 150"))
         );
+    }
+
+    #[test]
+    fn http_routes_follow_the_gateway_api_rules() {
+        let errs = errors(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  rules:
+  - matches: [{path: {type: RegularExpression, value: "("}}, {path: {value: nope}}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /x}}}
+    - {type: RequestRedirect, requestRedirect: {statusCode: 200}}
+    - {type: ExtensionRef}
+    backendRefs: [{name: a}, {name: b, port: 80, weight: -1}]
+"#,
+        );
+        let expect = [
+            "`spec.parentRefs`: a route needs at least one parentRef",
+            "`spec.rules[0].matches[0].path.value`: regex `(` does not compile",
+            "`spec.rules[0].matches[1].path.value`: path `nope` must start with /",
+            "`spec.rules[0].filters[0].path`: ReplacePrefixMatch needs every match",
+            "`spec.rules[0].filters[1].requestRedirect.statusCode`: 200 is not a redirect status",
+            "`spec.rules[0].filters[2].type`: filter type `ExtensionRef` is not supported",
+            "`spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
+            "`spec.rules[0].backendRefs[1].weight`: -1 is negative",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|got| got.contains(e)),
+                "no {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod authz;
 pub mod ca;
 pub mod ca_service;
+pub mod http_route;
 pub mod ingress;
 pub mod metrics;
 pub mod model;

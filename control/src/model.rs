@@ -115,6 +115,22 @@ impl Model {
 
     /// Translates `manifests`.
     pub fn build(manifests: &Manifests, settings: &MeshSettings) -> Model {
+        // Gateway API HTTPRoutes are routed as the VirtualServices they are
+        // equivalent to (a copy only when there are any).
+        let mut route_warnings = Vec::new();
+        let with_routes;
+        let manifests = if manifests.http_routes.is_empty() {
+            manifests
+        } else {
+            let mut copy = manifests.clone();
+            copy.virtual_services
+                .extend(crate::http_route::virtual_services(
+                    manifests,
+                    &mut route_warnings,
+                ));
+            with_routes = copy;
+            &with_routes
+        };
         let namespace_labels: HashMap<&str, BTreeMap<String, String>> = manifests
             .namespaces
             .iter()
@@ -127,7 +143,10 @@ impl Model {
             .collect();
         let no_labels = BTreeMap::new();
 
-        let mut model = Model::default();
+        let mut model = Model {
+            warnings: route_warnings,
+            ..Model::default()
+        };
         let services: Vec<ServiceView<'_>> = manifests
             .services
             .iter()

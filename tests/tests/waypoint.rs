@@ -441,6 +441,78 @@ fn counted(metrics: &str, labels: &[&str]) -> bool {
         .any(|l| l.starts_with("istio_requests_total") && labels.iter().all(|x| l.contains(x)))
 }
 
+/// Gateway API routing at the waypoint: an HTTPRoute attached to Service
+/// reviews sends `end-user: jason` to v2, `/reviews/9...` (whole segments)
+/// to v3 with its prefix rewritten, and the rest 90/10 to v1/v2 with a
+/// response header, through the per-version Services.
+#[test]
+fn gateway_api_http_routes_through_the_waypoint() {
+    let versions_sample =
+        mesh_lab::istio_samples_dir().join("bookinfo/platform/bookinfo-versions.yaml");
+    let mut lab = Lab::up(
+        "twph",
+        vec![
+            bookinfo_manifest(),
+            versions_sample,
+            manifest("waypoint.yaml"),
+        ],
+        2,
+    );
+    lab.enrol_namespace("default");
+    lab.use_waypoint("default", "waypoint");
+    apply_path(&lab, &manifest("reviews-httproute.yaml"));
+    lab.state
+        .wait_for_waypoints(Duration::from_secs(15))
+        .expect("waypoint ready");
+    let client = lab.state.pod("productpage").expect("productpage").clone();
+    let reviews = "http://reviews:9080/reviews/0";
+
+    eventually("the HTTPRoute is applied", || {
+        let seen = versions(&lab, &client, reviews, 10, &["end-user:jason"]);
+        (tally(&seen) == BTreeMap::from([("v2".to_owned(), 10)]))
+            .then_some(())
+            .ok_or(format!("{:?}", tally(&seen)))
+    });
+
+    // Whole segments: /reviews/9 and /reviews/9/x go to v3, rewritten;
+    // /reviews/90 is not under /reviews/9.
+    for (path, rewritten) in [
+        ("/reviews/9", "/reviews/1"),
+        ("/reviews/9/x", "/reviews/1/x"),
+    ] {
+        let output = run(
+            &lab,
+            &client,
+            &["get", &format!("http://reviews:9080{path}")],
+        );
+        let answer: Value = serde_json::from_slice(&output.stdout).expect("JSON answer");
+        assert_eq!(
+            (answer["version"].as_str(), answer["path"].as_str()),
+            (Some("v3"), Some(rewritten)),
+            "{path}: {answer}"
+        );
+    }
+    let split = tally(&versions(
+        &lab,
+        &client,
+        "http://reviews:9080/reviews/90",
+        100,
+        &[],
+    ));
+    let v1 = split.get("v1").copied().unwrap_or(0);
+    let v2 = split.get("v2").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 100, "90/10 split: {split:?}");
+    // Binomial(100, 0.1): 1..=25 holds with overwhelming probability.
+    assert!((1..=25).contains(&v2), "90/10 split: {split:?}");
+
+    let output = run(&lab, &client, &["get", reviews, "--show-headers"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("x-routed-by: httproute"),
+        "the rule's response header: {stderr}"
+    );
+}
+
 /// Lab `name` with flaky.yaml behind the waypoint and flaky-routes.yaml
 /// in effect; returns it with the client, flaky and waypoint pods.
 fn flaky_lab(name: &str) -> (Lab, PodPlan, PodPlan, PodPlan) {

@@ -6,6 +6,7 @@
 //! (`"1.5s"`, `"100ms"`) are parsed into [`IstioDuration`].
 
 mod duration;
+pub mod gateway_api;
 pub mod networking;
 pub mod security;
 
@@ -60,6 +61,8 @@ pub type AuthorizationPolicy = Crd<security::AuthorizationPolicySpec>;
 pub type PeerAuthentication = Crd<security::PeerAuthenticationSpec>;
 /// Gateway API `gateway.networking.k8s.io` Gateway (waypoints and ingress).
 pub type KubeGateway = Crd<KubeGatewaySpec>;
+/// Gateway API `gateway.networking.k8s.io` HTTPRoute.
+pub type KubeHttpRoute = Crd<gateway_api::HttpRouteSpec>;
 
 /// Gateway API `Gateway.spec`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -125,6 +125,12 @@ pub const WATCHED: &[Watched] = &[
         "Gateway",
         ServedVersion::GatewayApi,
     ),
+    crd(
+        "gateway.networking.k8s.io",
+        "httproutes",
+        "HTTPRoute",
+        ServedVersion::GatewayApi,
+    ),
 ];
 
 const fn core(

@@ -1,0 +1,616 @@
+//! Gateway API HTTPRoutes attached to Services (the GAMMA pattern Istio's
+//! ambient mode uses for waypoints), as the VirtualServices they are
+//! equivalent to: one per parent Service, holding the rules of every route
+//! attached to it in Gateway API precedence, so the waypoint routes them with
+//! the same code as Istio's own API.
+//!
+//! - A `parentRef` of kind `Service` (core group) attaches a route to that
+//!   Service (`port`: that port only); other parents (Gateways) are reported
+//!   and skipped.
+//! - Each match becomes one route: `Exact` and `RegularExpression` paths as
+//!   they are; `PathPrefix` by whole segments (`/a` matches `/a` and `/a/b`,
+//!   not `/ab`); headers, query parameters and method as exact or regex
+//!   matches. Across routes and rules, matches are ordered as the Gateway
+//!   API orders them: exact path, then the longest prefix, then method, then
+//!   the most header and query matches; ties keep route name and rule order.
+//! - Filters: header modifiers become header edits, `RequestRedirect` a
+//!   redirect, `URLRewrite` a rewrite (prefix replacement by whole segments),
+//!   `RequestMirror` a mirror; backend filters edit headers per backend.
+//!   `timeouts.request` is the route timeout.
+//! - `backendRefs` become weighted destinations (weight default 1); a rule
+//!   with neither backends nor a redirect answers 500, as the Gateway API
+//!   requires.
+//!
+//! A VirtualService for the same host takes precedence; the routes are then
+//! reported and not applied.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use mesh_config::{
+    DEFAULT_NAMESPACE, Manifests,
+    istio::{
+        KubeHttpRoute, VirtualService,
+        gateway_api::{
+            HeaderModifier, HttpRouteMatch, HttpRouteRule, PathMatchType, PathModifier,
+            PathModifierType, ValueMatchType,
+        },
+        networking::{
+            Destination, FaultAbort, HeaderOperations, Headers, HttpFault, HttpMatchRequest,
+            HttpMirrorPolicy, HttpRedirect, HttpRewrite, HttpRoute, HttpRouteDestination, Percent,
+            PortSelector, RegexRewrite, StringMatch, VirtualServiceSpec,
+        },
+    },
+    validate::fqdn,
+};
+
+/// The VirtualServices equivalent to `manifests`' HTTPRoutes, one per
+/// parent Service, named after it; `warnings` gets what cannot be applied.
+pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Vec<VirtualService> {
+    // Parent Service host -> (route namespace, its matches with their rule).
+    let mut by_parent: BTreeMap<(String, String), Vec<Candidate<'_>>> = BTreeMap::new();
+    let mut sorted: Vec<&KubeHttpRoute> = manifests.http_routes.iter().collect();
+    sorted.sort_by_key(|r| (namespace(&r.metadata), r.metadata.name.clone()));
+    for route in sorted {
+        let route_ns = namespace(&route.metadata);
+        let route_id = format!(
+            "HTTPRoute {route_ns}/{}",
+            route.metadata.name.as_deref().unwrap_or_default()
+        );
+        for (p, parent) in route.spec.parent_refs.iter().enumerate() {
+            if !parent.is_service() {
+                warnings.push(format!(
+                    "{route_id}: spec.parentRefs[{p}] ({} {}) is not applied: only Service parents (kind: Service, group \"\") are routed here",
+                    parent.kind.as_deref().unwrap_or("Gateway"),
+                    parent.name
+                ));
+                continue;
+            }
+            let service_ns = parent.namespace.as_deref().unwrap_or(route_ns);
+            let exists = manifests.services.iter().any(|s| {
+                s.metadata.name.as_deref() == Some(parent.name.as_str())
+                    && namespace(&s.metadata) == service_ns
+            });
+            if !exists {
+                warnings.push(format!(
+                    "{route_id}: spec.parentRefs[{p}] names Service {service_ns}/{}, which does not exist",
+                    parent.name
+                ));
+                continue;
+            }
+            let host = fqdn(&parent.name, service_ns);
+            let candidates = by_parent
+                .entry((service_ns.to_owned(), host.clone()))
+                .or_default();
+            for (r, rule) in route.spec.rules.iter().enumerate() {
+                let rule_name = format!("{route_id} rule {r}");
+                let matches: Vec<Option<&HttpRouteMatch>> = if rule.matches.is_empty() {
+                    vec![None]
+                } else {
+                    rule.matches.iter().map(Some).collect()
+                };
+                for matched in matches {
+                    candidates.push(Candidate {
+                        route_ns,
+                        rule,
+                        rule_name: rule_name.clone(),
+                        matched,
+                        port: parent.port,
+                    });
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for ((service_ns, host), mut candidates) in by_parent {
+        let routed_by_vs = manifests.virtual_services.iter().find(|vs| {
+            let vs_ns = namespace(&vs.metadata);
+            vs.spec.hosts.iter().any(|h| fqdn(h, vs_ns) == host)
+        });
+        if let Some(vs) = routed_by_vs {
+            warnings.push(format!(
+                "HTTPRoutes attached to {host} are not applied: VirtualService {}/{} routes that host",
+                namespace(&vs.metadata),
+                vs.metadata.name.as_deref().unwrap_or_default()
+            ));
+            continue;
+        }
+        // Stable: ties keep route name, rule and match order.
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.precedence()));
+        let http = candidates
+            .iter()
+            .filter_map(|c| c.http_route(&host, warnings))
+            .collect();
+        let name = host.split('.').next().unwrap_or(&host).to_owned();
+        out.push(VirtualService {
+            api_version: "gateway.networking.k8s.io/v1".to_owned(),
+            kind: "HTTPRoute".to_owned(),
+            metadata: ObjectMeta {
+                name: Some(format!("{name}-httproutes")),
+                namespace: Some(service_ns),
+                ..Default::default()
+            },
+            spec: VirtualServiceSpec {
+                hosts: vec![host],
+                http,
+                ..Default::default()
+            },
+            status: None,
+        });
+    }
+    out
+}
+
+fn namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+}
+
+/// One match of one rule, for one parent.
+struct Candidate<'a> {
+    route_ns: &'a str,
+    rule: &'a HttpRouteRule,
+    rule_name: String,
+    matched: Option<&'a HttpRouteMatch>,
+    port: Option<u32>,
+}
+
+impl Candidate<'_> {
+    /// Gateway API precedence: exact path, longest prefix, method, header
+    /// count, query count (greater first).
+    fn precedence(&self) -> (bool, usize, bool, usize, usize) {
+        let Some(m) = self.matched else {
+            return (false, 1, false, 0, 0);
+        };
+        let (exact, length) = match &m.path {
+            None => (false, 1),
+            Some(p) => {
+                let length = p.value.as_deref().unwrap_or("/").len();
+                match p.type_.unwrap_or(PathMatchType::PathPrefix) {
+                    PathMatchType::Exact => (true, length),
+                    PathMatchType::PathPrefix => (false, length),
+                    PathMatchType::RegularExpression => (false, 0),
+                }
+            }
+        };
+        (
+            exact,
+            length,
+            m.method.is_some(),
+            m.headers.len(),
+            m.query_params.len(),
+        )
+    }
+
+    /// The VirtualService route for this match, or `None` (reported) when
+    /// it asks for what cannot be done here.
+    fn http_route(&self, host: &str, warnings: &mut Vec<String>) -> Option<HttpRoute> {
+        let rule = self.rule;
+        let mut route = HttpRoute {
+            name: Some(self.rule_name.clone()),
+            matches: vec![self.match_request()],
+            timeout: rule.timeouts.as_ref().and_then(|t| t.request),
+            ..Default::default()
+        };
+        if rule
+            .timeouts
+            .as_ref()
+            .is_some_and(|t| t.backend_request.is_some())
+        {
+            warnings.push(format!(
+                "{}: timeouts.backendRequest is not supported yet; timeouts.request applies",
+                self.rule_name
+            ));
+        }
+        let mut request = HeaderOperations::default();
+        let mut response = HeaderOperations::default();
+        for filter in &rule.filters {
+            match filter.type_.as_str() {
+                "RequestHeaderModifier" => {
+                    edit(&mut request, filter.request_header_modifier.as_ref());
+                }
+                "ResponseHeaderModifier" => {
+                    edit(&mut response, filter.response_header_modifier.as_ref());
+                }
+                "RequestRedirect" => {
+                    let redirect = filter.request_redirect.as_ref()?;
+                    let uri = match &redirect.path {
+                        None => None,
+                        Some(p) if p.type_ == PathModifierType::ReplaceFullPath => {
+                            p.replace_full_path.clone()
+                        }
+                        Some(_) => {
+                            warnings.push(format!(
+                                "{}: a RequestRedirect with ReplacePrefixMatch is not supported yet; the rule is skipped",
+                                self.rule_name
+                            ));
+                            return None;
+                        }
+                    };
+                    route.redirect = Some(HttpRedirect {
+                        uri,
+                        authority: redirect.hostname.clone(),
+                        port: redirect.port,
+                        scheme: redirect.scheme.clone(),
+                        redirect_code: Some(redirect.status_code.unwrap_or(302)),
+                    });
+                }
+                "URLRewrite" => {
+                    let rewrite = filter.url_rewrite.as_ref()?;
+                    route.rewrite = Some(HttpRewrite {
+                        authority: rewrite.hostname.clone(),
+                        uri_regex_rewrite: rewrite
+                            .path
+                            .as_ref()
+                            .and_then(|p| self.path_rewrite(p.type_, p)),
+                        ..Default::default()
+                    });
+                }
+                "RequestMirror" => {
+                    let mirror = filter.request_mirror.as_ref()?;
+                    route.mirrors.push(HttpMirrorPolicy {
+                        destination: self.destination(
+                            &mirror.backend_ref.name,
+                            mirror.backend_ref.namespace.as_deref(),
+                            mirror.backend_ref.port,
+                        ),
+                        percentage: Some(Percent {
+                            value: f64::from(mirror.percent.unwrap_or(100)),
+                        }),
+                    });
+                }
+                _ => {}
+            }
+        }
+        route.headers = headers(request, response);
+        if route.redirect.is_none() {
+            route.route = rule
+                .backend_refs
+                .iter()
+                .map(|backend| {
+                    let mut request = HeaderOperations::default();
+                    let mut response = HeaderOperations::default();
+                    for filter in &backend.filters {
+                        match filter.type_.as_str() {
+                            "RequestHeaderModifier" => {
+                                edit(&mut request, filter.request_header_modifier.as_ref())
+                            }
+                            "ResponseHeaderModifier" => {
+                                edit(&mut response, filter.response_header_modifier.as_ref())
+                            }
+                            other => warnings.push(format!(
+                                "{}: backend filter {other} is not supported; it is ignored",
+                                self.rule_name
+                            )),
+                        }
+                    }
+                    HttpRouteDestination {
+                        destination: self.destination(
+                            &backend.backend.name,
+                            backend.backend.namespace.as_deref(),
+                            backend.backend.port,
+                        ),
+                        weight: Some(backend.weight.unwrap_or(1)),
+                        headers: headers(request, response),
+                    }
+                })
+                .collect();
+            let total: i64 = route.route.iter().filter_map(|d| d.weight).sum();
+            if route.route.is_empty() || total == 0 {
+                // No backend to send to: the Gateway API's 500, answered
+                // by an abort before the (never used) parent destination.
+                route.route.clear();
+                route.fault = Some(HttpFault {
+                    abort: Some(FaultAbort {
+                        http_status: Some(500),
+                        percentage: Some(Percent { value: 100.0 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+                route.route.push(HttpRouteDestination {
+                    destination: Destination {
+                        host: host.to_owned(),
+                        ..Default::default()
+                    },
+                    weight: Some(1),
+                    headers: None,
+                });
+            }
+        }
+        Some(route)
+    }
+
+    /// The VirtualService match of this candidate.
+    fn match_request(&self) -> HttpMatchRequest {
+        let mut out = HttpMatchRequest {
+            port: self.port,
+            ..Default::default()
+        };
+        let Some(m) = self.matched else {
+            out.uri = Some(prefix("/"));
+            return out;
+        };
+        out.uri = Some(match &m.path {
+            None => prefix("/"),
+            Some(p) => {
+                let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+                match p.type_.unwrap_or(PathMatchType::PathPrefix) {
+                    PathMatchType::Exact => StringMatch {
+                        exact: Some(value),
+                        ..Default::default()
+                    },
+                    PathMatchType::RegularExpression => StringMatch {
+                        regex: Some(value),
+                        ..Default::default()
+                    },
+                    PathMatchType::PathPrefix => segment_prefix(&value),
+                }
+            }
+        });
+        let value = |kind: Option<ValueMatchType>, value: &str| match kind {
+            Some(ValueMatchType::RegularExpression) => StringMatch {
+                regex: Some(value.to_owned()),
+                ..Default::default()
+            },
+            _ => StringMatch {
+                exact: Some(value.to_owned()),
+                ..Default::default()
+            },
+        };
+        for h in &m.headers {
+            out.headers
+                .insert(h.name.to_ascii_lowercase(), value(h.type_, &h.value));
+        }
+        for q in &m.query_params {
+            out.query_params
+                .insert(q.name.clone(), value(q.type_, &q.value));
+        }
+        out.method = m.method.as_ref().map(|method| StringMatch {
+            exact: Some(method.clone()),
+            ..Default::default()
+        });
+        out
+    }
+
+    /// A path rewrite as a regex substitution: the whole path, or the part
+    /// this candidate's `PathPrefix` matched (by whole segments).
+    fn path_rewrite(
+        &self,
+        kind: PathModifierType,
+        modifier: &PathModifier,
+    ) -> Option<RegexRewrite> {
+        match kind {
+            PathModifierType::ReplaceFullPath => Some(RegexRewrite {
+                pattern: "^.*$".to_owned(),
+                rewrite: modifier.replace_full_path.clone()?,
+            }),
+            PathModifierType::ReplacePrefixMatch => {
+                let matched = self
+                    .matched
+                    .and_then(|m| m.path.as_ref())
+                    .and_then(|p| p.value.as_deref())
+                    .unwrap_or("/");
+                let matched = matched.trim_end_matches('/');
+                let replacement = modifier.replace_prefix_match.as_deref()?;
+                let replacement = replacement.trim_end_matches('/');
+                Some(if replacement.is_empty() {
+                    // `/a/b` with prefix `/a` replaced by `/` is `/b`.
+                    RegexRewrite {
+                        pattern: format!("^{}/?", regex::escape(matched)),
+                        rewrite: "/".to_owned(),
+                    }
+                } else {
+                    RegexRewrite {
+                        pattern: format!("^{}", regex::escape(matched)),
+                        rewrite: replacement.to_owned(),
+                    }
+                })
+            }
+        }
+    }
+
+    fn destination(&self, name: &str, namespace: Option<&str>, port: Option<u32>) -> Destination {
+        Destination {
+            host: fqdn(name, namespace.unwrap_or(self.route_ns)),
+            subset: None,
+            port: port.map(|number| PortSelector {
+                number: Some(number),
+            }),
+        }
+    }
+}
+
+fn prefix(value: &str) -> StringMatch {
+    StringMatch {
+        prefix: Some(value.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// A Gateway API `PathPrefix`: whole segments, so `/a` matches `/a`, `/a/`
+/// and `/a/b` but not `/ab`.
+fn segment_prefix(value: &str) -> StringMatch {
+    let trimmed = value.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return prefix("/");
+    }
+    StringMatch {
+        regex: Some(format!("{}(/.*)?", regex::escape(trimmed))),
+        ..Default::default()
+    }
+}
+
+fn edit(ops: &mut HeaderOperations, modifier: Option<&HeaderModifier>) {
+    let Some(modifier) = modifier else { return };
+    for nv in &modifier.set {
+        ops.set
+            .insert(nv.name.to_ascii_lowercase(), nv.value.clone());
+    }
+    for nv in &modifier.add {
+        ops.add
+            .insert(nv.name.to_ascii_lowercase(), nv.value.clone());
+    }
+    ops.remove
+        .extend(modifier.remove.iter().map(|n| n.to_ascii_lowercase()));
+}
+
+fn headers(request: HeaderOperations, response: HeaderOperations) -> Option<Headers> {
+    let empty =
+        |ops: &HeaderOperations| ops.set.is_empty() && ops.add.is_empty() && ops.remove.is_empty();
+    if empty(&request) && empty(&response) {
+        return None;
+    }
+    Some(Headers {
+        request: (!empty(&request)).then_some(request),
+        response: (!empty(&response)).then_some(response),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn translate(extra: &str) -> (Vec<VirtualService>, Vec<String>) {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{ports: [{{port: 9080, name: http}}], selector: {{app: reviews}}}}\n---\n{extra}"
+        );
+        let loaded = mesh_config::load_str("t.yaml", &text);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut warnings = Vec::new();
+        (virtual_services(&loaded.manifests, &mut warnings), warnings)
+    }
+
+    #[test]
+    fn rules_become_one_virtual_service_in_gateway_api_precedence() {
+        let (vs, warnings) = translate(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /a/b}, method: GET}, {path: {type: Exact, value: /x}}]
+    backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: other, namespace: web, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: a, namespace: shop}
+spec:
+  parentRefs: [{kind: Gateway, name: ingress}, {kind: Service, name: reviews}]
+  rules:
+  - filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
+"#,
+        );
+        assert_eq!(vs.len(), 1, "one per parent Service");
+        let spec = &vs[0].spec;
+        assert_eq!(spec.hosts, ["reviews.shop.svc.cluster.local"]);
+        let uris: Vec<String> = spec
+            .http
+            .iter()
+            .map(|r| {
+                let m = r.matches[0].uri.as_ref().unwrap();
+                format!("{:?}{:?}{:?}", m.exact, m.prefix, m.regex)
+            })
+            .collect();
+        assert_eq!(
+            uris,
+            [
+                r#"Some("/x")NoneNone"#,         // exact first
+                r#"NoneNoneSome("/a/b(/.*)?")"#, // then the longest prefix
+                r#"NoneNoneSome("/a(/.*)?")"#,   // by whole segments
+                r#"NoneSome("/")None"#,          // route `a`: no match
+            ],
+            "{:#?}",
+            spec.http
+        );
+        let x = &spec.http[0];
+        assert_eq!(x.matches[0].port, Some(9080));
+        assert_eq!(
+            x.route
+                .iter()
+                .map(|d| (d.destination.host.as_str(), d.weight))
+                .collect::<Vec<_>>(),
+            [
+                ("reviews.shop.svc.cluster.local", Some(3)),
+                ("other.web.svc.cluster.local", Some(1))
+            ]
+        );
+        let redirect = spec.http[3].redirect.as_ref().expect("redirect");
+        assert_eq!(
+            (redirect.scheme.as_deref(), redirect.redirect_code),
+            (Some("https"), Some(302))
+        );
+        assert!(
+            warnings.iter().any(|w| w
+                .contains("HTTPRoute shop/a: spec.parentRefs[0] (Gateway ingress) is not applied")),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_rule_without_backends_answers_500_and_prefix_rewrites_keep_segments() {
+        let (vs, _) = translate(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules:
+  - matches: [{path: {value: /old}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - matches: [{path: {type: Exact, value: /none}}]
+"#,
+        );
+        let http = &vs[0].spec.http;
+        let none = http
+            .iter()
+            .find(|r| r.matches[0].uri.as_ref().unwrap().exact.as_deref() == Some("/none"))
+            .unwrap();
+        let abort = none.fault.as_ref().and_then(|f| f.abort.as_ref()).unwrap();
+        assert_eq!(abort.http_status, Some(500));
+        let old = http
+            .iter()
+            .find(|r| r.rewrite.is_some())
+            .and_then(|r| r.rewrite.as_ref()?.uri_regex_rewrite.as_ref())
+            .unwrap();
+        let re = regex::Regex::new(&old.pattern).unwrap();
+        assert_eq!(re.replace_all("/old/page", old.rewrite.as_str()), "/page");
+        assert_eq!(re.replace_all("/old", old.rewrite.as_str()), "/");
+    }
+
+    #[test]
+    fn a_virtual_service_for_the_host_wins_and_missing_parents_are_reported() {
+        let (vs, warnings) = translate(
+            r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: reviews}, {kind: Service, name: gone}]
+  rules: [{backendRefs: [{name: reviews, port: 9080}]}]
+"#,
+        );
+        assert!(vs.is_empty());
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("VirtualService shop/reviews routes that host")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("names Service shop/gone, which does not exist")),
+            "{warnings:?}"
+        );
+    }
+}
