@@ -89,7 +89,7 @@ fn generate(args: &Args, dir: &std::path::Path) -> std::io::Result<()> {
     for s in 0..args.services {
         let _ = writeln!(
             text,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, selector: {{app: svc-{s}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}",
+            "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: sa-{s}, namespace: bench}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: bench}}\nspec: {{clusterIP: 10.{}.{}.{}, selector: {{app: svc-{s}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}",
             96 + s / 65536,
             (s / 256) % 256,
             s % 256
