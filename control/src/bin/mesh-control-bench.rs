@@ -4,8 +4,9 @@
 //! Generates a synthetic cluster (services, pods spread over nodes, and
 //! Istio config documents) as YAML files, starts a real control plane on
 //! loopback, connects N real delta ADS clients, and reports as JSON:
-//! load+translate time, time until every proxy holds every resource, and
-//! the process's peak RSS. Used by `cargo xtask bench` (scenario
+//! load+translate time, time until every proxy holds every resource, the
+//! control plane's CPU and peak RSS (also as of the proxies' connect), and
+//! the simulated proxies' own CPU, which shares the machine's cores. Used by `cargo xtask bench` (scenario
 //! `control-plane`).
 
 use std::{
