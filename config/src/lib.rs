@@ -18,6 +18,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
+        discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -36,6 +37,9 @@ pub enum Resource {
     ServiceAccount(Box<ServiceAccount>),
     /// `v1/Secret` (gateway certificates).
     Secret(Box<Secret>),
+    /// `discovery.k8s.io/v1` EndpointSlice (endpoints of Services without
+    /// a selector).
+    EndpointSlice(Box<EndpointSlice>),
     /// `apps/v1/Deployment`.
     Deployment(Box<Deployment>),
     /// `v1/Pod`.
@@ -94,6 +98,8 @@ pub struct Manifests {
     pub service_accounts: Vec<ServiceAccount>,
     /// Secrets (only gateway certificates are read).
     pub secrets: Vec<Secret>,
+    /// EndpointSlices.
+    pub endpoint_slices: Vec<EndpointSlice>,
     /// Deployments.
     pub deployments: Vec<Deployment>,
     /// Bare pods.
@@ -128,6 +134,7 @@ impl Manifests {
             Resource::Service(r) => self.services.push(*r),
             Resource::ServiceAccount(r) => self.service_accounts.push(*r),
             Resource::Secret(r) => self.secrets.push(*r),
+            Resource::EndpointSlice(r) => self.endpoint_slices.push(*r),
             Resource::Deployment(r) => self.deployments.push(*r),
             Resource::Pod(r) => self.pods.push(*r),
             Resource::VirtualService(r) => self.virtual_services.push(*r),
@@ -148,6 +155,7 @@ impl Manifests {
         self.services.extend(other.services);
         self.service_accounts.extend(other.service_accounts);
         self.secrets.extend(other.secrets);
+        self.endpoint_slices.extend(other.endpoint_slices);
         self.deployments.extend(other.deployments);
         self.pods.extend(other.pods);
         self.virtual_services.extend(other.virtual_services);
@@ -169,6 +177,7 @@ impl Manifests {
             + self.services.len()
             + self.service_accounts.len()
             + self.secrets.len()
+            + self.endpoint_slices.len()
             + self.deployments.len()
             + self.pods.len()
             + self.virtual_services.len()
@@ -216,6 +225,9 @@ impl Manifests {
             "Secret" => {
                 Resource::Secret(Box::new(named(&self.secrets, id, |r| &r.metadata)?.clone()))
             }
+            "EndpointSlice" => Resource::EndpointSlice(Box::new(
+                named(&self.endpoint_slices, id, |r| &r.metadata)?.clone(),
+            )),
             "Deployment" => Resource::Deployment(Box::new(
                 named(&self.deployments, id, |r| &r.metadata)?.clone(),
             )),

@@ -255,6 +255,7 @@ fn parse_resource(
         "Service" if api == "v1" => parse!(Service),
         "ServiceAccount" if api == "v1" => parse!(ServiceAccount),
         "Secret" if api == "v1" => parse!(Secret),
+        "EndpointSlice" if api == "discovery.k8s.io/v1" => parse!(EndpointSlice),
         "Pod" if api == "v1" => parse!(Pod),
         "Deployment" if api == "apps/v1" => parse!(Deployment),
         "VirtualService" if networking => parse!(VirtualService),
@@ -289,6 +290,7 @@ has_metadata!(
     k8s_openapi::api::core::v1::Service,
     k8s_openapi::api::core::v1::ServiceAccount,
     k8s_openapi::api::core::v1::Secret,
+    k8s_openapi::api::discovery::v1::EndpointSlice,
     k8s_openapi::api::core::v1::Pod,
     k8s_openapi::api::apps::v1::Deployment
 );

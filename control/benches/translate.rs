@@ -76,6 +76,10 @@ spec:
             y,
             r#"---
 apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: svc-{s}, namespace: {ns}}}
+---
+apiVersion: v1
 kind: Service
 metadata:
   name: svc-{s}

@@ -4,10 +4,13 @@
 //! Input is the typed [`Manifests`] of a config source: namespaces (labels
 //! decide enrolment), pods (with `status.podIP` and `spec.nodeName`, as the
 //! API server reports them), services (with their `clusterIP`) and service
-//! accounts. Pure computation: no I/O.
+//! accounts, and the EndpointSlices of Services without a selector
+//! ([`slices`]). Pure computation: no I/O.
+
+mod slices;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -182,13 +185,56 @@ impl Model {
             }
         }
         let mut endpoints: HashMap<String, Vec<EndpointRef>> = HashMap::new();
+        let mut slice_endpoints = if manifests.endpoint_slices.is_empty() {
+            slices::SliceEndpoints::default()
+        } else {
+            let pods: HashSet<String> = manifests
+                .pods
+                .iter()
+                .filter_map(|p| {
+                    Some(format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_deref()?,
+                        p.metadata.name.as_deref()?
+                    ))
+                })
+                .collect();
+            slices::SliceEndpoints::new(&manifests.endpoint_slices, &services, &pods, settings)
+        };
+        model.warnings.append(&mut slice_endpoints.warnings);
+        let service_accounts: HashSet<(&str, &str)> = manifests
+            .service_accounts
+            .iter()
+            .filter_map(|sa| {
+                Some((
+                    sa.metadata.namespace.as_deref()?,
+                    sa.metadata.name.as_deref()?,
+                ))
+            })
+            .collect();
+        let mut missing_accounts: BTreeSet<(String, String)> = BTreeSet::new();
 
         for pod in &manifests.pods {
             let Some(info) = pod_info(pod, |ns| namespace_labels.get(ns).unwrap_or(&no_labels))
             else {
                 continue;
             };
+            // Every namespace has `default`; any other must be declared.
+            if info.enrolled
+                && info.service_account != "default"
+                && !service_accounts.contains(&(&*info.namespace, &*info.service_account))
+            {
+                missing_accounts.insert((info.namespace.clone(), info.service_account.clone()));
+            }
             let mut workload = workload(pod, &info, &selectors, settings);
+            if let Some(extra) = slice_endpoints
+                .by_pod
+                .remove(&format!("{}/{}", info.namespace, info.name))
+            {
+                for (key, ports) in extra {
+                    workload.services.entry(key).or_insert(ports);
+                }
+            }
             let labels = pod.metadata.labels.clone().unwrap_or_default();
             if info.enrolled {
                 workload.authorization_policies = policies.for_workload(&info.namespace, &labels);
@@ -222,6 +268,34 @@ impl Model {
             model
                 .pods
                 .insert(format!("{}/{}", info.namespace, info.name), info);
+        }
+        for (namespace, account) in missing_accounts {
+            model.warnings.push(format!(
+                "ServiceAccount {namespace}/{account} does not exist, yet pods in the mesh run as it (spec.serviceAccountName); their identity spiffe://{}/ns/{namespace}/sa/{account} has no account behind it",
+                settings.trust_domain
+            ));
+        }
+        for workload in slice_endpoints.external {
+            for (key, ports) in &workload.services {
+                endpoints.entry(key.clone()).or_default().push(EndpointRef {
+                    uid: workload.uid.clone(),
+                    ip: ip_from_bytes(&workload.addresses[0]),
+                    ports: ports
+                        .ports
+                        .iter()
+                        .map(|p| (p.service_port, p.target_port))
+                        .collect(),
+                    labels: BTreeMap::new(),
+                    identity: None,
+                    healthy: workload.status == WorkloadStatus::Healthy as i32,
+                });
+            }
+            model.addresses.insert(
+                workload.uid.clone(),
+                Address {
+                    r#type: Some(address::Type::Workload(workload)),
+                },
+            );
         }
         for svc in &services {
             let key = format!("{}/{}", svc.namespace, svc.hostname);
@@ -419,6 +493,14 @@ fn resolve_target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u3
     }
 }
 
+/// The inverse of [`ip_bytes`] (4 or 16 bytes).
+fn ip_from_bytes(bytes: &[u8]) -> IpAddr {
+    match <[u8; 16]>::try_from(bytes) {
+        Ok(v6) => IpAddr::from(v6),
+        Err(_) => IpAddr::from(<[u8; 4]>::try_from(bytes).unwrap_or_default()),
+    }
+}
+
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -474,6 +556,8 @@ struct ServiceView<'a> {
 }
 
 struct ServicePortView {
+    /// Port name, `""` when unnamed (as EndpointSlice ports name it).
+    name: String,
     port: u32,
     target: Option<IntOrString>,
     app_protocol: wl::AppProtocol,
@@ -503,6 +587,7 @@ impl<'a> ServiceView<'a> {
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|p| {
                 Some(ServicePortView {
+                    name: p.name.clone().unwrap_or_default(),
                     port: u32::try_from(p.port).ok()?,
                     target: p.target_port.clone(),
                     app_protocol: app_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
@@ -695,6 +780,88 @@ status: {podIP: 10.244.0.10}
             (svc.ports[0].service_port, svc.ports[0].target_port),
             (9080, 0)
         );
+    }
+
+    const SELECTORLESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: db, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: sql, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.20]
+  targetRef: {kind: Pod, name: db-0, namespace: shop}
+- addresses: [192.168.7.7]
+  conditions: {ready: false}
+  nodeName: node0
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other-1, namespace: shop, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.9.9]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {role: db}}
+spec: {nodeName: node1, serviceAccountName: db, containers: [{name: db}]}
+status: {podIP: 10.244.1.20, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ghost-0, namespace: shop}
+spec: {nodeName: node1, serviceAccountName: ghost, containers: [{name: app}]}
+status: {podIP: 10.244.1.21}
+"#;
+
+    #[test]
+    fn endpoint_slices_give_a_selectorless_service_its_pods_and_external_addresses() {
+        let loaded = mesh_config::load_str("db.yaml", SELECTORLESS);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.manifests.endpoint_slices.len(), 2);
+        let model = Model::build(&loaded.manifests, &MeshSettings::default());
+        let key = "shop/db.shop.svc.cluster.local";
+        let pod = workload(&model, "Kubernetes//Pod/shop/db-0");
+        let ports = &pod.services[key].ports;
+        assert_eq!((ports[0].service_port, ports[0].target_port), (5432, 15432));
+        let external = workload(
+            &model,
+            "Kubernetes/discovery.k8s.io/EndpointSlice/shop/db-1/192.168.7.7",
+        );
+        assert_eq!(external.addresses, vec![vec![192, 168, 7, 7]]);
+        assert_eq!(external.tunnel_protocol, TunnelProtocol::None as i32);
+        assert_eq!(external.status, WorkloadStatus::Unhealthy as i32);
+        assert_eq!(external.services[key].ports[0].target_port, 15432);
+        // A slice of a selecting (or unknown) Service adds nothing.
+        assert!(!model.addresses.keys().any(|k| k.contains("other-1")));
+    }
+
+    #[test]
+    fn a_pod_running_as_an_undeclared_service_account_is_warned_about() {
+        let loaded = mesh_config::load_str("db.yaml", SELECTORLESS);
+        let model = Model::build(&loaded.manifests, &MeshSettings::default());
+        let about: Vec<_> = model
+            .warnings
+            .iter()
+            .filter(|w| w.starts_with("ServiceAccount "))
+            .collect();
+        assert_eq!(about.len(), 1, "{:?}", model.warnings);
+        assert!(about[0].contains("shop/ghost"), "{}", about[0]);
     }
 
     #[test]

@@ -297,7 +297,12 @@ impl ConfigLoop {
             load_ms,
             translate_ms,
         }));
-        self.model.store(Arc::new(model));
+        // Only the CA reads the served model (which identities run on which
+        // node); the translated resources live on, encoded, in the snapshot.
+        self.model.store(Arc::new(Model {
+            pods: model.pods,
+            ..Model::default()
+        }));
         self.snapshots.send_replace(Arc::new(snapshot));
         self.last_good = Arc::new(manifests);
     }

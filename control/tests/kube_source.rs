@@ -413,3 +413,62 @@ async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_ve
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+fn service_account(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceAccount",
+           "metadata": {"name": name, "namespace": ns}})
+}
+
+#[tokio::test]
+async fn endpoint_slices_and_service_accounts_are_watched_into_the_model() {
+    let server = shop().await;
+    server.apply(service_account("shop", "reviews"));
+    // A Service without a selector, its endpoints written by hand.
+    server.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "legacy-db", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.40", "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}]}}));
+    server.apply(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "legacy-db-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "legacy-db"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["192.168.50.5"], "conditions": {"ready": true}}]}),
+    );
+    let mut source = source(&server).await;
+    let loaded = source.load();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let m = &loaded.manifests;
+    assert_eq!(names(&m.service_accounts, |r| &r.metadata), ["reviews"]);
+    assert_eq!(names(&m.endpoint_slices, |r| &r.metadata), ["legacy-db-1"]);
+    let model = mesh_control::model::Model::build(m, &MeshSettings::default());
+    assert!(
+        model.addresses.contains_key(
+            "Kubernetes/discovery.k8s.io/EndpointSlice/shop/legacy-db-1/192.168.50.5"
+        ),
+        "{:?}",
+        model.addresses.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        !model
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("ServiceAccount ")),
+        "{:?}",
+        model.warnings
+    );
+
+    // Deleting the account makes its pods' identity a warning.
+    assert!(server.delete("v1", "ServiceAccount", "shop", "reviews"));
+    let loaded = next(&mut source).await;
+    let model = mesh_control::model::Model::build(&loaded.manifests, &MeshSettings::default());
+    assert!(
+        model
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("ServiceAccount shop/reviews does not exist")),
+        "{:?}",
+        model.warnings
+    );
+}

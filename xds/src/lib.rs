@@ -9,7 +9,6 @@
 //! back off exponentially (with jitter) up to [`MAX_BACKOFF`].
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -32,6 +31,11 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, metadata::MetadataValue};
 
 pub mod channel;
+
+/// Names to versions held, per type URL: every resource a proxy holds is an
+/// entry, so hashing is on the path of every update (foldhash: the names
+/// come from the control plane, which is trusted).
+type Known = foldhash::HashMap<String, foldhash::HashMap<String, String>>;
 
 pub use channel::{ChannelError, Target};
 
@@ -122,7 +126,7 @@ pub enum StreamError {
 
 /// Runs forever: connect, sync, apply; reconnect with backoff on failure.
 pub async fn run(config: ClientConfig, mut handler: impl Handler) {
-    let mut known: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut known = Known::default();
     let mut backoff = MIN_BACKOFF;
     loop {
         let started = Instant::now();
@@ -149,7 +153,7 @@ fn jitter(base: Duration) -> Duration {
 async fn stream_once(
     config: &ClientConfig,
     handler: &mut impl Handler,
-    known: &mut HashMap<String, HashMap<String, String>>,
+    known: &mut Known,
 ) -> StreamError {
     match stream_inner(config, handler, known).await {
         Ok(()) => StreamError::Closed,
@@ -160,7 +164,7 @@ async fn stream_once(
 async fn stream_inner(
     config: &ClientConfig,
     handler: &mut impl Handler,
-    known: &mut HashMap<String, HashMap<String, String>>,
+    known: &mut Known,
 ) -> Result<(), StreamError> {
     let token = match &config.token_file {
         Some(path) => Some(
@@ -209,7 +213,10 @@ async fn stream_inner(
         ..Default::default()
     };
     for type_url in &config.types {
-        let initial_resource_versions = known.get(*type_url).cloned().unwrap_or_default();
+        let initial_resource_versions = known
+            .get(*type_url)
+            .map(|held| held.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 node: Some(node.clone()),
@@ -254,7 +261,7 @@ async fn stream_inner(
 /// Applies one response and builds its ACK or NACK.
 fn apply(
     handler: &mut impl Handler,
-    known: &mut HashMap<String, HashMap<String, String>>,
+    known: &mut Known,
     response: DeltaDiscoveryResponse,
 ) -> DeltaDiscoveryRequest {
     let versions: Vec<(String, String)> = response
@@ -284,6 +291,7 @@ fn apply(
     for name in &response.removed_resources {
         held.remove(name);
     }
+    held.reserve(versions.len());
     for (name, version) in versions {
         if !rejected.iter().any(|(n, _)| *n == name) {
             held.insert(name, version);

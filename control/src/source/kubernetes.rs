@@ -75,12 +75,24 @@ const LIST_WATCH: &[&str] = &["list", "watch"];
 /// Secrets that can never hold a gateway certificate are not watched.
 const SECRET_FIELDS: &str = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1,type!=bootstrap.kubernetes.io/token";
 
-/// Every kind the model reads, in load order. ServiceAccounts and
-/// Deployments are not watched: the model reads pods' service-account
-/// names and owner references, never those objects.
+/// Every kind the model reads, in load order. Deployments are not watched:
+/// the model reads pods' owner references, never those objects.
+/// ServiceAccounts are, so a pod running as one that does not exist is
+/// warned about; EndpointSlices give endpoints to Services without a
+/// selector.
 pub const WATCHED: &[Watched] = &[
     core("namespaces", "Namespace", false, None),
     core("services", "Service", true, None),
+    core("serviceaccounts", "ServiceAccount", true, None),
+    Watched {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        kind: "EndpointSlice",
+        version: ServedVersion::Fixed("v1"),
+        namespaced: true,
+        field_selector: None,
+        verbs: LIST_WATCH,
+    },
     core("pods", "Pod", true, None),
     core("secrets", "Secret", true, Some(SECRET_FIELDS)),
     crd(
