@@ -11,8 +11,10 @@
 pub mod auth;
 pub mod authz;
 pub mod ca;
+pub mod ca_secret;
 pub mod ca_service;
 pub mod ingress;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod rbac;

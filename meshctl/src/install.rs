@@ -66,6 +66,13 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "clusterrolebindings",
         false,
     ),
+    ("rbac.authorization.k8s.io/v1", "Role", "roles", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
     ("apps/v1", "Deployment", "deployments", true),
     ("apps/v1", "DaemonSet", "daemonsets", true),
 ];

@@ -9,7 +9,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     serde::{Deserialize as _, Serialize, de::DeserializeOwned},
 };
@@ -66,6 +66,8 @@ struct Manifests {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     config_maps: Vec<ConfigMap>,
     deployments: Vec<Deployment>,
     daemon_sets: Vec<DaemonSet>,
@@ -122,6 +124,8 @@ fn parse(text: &str) -> Manifests {
             "ClusterRoleBinding" => manifests
                 .cluster_role_bindings
                 .push(typed(index, &kind, doc)),
+            "Role" => manifests.roles.push(typed(index, &kind, doc)),
+            "RoleBinding" => manifests.role_bindings.push(typed(index, &kind, doc)),
             "ConfigMap" => manifests.config_maps.push(typed(index, &kind, doc)),
             "Deployment" => manifests.deployments.push(typed(index, &kind, doc)),
             "DaemonSet" => manifests.daemon_sets.push(typed(index, &kind, doc)),
@@ -167,6 +171,40 @@ fn rules_of(manifests: &Manifests, name: &str) -> Vec<PolicyRule> {
             .iter()
             .find(|role| role.metadata.name.as_deref() == Some(binding.role_ref.name.as_str()))
             .unwrap_or_else(|| panic!("binding refers to missing {}", binding.role_ref.name));
+        rules.extend(role.rules.iter().flatten().cloned());
+    }
+    rules
+}
+
+/// The rules bound by RoleBindings of the release namespace to its
+/// ServiceAccount `name`: access within that namespace only.
+fn namespaced_rules_of(manifests: &Manifests, name: &str) -> Vec<PolicyRule> {
+    let mut rules = Vec::new();
+    for binding in &manifests.role_bindings {
+        assert_eq!(
+            binding.metadata.namespace.as_deref(),
+            Some(RELEASE_NAMESPACE)
+        );
+        let bound = binding.subjects.iter().flatten().any(|subject| {
+            subject.kind == "ServiceAccount"
+                && subject.name == name
+                && subject.namespace.as_deref() == Some(RELEASE_NAMESPACE)
+        });
+        if !bound {
+            continue;
+        }
+        assert_eq!(
+            binding.role_ref.kind, "Role",
+            "a RoleBinding binds a Role here"
+        );
+        let role = manifests
+            .roles
+            .iter()
+            .find(|role| {
+                role.metadata.name.as_deref() == Some(binding.role_ref.name.as_str())
+                    && role.metadata.namespace == binding.metadata.namespace
+            })
+            .unwrap_or_else(|| panic!("binding refers to missing Role {}", binding.role_ref.name));
         rules.extend(role.rules.iter().flatten().cloned());
     }
     rules
@@ -301,6 +339,61 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         .collect();
     assert!(root.contains(&("", "configmaps", "patch")), "{root:?}");
     assert_access(&manifests, "mesh-control", &root);
+}
+
+/// Leader election's Lease and the shared CA's Secret, from the code's
+/// lists, are granted in the control plane's namespace only (a Role), and
+/// the chart passes the timing, the pod's name as identity and the Secret.
+#[test]
+fn control_plane_replicas_elect_a_leader_with_a_lease_in_their_namespace() {
+    let manifests = parse(&rendered_text());
+    let needs: Vec<(&str, &str, &str)> = mesh_control::leader::API_ACCESS
+        .iter()
+        .chain(mesh_control::ca_secret::API_ACCESS)
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(
+        needs.contains(&("coordination.k8s.io", "leases", "update")),
+        "{needs:?}"
+    );
+    let rules = namespaced_rules_of(&manifests, "mesh-control");
+    let missing: Vec<_> = needs
+        .iter()
+        .filter(|(g, r, v)| !rules.iter().any(|rule| rule_covers(rule, g, r, v)))
+        .collect();
+    assert!(missing.is_empty(), "the Role lacks {missing:?}");
+    for rule in rules_of(&manifests, "mesh-control") {
+        assert!(
+            !rule_covers(&rule, "coordination.k8s.io", "leases", "update")
+                && !rule_covers(&rule, "", "secrets", "create"),
+            "leases or secret writes are granted cluster-wide: {rule:?}"
+        );
+    }
+    let spec = pod_spec(
+        manifests.deployments[0].spec.template.spec.as_ref(),
+        "Deployment",
+    );
+    let container = &spec.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    for flag in [
+        "--ca-secret=istio-ca-secret",
+        "--leader-election-lease-seconds=",
+        "--leader-election-renew-deadline-seconds=",
+        "--leader-election-retry-seconds=",
+    ] {
+        assert!(args.iter().any(|a| a.starts_with(flag)), "{flag}: {args:?}");
+    }
+    let pod_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(pod_name, Some("metadata.name"));
 }
 
 /// Proxies reach the control plane only over TLS (15012), verified with
