@@ -9,8 +9,7 @@
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-#[path = "../../lab/src/deploy.rs"]
-mod deploy;
+use crate::deploy;
 
 /// Arguments of `cargo xtask render-deploy`.
 #[derive(Debug, Args)]
