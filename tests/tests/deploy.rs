@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
+        batch::v1::Job,
         core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     serde::{Deserialize as _, Serialize, de::DeserializeOwned},
 };
-use mesh_lab::deploy::{RELEASE_NAMESPACE, RENDERED_PATH, render_workspace};
+use mesh_lab::deploy::{
+    HOOKS_PATH, RELEASE_NAMESPACE, RENDERED_PATH, render_workspace, render_workspace_hooks,
+};
 
 /// What the control plane reads and does: (apiGroup, resource, verb).
 const CONTROL_NEEDS: &[(&str, &str, &str)] = &[
@@ -72,6 +75,7 @@ struct Manifests {
     deployments: Vec<Deployment>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
+    jobs: Vec<Job>,
     /// Kinds in document order.
     kinds: Vec<String>,
 }
@@ -130,6 +134,7 @@ fn parse(text: &str) -> Manifests {
             "Deployment" => manifests.deployments.push(typed(index, &kind, doc)),
             "DaemonSet" => manifests.daemon_sets.push(typed(index, &kind, doc)),
             "Service" => manifests.services.push(typed(index, &kind, doc)),
+            "Job" => manifests.jobs.push(typed(index, &kind, doc)),
             other => panic!("document {index}: unexpected kind {other}"),
         }
         manifests.kinds.push(kind);
@@ -244,6 +249,82 @@ fn rendered_file_is_a_fresh_render_of_the_chart() {
         fresh == rendered_text(),
         "{RENDERED_PATH} is out of date: run `cargo xtask render-deploy`"
     );
+}
+
+/// The Helm hooks: a fresh render, typed, each annotated as a pre-delete
+/// hook; none in the manifest `kubectl apply` and `meshctl install` use.
+/// The Job runs `meshctl uninstall --nodes-only` with the meshctl image
+/// as the hook's own ServiceAccount (its Role is checked against meshctl's
+/// requests in meshctl's tests).
+#[test]
+fn the_pre_delete_hook_removes_capture_with_meshctl() {
+    let path = root().join(HOOKS_PATH);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fresh = render_workspace_hooks(&root()).unwrap_or_else(|err| panic!("render: {err}"));
+    assert!(
+        fresh == text,
+        "{HOOKS_PATH} is out of date: run `cargo xtask render-deploy`"
+    );
+    assert!(
+        !rendered_text().contains("helm.sh/hook"),
+        "a Helm hook in {RENDERED_PATH} would run at `kubectl apply`"
+    );
+    let hooks = parse(&text);
+    assert_eq!(
+        hooks.kinds,
+        ["ServiceAccount", "Role", "RoleBinding", "Job"]
+    );
+    let annotations = [
+        hooks.service_accounts[0].metadata.annotations.as_ref(),
+        hooks.roles[0].metadata.annotations.as_ref(),
+        hooks.role_bindings[0].metadata.annotations.as_ref(),
+        hooks.jobs[0].metadata.annotations.as_ref(),
+    ];
+    for annotation in annotations {
+        let annotation = annotation.expect("hook annotations");
+        assert_eq!(annotation["helm.sh/hook"], "pre-delete");
+    }
+    let job = &hooks.jobs[0];
+    let weight = |a: Option<&std::collections::BTreeMap<String, String>>| -> i32 {
+        a.and_then(|a| a.get("helm.sh/hook-weight"))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        weight(hooks.roles[0].metadata.annotations.as_ref())
+            < weight(job.metadata.annotations.as_ref()),
+        "the Role exists before the Job runs"
+    );
+    let spec = pod_spec(
+        job.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+        "Job",
+    );
+    assert_eq!(spec.service_account_name.as_deref(), Some("mesh-uninstall"));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let container = &spec.containers[0];
+    assert!(
+        container
+            .image
+            .as_deref()
+            .is_some_and(|i| i.contains("/meshctl:")),
+        "{:?}",
+        container.image
+    );
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args[..2], ["uninstall", "--nodes-only"]);
+    assert!(args.contains(&format!("--namespace={RELEASE_NAMESPACE}")));
+    // The hook's binding: its Role, in the release namespace.
+    let rules = namespaced_rules_of(&hooks, "mesh-uninstall");
+    for (group, resource, verb) in [
+        ("apps", "daemonsets", "delete"),
+        ("apps", "daemonsets", "patch"),
+        ("", "pods", "list"),
+    ] {
+        assert!(
+            rules.iter().any(|r| rule_covers(r, group, resource, verb)),
+            "{verb} {group}/{resource}: {rules:?}"
+        );
+    }
 }
 
 #[test]

@@ -14,10 +14,11 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
+    batch::v1::Job,
     core::v1::Container,
 };
 use k8s_openapi::serde::Deserialize as _;
-use mesh_lab::deploy::RENDERED_PATH;
+use mesh_lab::deploy::{HOOKS_PATH, RENDERED_PATH};
 
 /// The images, each named after its binary.
 const IMAGES: &[(&str, &str)] = &[
@@ -114,10 +115,11 @@ fn every_image_target_copies_and_starts_a_binary_of_the_workspace() {
     assert_eq!(base.1, ["rootfs/ /"]);
 }
 
-/// Every container of the rendered chart, and the waypoint container the
-/// control plane renders.
+/// Every container of the rendered chart and its hooks, and the waypoint
+/// container the control plane renders.
 fn containers() -> Vec<Container> {
-    let text = std::fs::read_to_string(root().join(RENDERED_PATH)).expect("rendered manifest");
+    let mut text = std::fs::read_to_string(root().join(RENDERED_PATH)).expect("rendered manifest");
+    text.push_str(&std::fs::read_to_string(root().join(HOOKS_PATH)).expect("rendered hooks"));
     let mut containers = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let doc = serde_yaml::Value::deserialize(document).expect("YAML");
@@ -137,6 +139,10 @@ fn containers() -> Vec<Container> {
                     .template
                     .spec
             }
+            Some("Job") => serde_json::from_value::<Job>(json)
+                .expect("Job")
+                .spec
+                .and_then(|s| s.template.spec),
             _ => None,
         };
         containers.extend(spec.into_iter().flat_map(|s| s.containers));
@@ -172,8 +178,11 @@ fn containers() -> Vec<Container> {
     containers
 }
 
-/// The debug build of `binary` beside this test's own directory, built
-/// now if missing.
+/// The debug build of binary `name` beside this test's own directory,
+/// built now if missing. An existing one is used as it is (a nested
+/// `cargo build` from inside `cargo test` rebuilds for minutes): run
+/// `cargo build -p mesh-control -p ztunnel -p waypoint -p meshctl` first
+/// when their flags changed.
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary");
     let dir = exe
@@ -256,6 +265,7 @@ fn every_flag_the_manifests_pass_is_one_the_binary_takes() {
         "mesh-control --ca-secret",
         "ztunnel --pin-dir",
         "waypoint --xds-root-cert",
+        "meshctl --nodes-only",
     ] {
         assert!(
             checked.contains(expected),
