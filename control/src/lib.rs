@@ -11,9 +11,11 @@
 pub mod auth;
 pub mod authz;
 pub mod ca;
+pub mod ca_secret;
 pub mod ca_service;
 pub mod http_route;
 pub mod ingress;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod rbac;

@@ -11,6 +11,8 @@ use clap::Parser;
 use mesh_control::{
     ControlPlane, Options, SourceOptions, TokenReviewSetup,
     auth::token_review::TokenReviewOptions,
+    ca_secret,
+    leader::{self, Election, ElectionOptions},
     model::MeshSettings,
     root_cert,
     source::kubernetes::KubeOptions,
@@ -68,6 +70,12 @@ struct Args {
     /// CA directory: `root-cert.pem` and `root-key.pem`, created when absent.
     #[arg(long, default_value = "/var/lib/mesh-control/ca")]
     ca_dir: PathBuf,
+    /// Share the CA with the other replicas through this Secret of
+    /// `--namespace` (keys `ca-cert.pem`, `ca-key.pem`): its root is written
+    /// into `--ca-dir` at start, or `--ca-dir`'s root is stored in it when
+    /// there is none (needs `--kubernetes`).
+    #[arg(long, requires = "kubernetes")]
+    ca_secret: Option<String>,
     /// JSON file of node agents' bearer tokens:
     /// `{"tokens": {"<token>": {"node": "<node>"}}}`.
     #[arg(long, required_unless_present = "token_review")]
@@ -160,6 +168,47 @@ struct Args {
     /// Log filter (`RUST_LOG`) of deployed waypoints.
     #[arg(long, default_value = "info")]
     waypoint_log_level: String,
+    /// Run the singleton writers (waypoint deployer, Gateway status, mesh
+    /// root ConfigMap) without leader election: only for a single replica.
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Name of the leader election Lease in `--namespace`.
+    #[arg(long, default_value = mesh_control::leader::DEFAULT_LEASE_NAME)]
+    leader_election_lease_name: String,
+    /// This replica's `holderIdentity` (default: the host name, which is
+    /// the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// How long the Lease stays another replica's after its last renewal.
+    #[arg(long, default_value_t = 15)]
+    leader_election_lease_seconds: u64,
+    /// How long the leader keeps leading when it cannot renew (below the
+    /// lease duration, so it stops before another replica may start).
+    #[arg(long, default_value_t = 10)]
+    leader_election_renew_deadline_seconds: u64,
+    /// How often every replica reads, renews or tries the Lease.
+    #[arg(long, default_value_t = 2)]
+    leader_election_retry_seconds: u64,
+}
+
+/// The host name (a pod's is its name), else one made from the process id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("mesh-control-{}", std::process::id()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -229,6 +278,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         SourceOptions::Dirs(args.config_dirs)
     };
+    if let (Some(name), Some(config)) = (&args.ca_secret, &kube_client_for_root) {
+        let client = kube::Client::try_from((**config).clone())
+            .context("building a Kubernetes client to share the CA")?;
+        ca_secret::sync(
+            client,
+            &args.namespace,
+            name,
+            &args.ca_dir,
+            &args.trust_domain,
+        )
+        .await
+        .context("sharing the mesh CA with the other replicas")?;
+    }
     let control = ControlPlane::start(Options {
         source,
         ca_dir: args.ca_dir,
@@ -248,25 +310,66 @@ async fn main() -> anyhow::Result<()> {
         },
     })
     .await?;
+    // The singleton writers run on the leader only (or here, without
+    // election); every replica serves xDS and the CA.
+    let mut election = None;
+    let leadership = match &kube_client_for_root {
+        Some(config) if !args.no_leader_election => {
+            let client = kube::Client::try_from((**config).clone())
+                .context("building a Kubernetes client for leader election")?;
+            let options = ElectionOptions {
+                namespace: args.namespace.clone(),
+                lease_name: args.leader_election_lease_name.clone(),
+                identity: args
+                    .leader_election_identity
+                    .clone()
+                    .unwrap_or_else(host_name),
+                lease_duration: Duration::from_secs(args.leader_election_lease_seconds),
+                renew_deadline: Duration::from_secs(args.leader_election_renew_deadline_seconds),
+                retry_period: Duration::from_secs(args.leader_election_retry_seconds),
+            };
+            let started = Election::spawn(client, options)?;
+            let leadership = started.leadership();
+            election = Some(started);
+            leadership
+        }
+        // Always leading.
+        _ => tokio::sync::watch::channel(true).1,
+    };
     if let Some(config) = &kube_client_for_root {
         // ztunnel, in this namespace, verifies 15012 with it.
         let client = kube::Client::try_from((**config).clone())
             .context("building a Kubernetes client to publish the mesh root")?;
-        tokio::spawn(root_cert::publish_until_done(
-            client,
-            args.namespace.clone(),
-            control.root_pem().to_owned(),
+        let namespace = args.namespace.clone();
+        let root_pem = control.root_pem().to_owned();
+        tokio::spawn(leader::while_leading(
+            leadership.clone(),
+            "mesh root publisher",
+            move || {
+                root_cert::publish_until_done(client.clone(), namespace.clone(), root_pem.clone())
+            },
         ));
     }
     if let Some((client, mut template)) = waypoints {
         if template.xds_address.starts_with("https://") {
             template.root_cert = Some(control.root_pem().to_owned());
         }
-        tokio::spawn(waypoint_deploy::run(
-            client,
-            args.gateway_api_version,
-            template,
+        let version = args.gateway_api_version;
+        tokio::spawn(leader::while_leading(
+            leadership.clone(),
+            "waypoint deployer",
+            move || waypoint_deploy::run(client.clone(), version.clone(), template.clone()),
         ));
     }
-    control.wait().await
+    tokio::select! {
+        served = control.wait() => served,
+        signalled = terminated() => {
+            signalled?;
+            tracing::info!("terminating");
+            if let Some(election) = election {
+                election.release().await;
+            }
+            Ok(())
+        }
+    }
 }

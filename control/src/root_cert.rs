@@ -6,7 +6,6 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::Context as _;
 use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client,
@@ -43,8 +42,19 @@ pub fn config_map(namespace: &str, root_pem: &str) -> ConfigMap {
     }
 }
 
+/// The API server refused the root's ConfigMap.
+#[derive(Debug, thiserror::Error)]
+#[error("applying ConfigMap {namespace}/{CONFIG_MAP}: {source}")]
+pub struct PublishError {
+    /// Namespace of the ConfigMap.
+    pub namespace: String,
+    /// What the API server said.
+    #[source]
+    pub source: Box<kube::Error>,
+}
+
 /// Server-side applies the root's ConfigMap in `namespace`.
-pub async fn publish(client: &Client, namespace: &str, root_pem: &str) -> anyhow::Result<()> {
+pub async fn publish(client: &Client, namespace: &str, root_pem: &str) -> Result<(), PublishError> {
     Api::<ConfigMap>::namespaced(client.clone(), namespace)
         .patch(
             CONFIG_MAP,
@@ -52,7 +62,10 @@ pub async fn publish(client: &Client, namespace: &str, root_pem: &str) -> anyhow
             &Patch::Apply(&config_map(namespace, root_pem)),
         )
         .await
-        .with_context(|| format!("applying ConfigMap {namespace}/{CONFIG_MAP}"))?;
+        .map_err(|source| PublishError {
+            namespace: namespace.to_owned(),
+            source: Box::new(source),
+        })?;
     Ok(())
 }
 

@@ -7,12 +7,16 @@
 //!
 //! - [`render`] is pure: Gateway + [`WaypointTemplate`] (the chart's
 //!   waypoint values, passed as `mesh-control` flags) → typed objects.
-//! - [`run`] watches the Gateways and server-side applies the rendered
-//!   objects with field manager [`FIELD_MANAGER`] (forced: the control plane
-//!   owns these objects), on every Gateway event. A failed apply is retried
-//!   after [`RETRY`]. A Deployment deleted by hand is re-applied on the next
-//!   event of its Gateway or restart of the control plane (Deployments are
-//!   not watched).
+//! - [`run`] is a kube-rs `Controller`: it watches the Gateways and the
+//!   objects it applied (Deployments, Services, ServiceAccounts labelled
+//!   [`MANAGED_BY_LABEL`]`=`[`FIELD_MANAGER`], mapped to their Gateway by
+//!   owner reference) and server-side applies the rendered objects with
+//!   field manager [`FIELD_MANAGER`] (forced: the control plane owns these
+//!   objects) on every event, debounced by [`DEBOUNCE`]. So a waypoint
+//!   object deleted or edited by hand is put back within a second; a failed
+//!   apply is retried after [`RETRY`], and every waypoint is re-applied
+//!   every [`RESYNC`] in case a watch missed an event. An apply that
+//!   changes nothing writes nothing, so the controller's own writes settle.
 //! - The waypoint pod is labelled `istio.io/dataplane-mode=none` (a
 //!   waypoint is never captured) and authenticates to the control plane
 //!   with a projected token of its own service account (audience
@@ -20,9 +24,8 @@
 //!   waypoint, which may get a certificate for its own identity only
 //!   ([`crate::auth::Caller::only_identity`]).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
@@ -44,10 +47,13 @@ use k8s_openapi::{
 use kube::{
     Api, Client, ResourceExt as _,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        Controller,
+        controller::{self, Action},
+        watcher,
+    },
 };
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use crate::root_cert;
 
@@ -69,6 +75,15 @@ pub const READINESS_PORT: i32 = 15021;
 pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// How long after a failed apply it is tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
+/// Events of one Gateway and its objects within this window make one
+/// reconcile (a Deployment's rollout changes its status several times).
+pub const DEBOUNCE: Duration = Duration::from_millis(500);
+/// A waypoint is applied again this long after its last apply even if no
+/// event came, in case a watch missed one.
+pub const RESYNC: Duration = Duration::from_secs(600);
+/// Label on every object this controller applies; its watches of
+/// Deployments, Services and ServiceAccounts select on it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// What the waypoint controller needs from RBAC: (apiGroup, resource,
 /// verbs). `list`/`watch` on gateways is already [`crate::source::kubernetes::WATCHED`]'s.
@@ -164,10 +179,7 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
     let name = gateway.name.clone();
     let selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.clone())]);
     let mut labels = selector.clone();
-    labels.insert(
-        "app.kubernetes.io/managed-by".to_owned(),
-        FIELD_MANAGER.to_owned(),
-    );
+    labels.insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
     let meta = ObjectMeta {
         name: Some(name.clone()),
         namespace: Some(gateway.namespace.clone()),
@@ -443,51 +455,112 @@ pub fn gateway_status(
     })
 }
 
+/// Why applying a waypoint failed (the controller retries after [`RETRY`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The API server refused the apply of one of the waypoint's objects,
+    /// or of its Gateway's status.
+    #[error("applying {kind} {namespace}/{name}: {source}")]
+    Apply {
+        /// `ServiceAccount`, `Deployment`, `Service` or `Gateway status`.
+        kind: &'static str,
+        /// Namespace of the Gateway.
+        namespace: String,
+        /// Name of the Gateway (and of its objects).
+        name: String,
+        /// What the API server said.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// The mesh root could not be published in the waypoint's namespace.
+    #[error(transparent)]
+    RootCert(#[from] root_cert::PublishError),
+    /// The clock could not be read for a condition's transition time.
+    #[error("rounding the current time for Gateway {namespace}/{name}'s status: {source}")]
+    Clock {
+        /// Namespace of the Gateway.
+        namespace: String,
+        /// Name of the Gateway.
+        name: String,
+        /// Why rounding failed.
+        #[source]
+        source: k8s_openapi::jiff::Error,
+    },
+}
+
 /// Watches Gateways (`gateway.networking.k8s.io/<gateway_api_version>`) and
-/// applies each waypoint's objects; runs until the task is dropped.
+/// the objects this controller applied (label [`MANAGED_BY_LABEL`]`=`[`FIELD_MANAGER`],
+/// mapped to their Gateway by owner reference), and applies each waypoint's
+/// objects whenever its Gateway or one of them changes or is deleted,
+/// debounced by [`DEBOUNCE`]; runs until the future is dropped.
 pub async fn run(client: Client, gateway_api_version: String, template: WaypointTemplate) {
-    let api_version = format!("gateway.networking.k8s.io/{gateway_api_version}");
-    let resource = ApiResource {
+    let resource = gateway_resource(&gateway_api_version);
+    let gateways: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={FIELD_MANAGER}"));
+    let context = Arc::new(Context {
+        client: client.clone(),
+        resource: resource.clone(),
+        template,
+    });
+    Controller::new_with(gateways, watcher::Config::default(), resource)
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ServiceAccount>::all(client), owned)
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
+        .run(reconcile_gateway, retry_later, context)
+        .for_each(|result| async move {
+            match result {
+                Ok(_) => {}
+                Err(controller::Error::ReconcilerFailed(err, gateway)) => tracing::warn!(
+                    gateway = %format!("{}/{}", gateway.namespace.unwrap_or_default(), gateway.name),
+                    error = %err,
+                    retry_after = ?RETRY,
+                    "applying the waypoint failed; retrying"
+                ),
+                Err(err) => tracing::debug!(error = %err, "waypoint controller event"),
+            }
+        })
+        .await;
+}
+
+/// The Gateway API kind at `version`.
+fn gateway_resource(version: &str) -> ApiResource {
+    ApiResource {
         group: "gateway.networking.k8s.io".into(),
-        version: gateway_api_version,
-        api_version: api_version.clone(),
+        version: version.to_owned(),
+        api_version: format!("gateway.networking.k8s.io/{version}"),
         kind: "Gateway".into(),
         plural: "gateways".into(),
-    };
-    let gateways: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    let stream = watcher(gateways, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    let mut stream = std::pin::pin!(stream);
-    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<DynamicObject>();
-    loop {
-        let object = tokio::select! {
-            item = stream.next() => match item {
-                Some(Ok(object)) => object,
-                Some(Err(err)) => {
-                    tracing::debug!(error = %err, "waypoint Gateway watch failed; retrying with backoff");
-                    continue;
-                }
-                None => return,
-            },
-            Some(object) = retry_rx.recv() => object,
-        };
-        let Some(gateway) = GatewayRef::waypoint(&api_version, &object) else {
-            continue;
-        };
-        if let Err(err) = reconcile(&client, &resource, &gateway, &object, &template).await {
-            tracing::warn!(
-                gateway = %format!("{}/{}", gateway.namespace, gateway.name),
-                error = %format!("{err:#}"),
-                "applying the waypoint failed; retrying"
-            );
-            let retry = retry_tx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(RETRY).await;
-                let _ = retry.send(object);
-            });
-        }
     }
+}
+
+/// What every reconcile needs.
+struct Context {
+    client: Client,
+    resource: ApiResource,
+    template: WaypointTemplate,
+}
+
+async fn reconcile_gateway(
+    object: Arc<DynamicObject>,
+    context: Arc<Context>,
+) -> Result<Action, DeployError> {
+    let Some(gateway) = GatewayRef::waypoint(&context.resource.api_version, &object) else {
+        return Ok(Action::await_change());
+    };
+    reconcile(
+        &context.client,
+        &context.resource,
+        &gateway,
+        &object,
+        &context.template,
+    )
+    .await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+fn retry_later(_: Arc<DynamicObject>, _: &DeployError, _: Arc<Context>) -> Action {
+    Action::requeue(RETRY)
 }
 
 /// Applies one waypoint's objects, then its Gateway's status.
@@ -497,10 +570,18 @@ async fn reconcile(
     gateway: &GatewayRef,
     object: &DynamicObject,
     template: &WaypointTemplate,
-) -> anyhow::Result<()> {
+) -> Result<(), DeployError> {
     let objects = render(gateway, template);
     let ns = &gateway.namespace;
     let name = &gateway.name;
+    let failed = |kind: &'static str| {
+        move |source| DeployError::Apply {
+            kind,
+            namespace: ns.clone(),
+            name: name.clone(),
+            source: Box::new(source),
+        }
+    };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     // Shared by every waypoint of the namespace (no owner: the last
     // Gateway's deletion must not take it from the others).
@@ -510,15 +591,15 @@ async fn reconcile(
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&objects.service_account))
         .await
-        .with_context(|| format!("applying ServiceAccount {ns}/{name}"))?;
+        .map_err(failed("ServiceAccount"))?;
     Api::<Deployment>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&objects.deployment))
         .await
-        .with_context(|| format!("applying Deployment {ns}/{name}"))?;
+        .map_err(failed("Deployment"))?;
     let service = Api::<Service>::namespaced(client.clone(), ns)
         .patch(name, &params, &Patch::Apply(&objects.service))
         .await
-        .with_context(|| format!("applying Service {ns}/{name}"))?;
+        .map_err(failed("Service"))?;
     let cluster_ip = service
         .spec
         .as_ref()
@@ -527,7 +608,11 @@ async fn reconcile(
     let previous = object.data.get("status");
     let now = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
-        .context("rounding the current time")?
+        .map_err(|source| DeployError::Clock {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?
         .to_string();
     let status = gateway_status(object.metadata.generation, cluster_ip, previous, &now);
     if previous == Some(&status) {
@@ -542,7 +627,7 @@ async fn reconcile(
     Api::<DynamicObject>::namespaced_with(client.clone(), ns, resource)
         .patch_status(name, &params, &Patch::Apply(&patch))
         .await
-        .with_context(|| format!("updating the status of Gateway {ns}/{name}"))?;
+        .map_err(failed("Gateway status"))?;
     tracing::info!(gateway = %format!("{ns}/{name}"), cluster_ip, "waypoint applied");
     Ok(())
 }

@@ -243,3 +243,75 @@ async fn over_tls_the_mesh_root_is_published_in_the_waypoints_namespace() {
     );
     controller.abort();
 }
+
+/// The controller watches what it applied: a waypoint Deployment deleted
+/// by hand comes back, and one edited by hand is put back as rendered;
+/// objects of the same name it does not manage are not watched.
+#[tokio::test]
+async fn a_waypoint_deleted_or_edited_by_hand_is_restored() {
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::new(GATEWAY_API, "Gateway", "gateways", true));
+    server.serve(Kind::deployment());
+    server.serve(Kind::service());
+    server.serve(Kind::service_account());
+    server.apply(gateway("waypoint", "istio-waypoint"));
+    let controller = tokio::spawn(waypoint_deploy::run(
+        server.client(),
+        "v1".into(),
+        template(),
+    ));
+    let first = eventually("the waypoint Deployment", || {
+        server.get("apps/v1", "Deployment", "shop", "waypoint")
+    })
+    .await;
+    eventually("the Service", || {
+        server.get("v1", "Service", "shop", "waypoint")
+    })
+    .await;
+
+    // Deleted by hand: applied again from the Deployment's DELETED event
+    // (the Gateway did not change).
+    assert!(server.delete("apps/v1", "Deployment", "shop", "waypoint"));
+    let restored = eventually("the Deployment to come back", || {
+        server.get("apps/v1", "Deployment", "shop", "waypoint")
+    })
+    .await;
+    assert_eq!(restored["spec"], first["spec"]);
+    assert_ne!(
+        restored["metadata"]["resourceVersion"],
+        first["metadata"]["resourceVersion"]
+    );
+
+    // Edited by hand (another image): the desired state is applied again.
+    let mut edited = restored.clone();
+    edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest".into();
+    server.apply(edited);
+    eventually("the rendered image back", || {
+        let d = server.get("apps/v1", "Deployment", "shop", "waypoint")?;
+        (d["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/mesh/waypoint:0.1.0")
+            .then_some(())
+    })
+    .await;
+
+    // The Service too.
+    assert!(server.delete("v1", "Service", "shop", "waypoint"));
+    eventually("the Service to come back", || {
+        server.get("v1", "Service", "shop", "waypoint")
+    })
+    .await;
+
+    // The watches select the controller's own objects only.
+    let requests = server.requests();
+    let watches: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /apis/apps/v1/deployments?") && r.contains("watch=true"))
+        .collect();
+    assert!(!watches.is_empty(), "{requests:?}");
+    for watch in watches {
+        assert!(
+            watch.contains("labelSelector=app.kubernetes.io/managed-by=mesh-control"),
+            "{watch}"
+        );
+    }
+    controller.abort();
+}

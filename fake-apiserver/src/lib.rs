@@ -21,6 +21,14 @@
 //! - **404** for any kind not registered: a CRD that is not installed;
 //! - `fieldSelector` and `labelSelector` with `=`, `==` and `!=` terms (and
 //!   bare label keys), e.g. `spec.nodeName=node0`;
+//! - metadata-only reads (`Accept: application/json;as=PartialObjectMetadata…`,
+//!   as kube-rs' `metadata_watcher` and `Controller::owns` send): lists,
+//!   watches and gets answer `meta.k8s.io/v1` `PartialObjectMetadata`
+//!   objects (`apiVersion`, `kind`, `metadata` only);
+//! - `PUT` of one object (replace) with optimistic concurrency: a body whose
+//!   `metadata.resourceVersion` is not the stored one gets 409 Conflict, as
+//!   leader election's compare-and-swap on a `Lease` expects; `POST` of a
+//!   name that exists gets 409 AlreadyExists;
 //! - `GET` of one object, `POST` to a collection (create), `DELETE`, and
 //!   per-path `POST` handlers ([`FakeApiServer::on_post`]) for
 //!   request/response kinds such as `TokenReview`;
@@ -36,8 +44,8 @@
 //! Every request is recorded ([`FakeApiServer::requests`]) so a test can
 //! check, for instance, that a client relisted after a 410.
 //!
-//! Not modelled: authentication, admission, optimistic concurrency
-//! (`resourceVersion` on writes is ignored), pagination (`limit` is
+//! Not modelled: authentication, admission, optimistic concurrency on
+//! patches (their `resourceVersion` is ignored), pagination (`limit` is
 //! ignored; lists are one page), bookmarks, server-side apply's field
 //! ownership (conflicts, removal of fields a manager stopped applying),
 //! garbage collection by owner references, and protobuf.
@@ -119,6 +127,11 @@ impl Kind {
     /// `apps/v1` DaemonSet.
     pub fn daemon_set() -> Self {
         Self::new("apps/v1", "DaemonSet", "daemonsets", true)
+    }
+
+    /// `coordination.k8s.io/v1` Lease.
+    pub fn lease() -> Self {
+        Self::new("coordination.k8s.io/v1", "Lease", "leases", true)
     }
 
     /// `/api/v1` or `/apis/<group>/<version>`.
@@ -491,6 +504,11 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         .unwrap_or_default()
         .to_owned();
     let query = parse_query(request.uri().query().unwrap_or_default());
+    let metadata_only = request
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
     let post = {
         let mut state = shared.lock();
         let shown: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -534,9 +552,9 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         (Method::GET, None)
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) =>
         {
-            watch(shared, target, &query)
+            watch(shared, target, &query, metadata_only)
         }
-        (Method::GET, None) => list(&shared.lock(), &target, &query),
+        (Method::GET, None) => list(&shared.lock(), &target, &query, metadata_only),
         (Method::GET, Some(name)) => {
             let state = shared.lock();
             let key = (
@@ -545,6 +563,7 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
                 name.clone(),
             );
             match state.objects.get(&key) {
+                Some(object) if metadata_only => json_response(200, &metadata_of(object)),
                 Some(object) => json_response(200, object),
                 None => not_found(&state.kinds[target.kind], name),
             }
@@ -570,8 +589,65 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             if let Some(ns) = &target.namespace {
                 body["metadata"]["namespace"] = ns.clone().into();
             }
-            let stored = shared.change(|state| state.apply(body, true));
+            let name = str_at(&body, "metadata.name").to_owned();
+            let key = (
+                target.kind,
+                target.namespace.clone().unwrap_or_default(),
+                name.clone(),
+            );
+            let mut state = shared.lock();
+            if state.objects.contains_key(&key) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{} \"{name}\" already exists", kind.plural),
+                );
+            }
+            let stored = state.apply(body, true);
+            drop(state);
+            shared.changes.send_modify(|n| *n += 1);
             json_response(201, &stored)
+        }
+        (Method::PUT, Some(name)) if target.subresource.is_none() => {
+            let Some(mut body) = json_body(request).await.filter(Value::is_object) else {
+                return status(400, "BadRequest", "the body is not a JSON object");
+            };
+            let mut state = shared.lock();
+            let kind = state.kinds[target.kind].clone();
+            let key = (
+                target.kind,
+                target.namespace.clone().unwrap_or_default(),
+                name.clone(),
+            );
+            let Some(stored) = state.objects.get(&key) else {
+                return not_found(&kind, name);
+            };
+            let given = str_at(&body, "metadata.resourceVersion");
+            let current = str_at(stored, "metadata.resourceVersion");
+            if !given.is_empty() && given != current {
+                return status(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                        kind.plural
+                    ),
+                );
+            }
+            let uid = stored["metadata"]["uid"].clone();
+            let created = stored["metadata"]["creationTimestamp"].clone();
+            body["apiVersion"] = kind.api_version.clone().into();
+            body["kind"] = kind.kind.clone().into();
+            body["metadata"]["name"] = name.clone().into();
+            body["metadata"]["uid"] = uid;
+            body["metadata"]["creationTimestamp"] = created;
+            if let Some(ns) = &target.namespace {
+                body["metadata"]["namespace"] = ns.clone().into();
+            }
+            let stored = state.apply(body, true);
+            drop(state);
+            shared.changes.send_modify(|n| *n += 1);
+            json_response(200, &stored)
         }
         (Method::DELETE, Some(name)) => {
             let kind = shared.lock().kinds[target.kind].clone();
@@ -736,7 +812,21 @@ fn terms(selector: &str) -> impl Iterator<Item = (&str, Op, &str)> {
     })
 }
 
-fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Response<Body> {
+/// `object` as a `PartialObjectMetadata`: its metadata only.
+fn metadata_of(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
+fn list(
+    state: &State,
+    target: &Target,
+    query: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<Body> {
     let kind = &state.kinds[target.kind];
     let items: Vec<Value> = state
         .objects
@@ -745,6 +835,9 @@ fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Res
             *index == target.kind && selected(object, target.namespace.as_deref(), query)
         })
         .map(|(_, object)| {
+            if metadata_only {
+                return metadata_of(object);
+            }
             let mut item = object.clone();
             if let Some(map) = item.as_object_mut() {
                 map.remove("apiVersion");
@@ -753,18 +846,31 @@ fn list(state: &State, target: &Target, query: &BTreeMap<String, String>) -> Res
             item
         })
         .collect();
+    let (api_version, list_kind) = if metadata_only {
+        (
+            "meta.k8s.io/v1".to_owned(),
+            "PartialObjectMetadataList".to_owned(),
+        )
+    } else {
+        (kind.api_version.clone(), format!("{}List", kind.kind))
+    };
     json_response(
         200,
         &json!({
-            "apiVersion": kind.api_version,
-            "kind": format!("{}List", kind.kind),
+            "apiVersion": api_version,
+            "kind": list_kind,
             "metadata": {"resourceVersion": state.revision.to_string()},
             "items": items,
         }),
     )
 }
 
-fn watch(shared: &Arc<Shared>, target: Target, query: &BTreeMap<String, String>) -> Response<Body> {
+fn watch(
+    shared: &Arc<Shared>,
+    target: Target,
+    query: &BTreeMap<String, String>,
+    metadata_only: bool,
+) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let from: u64 = query
         .get("resourceVersion")
@@ -802,7 +908,14 @@ fn watch(shared: &Arc<Shared>, target: Target, query: &BTreeMap<String, String>)
                                 && c.kind == target.kind
                                 && selected(&c.object, target.namespace.as_deref(), &query)
                         })
-                        .map(|c| line(&json!({"type": c.event, "object": c.object})))
+                        .map(|c| {
+                            let object = if metadata_only {
+                                metadata_of(&c.object)
+                            } else {
+                                c.object.clone()
+                            };
+                            line(&json!({"type": c.event, "object": object}))
+                        })
                         .collect();
                     cursor = state.revision;
                     (events, false)

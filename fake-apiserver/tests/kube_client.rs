@@ -60,3 +60,92 @@ async fn a_kube_client_reads_and_writes_what_the_fake_serves() {
         "{missing:?}"
     );
 }
+
+/// Replace is a compare-and-swap on `resourceVersion` (what leader election
+/// relies on), and creating a name that exists is refused.
+#[tokio::test]
+async fn replace_and_create_conflict_as_on_a_real_server() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::lease());
+    let leases: Api<Lease> = Api::namespaced(server.client(), "istio-system");
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "mesh-control"},
+        "spec": {"holderIdentity": "a"},
+    }))
+    .unwrap();
+    let created = leases.create(&PostParams::default(), &lease).await.unwrap();
+    let again = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{again:?}"
+    );
+    let mut mine = created.clone();
+    mine.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let replaced = leases
+        .replace("mesh-control", &PostParams::default(), &mine)
+        .await
+        .unwrap();
+    assert_eq!(replaced.metadata.uid, created.metadata.uid);
+    // A writer that read the old version loses.
+    let stale = leases
+        .replace("mesh-control", &PostParams::default(), &created)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&stale, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict"),
+        "{stale:?}"
+    );
+    let holder = leases.get("mesh-control").await.unwrap().spec.unwrap();
+    assert_eq!(holder.holder_identity.as_deref(), Some("b"));
+}
+
+/// Metadata-only lists and watches, as `Api<PartialObjectMeta<_>>` (and
+/// `Controller::owns`) read them.
+#[tokio::test]
+async fn metadata_only_reads_carry_only_metadata() {
+    use futures::StreamExt as _;
+    use kube::{
+        core::PartialObjectMeta,
+        runtime::{WatchStreamExt as _, watcher},
+    };
+    let server = FakeApiServer::start().await;
+    server.serve(Kind::pod());
+    server.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "a", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "app"}]}}));
+    let pods: Api<Pod> = Api::all(server.client());
+    let list = pods.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(
+        list.items[0].metadata.labels.as_ref().unwrap()["app"],
+        "web"
+    );
+    let metas: Api<PartialObjectMeta<Pod>> = Api::all(server.client());
+    let stream = watcher(metas, watcher::Config::default()).touched_objects();
+    let mut stream = std::pin::pin!(stream);
+    let first: PartialObjectMeta<Pod> = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.metadata.name.as_deref(), Some("a"));
+    assert!(
+        first
+            .types
+            .is_some_and(|t| t.kind == "PartialObjectMetadata")
+    );
+    let raw = plain_get(&server, "/api/v1/namespaces/shop/pods").await;
+    assert!(
+        raw.contains("\"spec\""),
+        "full objects without the Accept: {raw}"
+    );
+    server.delete("v1", "Pod", "shop", "a");
+    let deleted = stream.next().await.unwrap().unwrap();
+    assert_eq!(deleted.metadata.name.as_deref(), Some("a"));
+}
+
+/// A plain GET through kube's client, without the metadata Accept header.
+async fn plain_get(server: &FakeApiServer, path: &str) -> String {
+    let request = http::Request::get(path).body(Vec::new()).unwrap();
+    server.client().request_text(request).await.unwrap()
+}

@@ -66,6 +66,13 @@ const KINDS: &[(&str, &str, &str, bool)] = &[
         "clusterrolebindings",
         false,
     ),
+    ("rbac.authorization.k8s.io/v1", "Role", "roles", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
     ("apps/v1", "Deployment", "deployments", true),
     ("apps/v1", "DaemonSet", "daemonsets", true),
 ];
@@ -293,11 +300,76 @@ pub async fn uninstall(
         .context("the manifest has no ztunnel DaemonSet")?;
     let ztunnel: DaemonSet = serde_json::from_value(ztunnel_doc.object.clone())
         .context("reading the ztunnel DaemonSet of the manifest")?;
-    let namespace = ztunnel_doc.namespace().to_owned();
-    let cleanup = cleanup_daemon_set(&ztunnel)?;
+    remove_capture(client, &ztunnel, ztunnel_doc.namespace(), waits).await?;
+
+    // 3. Everything else, the Namespace last.
+    for document in documents.iter().rev() {
+        if !std::ptr::eq(document, ztunnel_doc) {
+            delete(document, client).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `uninstall --nodes-only`, as the chart's Helm pre-delete hook runs it
+/// in the cluster: steps 1 and 2 only, from the DaemonSet `ztunnel` of
+/// `namespace` as it runs (so the values it was installed with apply), or
+/// from `fallback` (the built-in manifest's) when it is already gone.
+pub async fn uninstall_nodes(
+    client: &Client,
+    namespace: &str,
+    fallback: &[Document],
+    waits: Waits,
+) -> anyhow::Result<()> {
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let live = daemon_sets
+        .get_opt(ZTUNNEL_NAME)
+        .await
+        .with_context(|| format!("reading DaemonSet {namespace}/{ZTUNNEL_NAME}"))?;
+    let ztunnel = match live {
+        Some(live) => live,
+        None => {
+            let doc = fallback
+                .iter()
+                .find(|d| d.resource.kind == "DaemonSet" && d.name() == ZTUNNEL_NAME)
+                .context("the built-in manifest has no ztunnel DaemonSet")?;
+            println!(
+                "DaemonSet {namespace}/{ZTUNNEL_NAME} is not there; cleaning with the built-in one's settings"
+            );
+            let mut ztunnel: DaemonSet = serde_json::from_value(doc.object.clone())
+                .context("reading the ztunnel DaemonSet of the manifest")?;
+            ztunnel.metadata.namespace = Some(namespace.to_owned());
+            ztunnel
+        }
+    };
+    remove_capture(client, &ztunnel, namespace, waits).await
+}
+
+/// Steps 1 and 2: `ztunnel` goes (and its pods drain), then the cleanup
+/// DaemonSet removes every node's pins and is deleted.
+async fn remove_capture(
+    client: &Client,
+    ztunnel: &DaemonSet,
+    namespace: &str,
+    waits: Waits,
+) -> anyhow::Result<()> {
+    let cleanup = cleanup_daemon_set(ztunnel)?;
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
 
     // 1. The node agents go (and drain).
-    delete(ztunnel_doc, client).await?;
+    match daemon_sets
+        .delete(ZTUNNEL_NAME, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => println!("deleted DaemonSet {namespace}/{ZTUNNEL_NAME}"),
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            println!("DaemonSet {namespace}/{ZTUNNEL_NAME} was not there");
+        }
+        Err(err) => {
+            return Err(err)
+                .with_context(|| format!("deleting DaemonSet {namespace}/{ZTUNNEL_NAME}"));
+        }
+    }
     let selector = ztunnel
         .spec
         .selector
@@ -307,7 +379,7 @@ pub async fn uninstall(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     wait_for(waits, "the ztunnel pods to exit", || async {
         let left = pods
             .list(&ListParams::default().labels(&selector))
@@ -318,7 +390,6 @@ pub async fn uninstall(
     .await?;
 
     // 2. Every node's pins go.
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
     daemon_sets
         .patch(
             CLEANUP_NAME,
@@ -342,13 +413,6 @@ pub async fn uninstall(
         .await
         .with_context(|| format!("deleting DaemonSet {namespace}/{CLEANUP_NAME}"))?;
     println!("deleted DaemonSet {namespace}/{CLEANUP_NAME}");
-
-    // 3. Everything else, the Namespace last.
-    for document in documents.iter().rev() {
-        if !std::ptr::eq(document, ztunnel_doc) {
-            delete(document, client).await?;
-        }
-    }
     Ok(())
 }
 
@@ -627,5 +691,141 @@ mod tests {
             Some("DELETE /api/v1/namespaces/istio-system")
         );
         assert_eq!(writes.len(), 3 + documents.len() - 1, "{writes:#?}");
+    }
+
+    /// The Helm hook's Role, from the rendered hooks file.
+    fn hook_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+        use k8s_openapi::serde::Deserialize as _;
+        let text = include_str!("../../deploy/rendered/helm-hooks.yaml");
+        let role = serde_yaml::Deserializer::from_str(text)
+            .filter_map(|doc| {
+                let value = serde_yaml::Value::deserialize(doc).ok()?;
+                (value["kind"].as_str() == Some("Role")).then_some(value)
+            })
+            .next()
+            .expect("the hooks hold a Role");
+        let role: k8s_openapi::api::rbac::v1::Role =
+            serde_json::from_value(serde_json::to_value(role).unwrap()).unwrap();
+        role.rules.unwrap_or_default()
+    }
+
+    /// `METHOD /path?query` → (apiGroup, resource, verb).
+    fn access(request: &str) -> (String, String, String) {
+        let (method, rest) = request.split_once(' ').unwrap();
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (group, rest) = match segments.as_slice() {
+            ["api", _, rest @ ..] => ("", rest),
+            ["apis", group, _, rest @ ..] => (*group, rest),
+            _ => panic!("unexpected path {path}"),
+        };
+        let (resource, named) = match rest {
+            ["namespaces", _, resource] => (*resource, false),
+            ["namespaces", _, resource, _] => (*resource, true),
+            other => panic!("not namespaced: {other:?}"),
+        };
+        let verb = match (method, named) {
+            ("GET", true) => "get",
+            ("GET", false) if query.contains("watch=true") => "watch",
+            ("GET", false) => "list",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            ("POST", _) => "create",
+            _ => panic!("unexpected {request}"),
+        };
+        (group.into(), resource.into(), verb.into())
+    }
+
+    #[tokio::test]
+    async fn nodes_only_cleans_with_the_running_daemon_set_and_the_hooks_role_allows_it() {
+        let server = fake().await;
+        let documents = rendered();
+        install(&server.client(), &documents).await.unwrap();
+        // Installed with other values: the live DaemonSet's pin directory.
+        let mut live = server
+            .get("apps/v1", "DaemonSet", "istio-system", ZTUNNEL_NAME)
+            .unwrap();
+        for arg in live["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array_mut()
+            .unwrap()
+        {
+            if arg.as_str().is_some_and(|a| a.starts_with("--pin-dir=")) {
+                *arg = "--pin-dir=/sys/fs/bpf/custom".into();
+            }
+        }
+        server.apply(live);
+        let before = server.requests().len();
+        let client = server.client();
+        let run = tokio::spawn({
+            let documents = documents.clone();
+            async move { uninstall_nodes(&client, "istio-system", &documents, WAITS).await }
+        });
+        let cleanup = loop {
+            if let Some(ds) = server.get("apps/v1", "DaemonSet", "istio-system", CLEANUP_NAME) {
+                break ds;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let init = &cleanup["spec"]["template"]["spec"]["initContainers"][0]["args"];
+        assert_eq!(init, &json!(["uninstall", "--pin-dir=/sys/fs/bpf/custom"]));
+        let mut ready = cleanup;
+        ready["status"] = json!({"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
+            "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1});
+        server.apply(ready);
+        run.await.unwrap().expect("uninstall --nodes-only");
+        assert!(
+            server
+                .get("apps/v1", "DaemonSet", "istio-system", ZTUNNEL_NAME)
+                .is_none()
+        );
+        assert!(
+            server
+                .get("apps/v1", "DaemonSet", "istio-system", CLEANUP_NAME)
+                .is_none()
+        );
+        // helm deletes the rest after the hook.
+        assert!(
+            server
+                .get("apps/v1", "Deployment", "istio-system", "mesh-control")
+                .is_some()
+        );
+
+        // Every request of the hook is allowed by the hook's Role.
+        let rules = hook_rules();
+        let requests = server.requests()[before..].to_vec();
+        assert!(!requests.is_empty());
+        for request in &requests {
+            let (group, resource, verb) = access(request);
+            let allowed = rules.iter().any(|rule| {
+                rule.api_groups.iter().flatten().any(|g| *g == group)
+                    && rule.resources.iter().flatten().any(|r| *r == resource)
+                    && rule.verbs.contains(&verb)
+            });
+            assert!(
+                allowed,
+                "{request}: the hook's Role lacks {verb} {group}/{resource}"
+            );
+        }
+
+        // Gone already: cleaned with the built-in DaemonSet's settings.
+        let client = server.client();
+        let again = tokio::spawn({
+            let documents = documents.clone();
+            async move { uninstall_nodes(&client, "istio-system", &documents, WAITS).await }
+        });
+        let cleanup = loop {
+            if let Some(ds) = server.get("apps/v1", "DaemonSet", "istio-system", CLEANUP_NAME) {
+                break ds;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut ready = cleanup;
+        ready["status"] = json!({"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
+            "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1});
+        server.apply(ready);
+        again
+            .await
+            .unwrap()
+            .expect("a second run finds nothing to delete");
     }
 }

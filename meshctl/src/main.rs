@@ -88,6 +88,14 @@ enum Command {
         /// cleaned), in seconds.
         #[arg(long, default_value_t = 300)]
         timeout_seconds: u64,
+        /// Only remove capture from every node (delete DaemonSet ztunnel as
+        /// it runs in `--namespace`, clean every node), leaving the other
+        /// objects: what the chart's Helm pre-delete hook runs in-cluster.
+        #[arg(long, conflicts_with = "file")]
+        nodes_only: bool,
+        /// Namespace of the ztunnel DaemonSet, with `--nodes-only`.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+        namespace: String,
     },
 }
 
@@ -140,13 +148,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Uninstall {
             file,
             timeout_seconds,
+            nodes_only,
+            namespace,
         } => {
             let documents = manifest(file.as_deref())?;
             let waits = install::Waits {
                 timeout: std::time::Duration::from_secs(timeout_seconds),
                 poll: std::time::Duration::from_secs(1),
             };
-            install::uninstall(&kube_client().await?, &documents, waits).await?;
+            let client = kube_client().await?;
+            if nodes_only {
+                install::uninstall_nodes(&client, &namespace, &documents, waits).await?;
+            } else {
+                install::uninstall(&client, &documents, waits).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
+        batch::v1::Job,
         core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
     },
     serde::{Deserialize as _, Serialize, de::DeserializeOwned},
 };
-use mesh_lab::deploy::{RELEASE_NAMESPACE, RENDERED_PATH, render_workspace};
+use mesh_lab::deploy::{
+    HOOKS_PATH, RELEASE_NAMESPACE, RENDERED_PATH, render_workspace, render_workspace_hooks,
+};
 
 /// What the control plane reads and does: (apiGroup, resource, verb).
 const CONTROL_NEEDS: &[(&str, &str, &str)] = &[
@@ -66,10 +69,13 @@ struct Manifests {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     config_maps: Vec<ConfigMap>,
     deployments: Vec<Deployment>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
+    jobs: Vec<Job>,
     /// Kinds in document order.
     kinds: Vec<String>,
 }
@@ -122,10 +128,13 @@ fn parse(text: &str) -> Manifests {
             "ClusterRoleBinding" => manifests
                 .cluster_role_bindings
                 .push(typed(index, &kind, doc)),
+            "Role" => manifests.roles.push(typed(index, &kind, doc)),
+            "RoleBinding" => manifests.role_bindings.push(typed(index, &kind, doc)),
             "ConfigMap" => manifests.config_maps.push(typed(index, &kind, doc)),
             "Deployment" => manifests.deployments.push(typed(index, &kind, doc)),
             "DaemonSet" => manifests.daemon_sets.push(typed(index, &kind, doc)),
             "Service" => manifests.services.push(typed(index, &kind, doc)),
+            "Job" => manifests.jobs.push(typed(index, &kind, doc)),
             other => panic!("document {index}: unexpected kind {other}"),
         }
         manifests.kinds.push(kind);
@@ -172,6 +181,40 @@ fn rules_of(manifests: &Manifests, name: &str) -> Vec<PolicyRule> {
     rules
 }
 
+/// The rules bound by RoleBindings of the release namespace to its
+/// ServiceAccount `name`: access within that namespace only.
+fn namespaced_rules_of(manifests: &Manifests, name: &str) -> Vec<PolicyRule> {
+    let mut rules = Vec::new();
+    for binding in &manifests.role_bindings {
+        assert_eq!(
+            binding.metadata.namespace.as_deref(),
+            Some(RELEASE_NAMESPACE)
+        );
+        let bound = binding.subjects.iter().flatten().any(|subject| {
+            subject.kind == "ServiceAccount"
+                && subject.name == name
+                && subject.namespace.as_deref() == Some(RELEASE_NAMESPACE)
+        });
+        if !bound {
+            continue;
+        }
+        assert_eq!(
+            binding.role_ref.kind, "Role",
+            "a RoleBinding binds a Role here"
+        );
+        let role = manifests
+            .roles
+            .iter()
+            .find(|role| {
+                role.metadata.name.as_deref() == Some(binding.role_ref.name.as_str())
+                    && role.metadata.namespace == binding.metadata.namespace
+            })
+            .unwrap_or_else(|| panic!("binding refers to missing Role {}", binding.role_ref.name));
+        rules.extend(role.rules.iter().flatten().cloned());
+    }
+    rules
+}
+
 fn assert_access(manifests: &Manifests, service_account: &str, needs: &[(&str, &str, &str)]) {
     assert!(
         manifests.service_accounts.iter().any(|sa| {
@@ -206,6 +249,82 @@ fn rendered_file_is_a_fresh_render_of_the_chart() {
         fresh == rendered_text(),
         "{RENDERED_PATH} is out of date: run `cargo xtask render-deploy`"
     );
+}
+
+/// The Helm hooks: a fresh render, typed, each annotated as a pre-delete
+/// hook; none in the manifest `kubectl apply` and `meshctl install` use.
+/// The Job runs `meshctl uninstall --nodes-only` with the meshctl image
+/// as the hook's own ServiceAccount (its Role is checked against meshctl's
+/// requests in meshctl's tests).
+#[test]
+fn the_pre_delete_hook_removes_capture_with_meshctl() {
+    let path = root().join(HOOKS_PATH);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fresh = render_workspace_hooks(&root()).unwrap_or_else(|err| panic!("render: {err}"));
+    assert!(
+        fresh == text,
+        "{HOOKS_PATH} is out of date: run `cargo xtask render-deploy`"
+    );
+    assert!(
+        !rendered_text().contains("helm.sh/hook"),
+        "a Helm hook in {RENDERED_PATH} would run at `kubectl apply`"
+    );
+    let hooks = parse(&text);
+    assert_eq!(
+        hooks.kinds,
+        ["ServiceAccount", "Role", "RoleBinding", "Job"]
+    );
+    let annotations = [
+        hooks.service_accounts[0].metadata.annotations.as_ref(),
+        hooks.roles[0].metadata.annotations.as_ref(),
+        hooks.role_bindings[0].metadata.annotations.as_ref(),
+        hooks.jobs[0].metadata.annotations.as_ref(),
+    ];
+    for annotation in annotations {
+        let annotation = annotation.expect("hook annotations");
+        assert_eq!(annotation["helm.sh/hook"], "pre-delete");
+    }
+    let job = &hooks.jobs[0];
+    let weight = |a: Option<&std::collections::BTreeMap<String, String>>| -> i32 {
+        a.and_then(|a| a.get("helm.sh/hook-weight"))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        weight(hooks.roles[0].metadata.annotations.as_ref())
+            < weight(job.metadata.annotations.as_ref()),
+        "the Role exists before the Job runs"
+    );
+    let spec = pod_spec(
+        job.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
+        "Job",
+    );
+    assert_eq!(spec.service_account_name.as_deref(), Some("mesh-uninstall"));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let container = &spec.containers[0];
+    assert!(
+        container
+            .image
+            .as_deref()
+            .is_some_and(|i| i.contains("/meshctl:")),
+        "{:?}",
+        container.image
+    );
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args[..2], ["uninstall", "--nodes-only"]);
+    assert!(args.contains(&format!("--namespace={RELEASE_NAMESPACE}")));
+    // The hook's binding: its Role, in the release namespace.
+    let rules = namespaced_rules_of(&hooks, "mesh-uninstall");
+    for (group, resource, verb) in [
+        ("apps", "daemonsets", "delete"),
+        ("apps", "daemonsets", "patch"),
+        ("", "pods", "list"),
+    ] {
+        assert!(
+            rules.iter().any(|r| rule_covers(r, group, resource, verb)),
+            "{verb} {group}/{resource}: {rules:?}"
+        );
+    }
 }
 
 #[test]
@@ -301,6 +420,61 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         .collect();
     assert!(root.contains(&("", "configmaps", "patch")), "{root:?}");
     assert_access(&manifests, "mesh-control", &root);
+}
+
+/// Leader election's Lease and the shared CA's Secret, from the code's
+/// lists, are granted in the control plane's namespace only (a Role), and
+/// the chart passes the timing, the pod's name as identity and the Secret.
+#[test]
+fn control_plane_replicas_elect_a_leader_with_a_lease_in_their_namespace() {
+    let manifests = parse(&rendered_text());
+    let needs: Vec<(&str, &str, &str)> = mesh_control::leader::API_ACCESS
+        .iter()
+        .chain(mesh_control::ca_secret::API_ACCESS)
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(
+        needs.contains(&("coordination.k8s.io", "leases", "update")),
+        "{needs:?}"
+    );
+    let rules = namespaced_rules_of(&manifests, "mesh-control");
+    let missing: Vec<_> = needs
+        .iter()
+        .filter(|(g, r, v)| !rules.iter().any(|rule| rule_covers(rule, g, r, v)))
+        .collect();
+    assert!(missing.is_empty(), "the Role lacks {missing:?}");
+    for rule in rules_of(&manifests, "mesh-control") {
+        assert!(
+            !rule_covers(&rule, "coordination.k8s.io", "leases", "update")
+                && !rule_covers(&rule, "", "secrets", "create"),
+            "leases or secret writes are granted cluster-wide: {rule:?}"
+        );
+    }
+    let spec = pod_spec(
+        manifests.deployments[0].spec.template.spec.as_ref(),
+        "Deployment",
+    );
+    let container = &spec.containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    for flag in [
+        "--ca-secret=istio-ca-secret",
+        "--leader-election-lease-seconds=",
+        "--leader-election-renew-deadline-seconds=",
+        "--leader-election-retry-seconds=",
+    ] {
+        assert!(args.iter().any(|a| a.starts_with(flag)), "{flag}: {args:?}");
+    }
+    let pod_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(pod_name, Some("metadata.name"));
 }
 
 /// Proxies reach the control plane only over TLS (15012), verified with

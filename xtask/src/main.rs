@@ -7,7 +7,12 @@ mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+/// The chart renderer and values parser, `mesh-lab`'s `deploy` module
+/// compiled in by path (xtask links nothing new).
+#[path = "../../lab/src/deploy.rs"]
+mod deploy;
 mod fuzz;
+mod images;
 mod lab;
 mod render_deploy;
 mod test;
@@ -40,6 +45,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Render the Helm chart in deploy/chart into deploy/rendered/mesh.yaml (no helm needed).
     RenderDeploy(render_deploy::RenderDeployArgs),
+    /// Build the release binaries and the container images of deploy/Dockerfile (podman or docker), tagged as the chart names them.
+    Images(images::ImagesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::RenderDeploy(args) => render_deploy::run(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Images(args) => images::run(args),
     }
 }
 

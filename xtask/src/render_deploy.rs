@@ -9,8 +9,7 @@
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-#[path = "../../lab/src/deploy.rs"]
-mod deploy;
+use crate::deploy;
 
 /// Arguments of `cargo xtask render-deploy`.
 #[derive(Debug, Args)]
@@ -20,32 +19,40 @@ pub struct RenderDeployArgs {
     check: bool,
 }
 
-/// Renders the chart, then writes (or with `--check`, compares) the file.
+/// Renders the chart, then writes (or with `--check`, compares) the files:
+/// the manifest and, apart, the Helm hooks.
 pub fn run(args: RenderDeployArgs) -> anyhow::Result<()> {
     let root = crate::root();
-    let rendered = deploy::render_workspace(&root).context("rendering deploy/chart")?;
-    let path = root.join(deploy::RENDERED_PATH);
-    if args.check {
-        let current = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if current != rendered {
-            bail!(
-                "{} is out of date: run `cargo xtask render-deploy`",
-                deploy::RENDERED_PATH
-            );
+    let files = [
+        (
+            deploy::RENDERED_PATH,
+            deploy::render_workspace(&root).context("rendering deploy/chart")?,
+        ),
+        (
+            deploy::HOOKS_PATH,
+            deploy::render_workspace_hooks(&root).context("rendering deploy/chart's hooks")?,
+        ),
+    ];
+    for (relative, rendered) in files {
+        let path = root.join(relative);
+        if args.check {
+            let current = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if current != rendered {
+                bail!("{relative} is out of date: run `cargo xtask render-deploy`");
+            }
+            eprintln!("{relative} is up to date");
+            continue;
         }
-        eprintln!("{} is up to date", deploy::RENDERED_PATH);
-        return Ok(());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, rendered).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "rendered {} (release namespace {}) into {relative}",
+            deploy::CHART_DIR,
+            deploy::RELEASE_NAMESPACE,
+        );
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&path, rendered).with_context(|| format!("writing {}", path.display()))?;
-    eprintln!(
-        "rendered {} (release namespace {}) into {}",
-        deploy::CHART_DIR,
-        deploy::RELEASE_NAMESPACE,
-        deploy::RENDERED_PATH
-    );
     Ok(())
 }
