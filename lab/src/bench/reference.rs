@@ -441,6 +441,7 @@ fn local_config(pods: &[&PodPlan]) -> serde_json::Value {
                 "protocol": "HBONE",
                 "node": format!("node{}", pod.node),
                 "clusterId": "Kubernetes",
+                "services": {},
             })
         })
         .collect();
