@@ -275,6 +275,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 seconds,
                 out_dir: out.clone(),
+                reference_ztunnel: reference_ztunnel()?,
             })?;
             println!("report: {}", out.join("report.md").display());
         }
@@ -311,6 +312,26 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// The reference ztunnel binary named by `MESH_BENCH_REFERENCE_ZTUNNEL`, if
+/// set and not empty; it must be an executable file. Relative paths are
+/// made absolute, since the binary is started from the pods' namespaces.
+fn reference_ztunnel() -> anyhow::Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let env = mesh_lab::bench::reference::ENV;
+    let Some(path) = std::env::var_os(env).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let path =
+        std::path::absolute(PathBuf::from(path)).with_context(|| format!("resolving {env}"))?;
+    let executable = std::fs::metadata(&path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false);
+    if !executable {
+        bail!("{env}={} is not an executable file", path.display());
+    }
+    Ok(Some(path))
 }
 
 fn print_status(state: &LabState) {

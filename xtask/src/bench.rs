@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: builds the mesh in release mode and runs the
 //! benchmark harness (`mesh-lab bench`) in its own lab; the report lands in
 //! `target/bench/` (`report.md`, `results.json`, one SVG per scenario).
+//! `MESH_BENCH_REFERENCE_ZTUNNEL=<path>` adds a reference ztunnel (Istio's)
+//! on the cross-node path (see `docs/performance.md`).
 
 use std::{path::Path, process::Command};
 
@@ -29,6 +31,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if wants("iperf3") && !Path::new("/usr/bin/iperf3").exists() {
         packages.push("iperf3");
+    }
+    // The reference ztunnel's redirect (`MESH_BENCH_REFERENCE_ZTUNNEL`).
+    if std::env::var_os("MESH_BENCH_REFERENCE_ZTUNNEL").is_some_and(|v| !v.is_empty())
+        && !Path::new("/usr/sbin/nft").exists()
+    {
+        packages.push("nftables");
     }
     install(&packages)?;
     build_ebpf::run()?;

@@ -14,7 +14,10 @@
 //!   namespace's waypoint on node0) → `bench-mesh/web` (node1): both
 //!   ztunnels and the waypoint;
 //! - `nginx`: `bench-plain/client` → nginx in `bench-plain/proxy` (node0)
-//!   → `bench-plain/server` (node1), plain HTTP.
+//!   → `bench-plain/server` (node1), plain HTTP;
+//! - `reference-ztunnel`: `bench-ref/client` (node0) → `bench-ref/server`
+//!   (node1) through the ztunnel binary named by
+//!   `MESH_BENCH_REFERENCE_ZTUNNEL` ([`reference`]), when it is set.
 //!
 //! Every load is `lab-app load` run in the client pod, bounded in time;
 //! each proxy's CPU and resident memory are read from `/proc` while it runs
@@ -24,6 +27,7 @@ pub mod control;
 mod iperf3;
 mod nginx;
 mod procs;
+pub mod reference;
 mod report;
 
 use std::{collections::BTreeMap, path::PathBuf, process::Stdio, time::Duration};
@@ -115,6 +119,8 @@ pub enum Variant {
     Waypoint,
     /// Through nginx as a reverse proxy, outside the mesh.
     Nginx,
+    /// Through two instances of the reference ztunnel (Istio's), over HBONE.
+    ReferenceZtunnel,
 }
 
 impl Variant {
@@ -127,6 +133,7 @@ impl Variant {
             Self::MeshSameNodeNoFastPath => "mesh L4 same-node, no fast path",
             Self::Waypoint => "mesh L7 waypoint",
             Self::Nginx => "nginx L7 proxy",
+            Self::ReferenceZtunnel => "reference ztunnel cross-node",
         }
     }
 
@@ -134,6 +141,7 @@ impl Variant {
     fn client(self) -> &'static str {
         match self {
             Self::Direct | Self::Nginx => "bench-plain/client",
+            Self::ReferenceZtunnel => reference::CLIENT,
             _ => "bench-mesh/client",
         }
     }
@@ -147,6 +155,7 @@ impl Variant {
             Self::MeshSameNode | Self::MeshSameNodeNoFastPath => "bench-mesh/server-local",
             Self::Waypoint => "bench-mesh/web",
             Self::Nginx => "bench-plain/proxy",
+            Self::ReferenceZtunnel => reference::SERVER,
         }
     }
 
@@ -158,6 +167,7 @@ impl Variant {
             Self::MeshSameNode | Self::MeshSameNodeNoFastPath => &["ztunnel node0"],
             Self::Waypoint => &["ztunnel node0", "ztunnel node1", "waypoint"],
             Self::Nginx => &["nginx"],
+            Self::ReferenceZtunnel => &reference::PROXY_NAMES,
         }
     }
 
@@ -227,10 +237,14 @@ impl Scenario {
         match self {
             Self::Http => &[Direct, MeshCrossNode, Waypoint, Nginx],
             // What the same-node fast path gains: the same path without it.
-            Self::Throughput | Self::Iperf3 | Self::Latency | Self::MaxRate => {
-                &[Direct, MeshCrossNode, MeshSameNode, MeshSameNodeNoFastPath]
-            }
-            _ => &[Direct, MeshCrossNode, MeshSameNode],
+            Self::Throughput | Self::Iperf3 | Self::Latency | Self::MaxRate => &[
+                Direct,
+                MeshCrossNode,
+                ReferenceZtunnel,
+                MeshSameNode,
+                MeshSameNodeNoFastPath,
+            ],
+            _ => &[Direct, MeshCrossNode, ReferenceZtunnel, MeshSameNode],
         }
     }
 
@@ -303,6 +317,9 @@ pub struct BenchOptions {
     pub seconds: f64,
     /// Where the report goes.
     pub out_dir: PathBuf,
+    /// The reference ztunnel binary (`MESH_BENCH_REFERENCE_ZTUNNEL`), if
+    /// given: the `reference ztunnel cross-node` variant runs with it.
+    pub reference_ztunnel: Option<PathBuf>,
 }
 
 /// What `lab-app load` printed.
@@ -374,6 +391,21 @@ pub struct BenchReport {
     /// Runs that could not be made here, and why.
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// The reference ztunnel, if it ran.
+    #[serde(default)]
+    pub reference: Option<ReferenceSummary>,
+}
+
+/// What the reference variant ran and what proves its path.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReferenceSummary {
+    /// The binary.
+    pub binary: PathBuf,
+    /// What `<binary> version` printed.
+    pub version: String,
+    /// Connections its server-side instance accepted over HBONE with
+    /// mutual TLS during the measured runs (warm-ups excluded).
+    pub mutual_tls_connections: u64,
 }
 
 /// Brings the bench lab up, runs everything, writes the report, tears the
@@ -390,10 +422,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
             seconds: options.seconds,
             control_plane: None,
             skipped: Vec::new(),
+            reference: None,
         }
     } else {
         let manifest = options.out_dir.join("bench-pods.yaml");
-        std::fs::write(&manifest, MANIFEST)
+        let mut text = MANIFEST.to_owned();
+        if options.reference_ztunnel.is_some() {
+            text.push_str(reference::MANIFEST);
+        }
+        std::fs::write(&manifest, text)
             .map_err(io_err(format!("writing {}", manifest.display())))?;
         let mut up = options.up.clone();
         up.name = LAB_NAME.to_owned();
@@ -443,7 +480,11 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
     let state = &mut state;
     state.wait_for_certificates(Duration::from_secs(10))?;
     state.wait_for_waypoints(Duration::from_secs(20))?;
-    for client in [Variant::Direct.client(), Variant::MeshCrossNode.client()] {
+    let mut clients = vec![Variant::Direct.client(), Variant::MeshCrossNode.client()];
+    if options.reference_ztunnel.is_some() {
+        clients.push(Variant::ReferenceZtunnel.client());
+    }
+    for client in clients {
         tune_client(state, pod(state, client)?)?;
     }
     let scenarios = &options.scenarios;
@@ -480,16 +521,43 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
         }
         proxies
     };
-    let idle_rss_kib = proxies(state).rss_kib();
+    let mut idle_rss_kib = proxies(state).rss_kib();
     let mut peak_rss_kib: BTreeMap<String, u64> = BTreeMap::new();
+    let wants_reference = scenarios
+        .iter()
+        .any(|s| s.variants().contains(&Variant::ReferenceZtunnel));
+    let mut skipped = Vec::new();
+    let mut reference = match &options.reference_ztunnel {
+        Some(binary) if wants_reference => Some(ReferenceSummary {
+            binary: binary.clone(),
+            version: reference::version(binary),
+            mutual_tls_connections: 0,
+        }),
+        Some(_) => None,
+        None => {
+            if wants_reference {
+                skipped.push(format!(
+                    "{}: {} is not set (the path of a ztunnel binary, e.g. Istio's, runs it)",
+                    Variant::ReferenceZtunnel.name(),
+                    reference::ENV
+                ));
+            }
+            None
+        }
+    };
+    let reference_dir = options.out_dir.join("reference-ztunnel");
 
     let seconds = format!("{}", options.seconds);
     let mut runs = Vec::new();
-    let mut skipped = Vec::new();
     let mut after_memory_run = false;
     for round in 0..options.rounds {
         for &scenario in scenarios {
             for &variant in scenario.variants() {
+                let reference_binary = match (variant, &reference) {
+                    (Variant::ReferenceZtunnel, None) => continue,
+                    (Variant::ReferenceZtunnel, Some(r)) => Some(r.binary.clone()),
+                    _ => None,
+                };
                 if let Err(reason) = fits_fd_limit(state, scenario, variant) {
                     if round == 0 {
                         eprintln!(
@@ -507,14 +575,31 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
                 }
                 // Memory runs start from fresh ztunnels, and so do the runs
                 // after them, whose RSS would otherwise include what the
-                // allocator kept from thousands of held connections.
-                let toggle = variant.fast_path() != state.ztunnel_fast_path;
-                if scenario.fresh_ztunnels() || after_memory_run || toggle {
-                    state.ztunnel_fast_path = variant.fast_path();
-                    restart_ztunnels(state, &mut peak_rss_kib)?;
+                // allocator kept from thousands of held connections. The
+                // reference instances are fresh for every run.
+                let instances = match &reference_binary {
+                    None => {
+                        let toggle = variant.fast_path() != state.ztunnel_fast_path;
+                        if scenario.fresh_ztunnels() || after_memory_run || toggle {
+                            state.ztunnel_fast_path = variant.fast_path();
+                            restart_ztunnels(state, &mut peak_rss_kib)?;
+                        }
+                        after_memory_run = scenario.fresh_ztunnels();
+                        None
+                    }
+                    Some(binary) => {
+                        let instances =
+                            reference::ReferenceZtunnels::start(state, binary, &reference_dir)?;
+                        for (name, kib) in instances.idle_rss_kib() {
+                            idle_rss_kib.entry(name.clone()).or_insert(*kib);
+                        }
+                        Some(instances)
+                    }
+                };
+                let mut proxies = proxies(state);
+                if let Some(instances) = &instances {
+                    proxies.0.extend(instances.proxies().0);
                 }
-                after_memory_run = scenario.fresh_ztunnels();
-                let proxies = proxies(state);
                 let client = pod(state, variant.client())?;
                 let target = target(state, variant, scenario)?;
                 let mut args = vec!["load", target.as_str(), "--seconds", seconds.as_str()];
@@ -555,6 +640,26 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
                         Error::Invalid(format!("lab-app load printed no report: {e}"))
                     })?
                 };
+                if let (Some(instances), Some(summary)) = (instances, &mut reference) {
+                    // Proof the load took the reference path: its server
+                    // side accepted the connections over HBONE with mTLS.
+                    let connections = instances.measured_connections(state)?;
+                    if connections == 0 {
+                        return Err(Error::Invalid(format!(
+                            "{} on {}: the reference ztunnel in {} accepted no mutual-TLS \
+                             connection during the run, so the load did not go through it (logs: {})",
+                            scenario.name(),
+                            variant.name(),
+                            reference::SERVER,
+                            reference_dir.display()
+                        )));
+                    }
+                    summary.mutual_tls_connections += connections;
+                    for (name, kib) in instances.stop()? {
+                        let entry = peak_rss_kib.entry(name).or_default();
+                        *entry = (*entry).max(kib);
+                    }
+                }
                 let run = Run {
                     round,
                     scenario,
@@ -585,6 +690,7 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
         seconds: options.seconds,
         control_plane: None,
         skipped,
+        reference,
     })
 }
 

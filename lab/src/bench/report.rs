@@ -205,6 +205,18 @@ pub fn write_report(report: &BenchReport, dir: &Path) -> Result<()> {
         let peak = report.peak_rss_kib.get(name).copied().unwrap_or(0);
         let _ = writeln!(md, "| {name} | {} | {} |", mib(*idle), mib(peak));
     }
+    if let Some(reference) = &report.reference {
+        let _ = writeln!(
+            md,
+            "\nReference ztunnel: `{}` ({}), one instance in dedicated mode in each of `{}` and `{}`; \
+             its server-side instance accepted {} connections over HBONE with mutual TLS during the measured runs.",
+            reference.binary.display(),
+            reference.version,
+            super::reference::CLIENT,
+            super::reference::SERVER,
+            reference.mutual_tls_connections,
+        );
+    }
     if !report.skipped.is_empty() {
         let _ = writeln!(md, "\nNot run on this machine:\n");
         for skipped in &report.skipped {
@@ -394,6 +406,7 @@ mod tests {
             seconds: 1.0,
             control_plane: None,
             skipped: Vec::new(),
+            reference: None,
         };
         let dir = std::env::temp_dir().join(format!("bench-report-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
