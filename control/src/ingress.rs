@@ -68,8 +68,8 @@ use mesh_config::{
 use prost::{Message, Name};
 
 use crate::waypoint::{
-    DestinationRules, ServiceRef, add_hash_policies, destination_cluster, hcm_filter, host_matches,
-    socket_address, tcp_proxy_filter, vs_routes,
+    DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, socket_address,
+    tcp_route_filter, vs_routes,
 };
 
 /// A gateway deployment's key: `<namespace>/<deployment>`.
@@ -397,17 +397,12 @@ fn tcp_route(
                 vs.metadata.name.as_deref().unwrap_or_default()
             ));
         }
-        let clusters: Vec<(String, u32)> = route
-            .route
-            .iter()
-            .map(|d| {
-                (
-                    destination_cluster(&d.destination, vs_ns, port),
-                    d.weight.map_or(100, |w| w.max(0) as u32),
-                )
-            })
-            .collect();
-        return Some(tcp_proxy_filter(&format!("gateway.{port}"), &clusters));
+        return Some(tcp_route_filter(
+            &format!("gateway.{port}"),
+            &route.route,
+            vs_ns,
+            port,
+        ));
     }
     None
 }
@@ -478,16 +473,6 @@ fn passthrough_chains(
                 continue;
             }
             taken.extend(sni.iter().cloned());
-            let clusters: Vec<(String, u32)> = route
-                .route
-                .iter()
-                .map(|d| {
-                    (
-                        destination_cluster(&d.destination, vs_ns, port),
-                        d.weight.map_or(100, |w| w.max(0) as u32),
-                    )
-                })
-                .collect();
             // `*` takes every SNI: a chain without names.
             let server_names: Vec<String> = if sni.contains("*") {
                 Vec::new()
@@ -500,7 +485,12 @@ fn passthrough_chains(
                     server_names,
                     ..Default::default()
                 }),
-                filters: vec![tcp_proxy_filter(&format!("gateway.{port}"), &clusters)],
+                filters: vec![tcp_route_filter(
+                    &format!("gateway.{port}"),
+                    &route.route,
+                    vs_ns,
+                    port,
+                )],
                 ..Default::default()
             });
         }

@@ -502,25 +502,40 @@ fn tcp_filter(
                     svc.hostname
                 ));
             }
-            let clusters: Vec<(String, u32)> = route
-                .route
-                .iter()
-                .map(|d| {
-                    (
-                        destination_cluster(&d.destination, namespace, port),
-                        d.weight.map_or(100, |w| w.max(0) as u32),
-                    )
-                })
-                .collect();
-            return tcp_proxy_filter(&route_name(port, &svc.hostname), &clusters);
+            return tcp_route_filter(
+                &route_name(port, &svc.hostname),
+                &route.route,
+                namespace,
+                port,
+            );
         }
     };
     tcp_proxy(&route_name(port, &svc.hostname), cluster)
 }
 
+/// A TCP proxy filter to the weighted destinations of a VirtualService
+/// `tcp` or `tls` route written in `namespace` (on `port` unless they say).
+pub(crate) fn tcp_route_filter(
+    stat_prefix: &str,
+    destinations: &[net::RouteDestination],
+    namespace: &str,
+    port: u32,
+) -> Filter {
+    let clusters: Vec<(String, u32)> = destinations
+        .iter()
+        .map(|d| {
+            (
+                destination_cluster(&d.destination, namespace, port),
+                d.weight.map_or(100, |w| w.max(0) as u32),
+            )
+        })
+        .collect();
+    tcp_proxy_filter(stat_prefix, &clusters)
+}
+
 /// A TCP proxy filter to `clusters` (`(name, weight)`): one cluster, or
 /// weighted ones.
-pub(crate) fn tcp_proxy_filter(stat_prefix: &str, clusters: &[(String, u32)]) -> Filter {
+fn tcp_proxy_filter(stat_prefix: &str, clusters: &[(String, u32)]) -> Filter {
     let cluster = match clusters {
         [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.clone()),
         _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
@@ -552,11 +567,7 @@ fn tcp_proxy(stat_prefix: &str, cluster: tcp_proxy::ClusterSpecifier) -> Filter 
 }
 
 /// The cluster a VirtualService destination names, on `port` unless it says.
-pub(crate) fn destination_cluster(
-    destination: &net::Destination,
-    namespace: &str,
-    port: u32,
-) -> String {
+fn destination_cluster(destination: &net::Destination, namespace: &str, port: u32) -> String {
     let port = destination
         .port
         .as_ref()
