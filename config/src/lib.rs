@@ -26,6 +26,11 @@ use k8s_openapi::{
 /// Namespace given to namespaced resources that do not name one, as `kubectl apply` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The namespace `meta` names, or [`DEFAULT_NAMESPACE`] when it names none.
+pub fn namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+}
+
 /// One parsed resource.
 #[derive(Clone, Debug)]
 pub enum Resource {

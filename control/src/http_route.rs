@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_config::{
-    DEFAULT_NAMESPACE, Manifests,
+    Manifests,
     istio::{
         KubeHttpRoute, VirtualService,
         gateway_api::{
@@ -41,6 +41,7 @@ use mesh_config::{
             PortSelector, RegexRewrite, StringMatch, VirtualServiceSpec,
         },
     },
+    namespace,
     validate::fqdn,
 };
 
@@ -139,10 +140,6 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
         });
     }
     out
-}
-
-fn namespace(meta: &ObjectMeta) -> &str {
-    meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
 }
 
 /// One match of one rule, for one parent.

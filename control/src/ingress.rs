@@ -363,11 +363,7 @@ fn tcp_route(
     warnings: &mut Vec<String>,
 ) -> Option<Filter> {
     for vs in &manifests.virtual_services {
-        let vs_ns = vs
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let vs_ns = mesh_config::namespace(&vs.metadata);
         let bound: BTreeSet<String> = servers
             .iter()
             .filter(|s| names_gateway(&vs.spec.gateways, vs_ns, s.gateway))
@@ -425,21 +421,12 @@ fn passthrough_chains(
     port: u32,
     warnings: &mut Vec<String>,
 ) -> Vec<FilterChain> {
-    let gateway_ns = bound
-        .gateway
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+    let gateway_ns = mesh_config::namespace(&bound.gateway.metadata);
     let id = gateway_id(bound.gateway);
     let mut chains = Vec::new();
     let mut taken: BTreeSet<String> = BTreeSet::new();
     for vs in &manifests.virtual_services {
-        let vs_ns = vs
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let vs_ns = mesh_config::namespace(&vs.metadata);
         let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
         if !names_gateway(&vs.spec.gateways, vs_ns, bound.gateway) {
             continue;
@@ -521,12 +508,7 @@ fn insert_routes(
 /// A field of Secret `name` in namespace `ns`: the first of `keys` present.
 fn secret_field(manifests: &Manifests, ns: &str, name: &str, keys: &[&str]) -> Option<Vec<u8>> {
     let secret = manifests.secrets.iter().find(|s| {
-        s.metadata.name.as_deref() == Some(name)
-            && s.metadata
-                .namespace
-                .as_deref()
-                .unwrap_or(mesh_config::DEFAULT_NAMESPACE)
-                == ns
+        s.metadata.name.as_deref() == Some(name) && mesh_config::namespace(&s.metadata) == ns
     })?;
     let data = secret.data.as_ref()?;
     keys.iter().find_map(|k| data.get(*k)).map(|b| b.0.clone())
@@ -646,11 +628,7 @@ fn virtual_hosts(
     // Domain -> (routes in VirtualService order, whether TLS is required).
     let mut hosts: BTreeMap<String, (Vec<_>, bool)> = BTreeMap::new();
     for vs in &manifests.virtual_services {
-        let vs_ns = vs
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+        let vs_ns = mesh_config::namespace(&vs.metadata);
         let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
         let bound: Vec<&BoundServer<'_>> = servers
             .iter()
@@ -664,8 +642,7 @@ fn virtual_hosts(
             let allowing: Vec<_> = bound
                 .iter()
                 .filter(|s| {
-                    let gateway_ns = s.gateway.metadata.namespace.as_deref();
-                    let gateway_ns = gateway_ns.unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+                    let gateway_ns = mesh_config::namespace(&s.gateway.metadata);
                     s.server
                         .hosts
                         .iter()
@@ -730,11 +707,7 @@ fn https_redirect(server: &net::Server) -> bool {
 fn gateway_id(gateway: &IstioGateway) -> String {
     format!(
         "{}/{}",
-        gateway
-            .metadata
-            .namespace
-            .as_deref()
-            .unwrap_or(mesh_config::DEFAULT_NAMESPACE),
+        mesh_config::namespace(&gateway.metadata),
         gateway.metadata.name.as_deref().unwrap_or_default()
     )
 }
@@ -787,11 +760,7 @@ fn selected_deployments(
                 .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         })
         .filter_map(|pod| {
-            let namespace = pod
-                .metadata
-                .namespace
-                .as_deref()
-                .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
+            let namespace = mesh_config::namespace(&pod.metadata);
             let owner = pod
                 .metadata
                 .owner_references
