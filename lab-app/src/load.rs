@@ -175,6 +175,10 @@ async fn exchange(
     Ok(())
 }
 
+/// How long before a fixed-rate request's scheduled start the load stops
+/// sleeping and spins: more than a sleeping thread's wake-up delay here.
+const RATE_SPIN: Duration = Duration::from_micros(150);
+
 async fn rr(
     args: &LoadArgs,
     duration: Duration,
@@ -189,15 +193,19 @@ async fn rr(
     while started.elapsed() < duration {
         // Fixed rate: each request has a scheduled start and its latency
         // counts from it, so a stall is not hidden (no coordinated
-        // omission). The timer wheel is only millisecond-precise, so the
-        // last stretch before the start is spun, not slept.
+        // omission). Tokio's timer wheel is only millisecond-precise, so
+        // the wait is a thread sleep (an hrtimer, tens of microseconds
+        // late at worst) until just before the start, and only that last
+        // stretch is spun: spinning the whole interval would hold one of
+        // the machine's cores away from the path being measured.
         let from = match interval {
             Some(interval) => {
                 let scheduled = started + interval * ops as u32;
-                if let Some(early) = scheduled.checked_sub(Duration::from_micros(1500))
-                    && early > Instant::now()
-                {
-                    tokio::time::sleep_until(early.into()).await;
+                if let Some(early) = scheduled.checked_sub(RATE_SPIN) {
+                    let now = Instant::now();
+                    if early > now {
+                        tokio::task::block_in_place(|| std::thread::sleep(early - now));
+                    }
                 }
                 while Instant::now() < scheduled {
                     std::hint::spin_loop();

@@ -373,7 +373,12 @@ fn accept_loop(
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, peer)) => handle(pod.clone(), stream, peer),
+                Ok((stream, peer)) => {
+                    // Replies go out as soon as they are written: the relay
+                    // never leaves a partial message for Nagle to hold.
+                    let _ = stream.set_nodelay(true);
+                    handle(pod.clone(), stream, peer)
+                }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(pod = %pod.name, error = %err, "accept failed");
