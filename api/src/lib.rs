@@ -35,5 +35,6 @@ pub mod ads {
 }
 
 pub mod encoded;
+pub mod filter_state;
 
 pub mod type_url;

@@ -662,6 +662,7 @@ fn virtual_hosts(
                 port,
                 |g| gateway_names.contains(&qualified(g, vs_ns)),
                 services,
+                None,
                 warnings,
             ));
         }

@@ -63,7 +63,10 @@ use mesh_api::envoy::{
         },
         extensions::upstreams::http::v3::{self as upstream_http, HttpProtocolOptions},
         r#type::{
-            matcher::v3::{RegexMatcher, StringMatcher, string_matcher},
+            matcher::v3::{
+                AddressMatcher, FilterStateMatcher, RegexMatcher, StringMatcher,
+                filter_state_matcher, string_matcher,
+            },
             v3::{FractionalPercent, fractional_percent},
         },
     },
@@ -261,6 +264,7 @@ pub fn build(
     let rules = DestinationRules::new(&manifests.destination_rules);
     let by_host: HashMap<&str, &ServiceRef> =
         services.iter().map(|s| (s.hostname.as_str(), s)).collect();
+    let sources = SourcePods::new(manifests);
 
     for svc in services {
         let key = format!("{}/{}", svc.namespace, svc.hostname);
@@ -322,7 +326,8 @@ pub fn build(
                 filters.push(tcp_filter(svc, port, &virtual_services, warnings));
                 filters
             } else {
-                let mut routes = http_routes(svc, port, &virtual_services, &by_host, warnings);
+                let mut routes =
+                    http_routes(svc, port, &virtual_services, &by_host, &sources, warnings);
                 add_hash_policies(&mut routes, &rules, warnings);
                 out.routes.insert(
                     chain_name.clone(),
@@ -585,11 +590,19 @@ fn http_routes(
     port: u32,
     virtual_services: &[&VirtualService],
     services: &HashMap<&str, &ServiceRef>,
+    sources: &SourcePods<'_>,
     warnings: &mut Vec<String>,
 ) -> Vec<Route> {
     let mut routes = Vec::new();
     for vs in virtual_services {
-        routes.extend(vs_routes(vs, port, |g| g == "mesh", services, warnings));
+        routes.extend(vs_routes(
+            vs,
+            port,
+            |g| g == "mesh",
+            services,
+            Some(sources),
+            warnings,
+        ));
     }
     if virtual_services.is_empty() {
         routes.push(Route {
@@ -690,14 +703,101 @@ fn hash_policy(hash: &net::ConsistentHash) -> Vec<route_action::HashPolicy> {
     }]
 }
 
+/// The mesh's pods as a VirtualService's `sourceLabels` select them: the
+/// client workloads a waypoint's route may be limited to.
+pub(crate) struct SourcePods<'a> {
+    pods: Vec<(&'a str, &'a BTreeMap<String, String>, IpAddr)>,
+}
+
+impl<'a> SourcePods<'a> {
+    /// Every running pod with an IP.
+    pub(crate) fn new(manifests: &'a Manifests) -> Self {
+        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        let pods = manifests
+            .pods
+            .iter()
+            .filter_map(|pod| {
+                let status = pod.status.as_ref()?;
+                if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                    return None;
+                }
+                let ip = status.pod_ip.as_deref()?.parse().ok()?;
+                let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+                Some((mesh_config::namespace(&pod.metadata), labels, ip))
+            })
+            .collect();
+        Self { pods }
+    }
+
+    /// The addresses of the pods carrying every one of `labels`, in
+    /// `namespace` when given.
+    fn addresses(&self, labels: &BTreeMap<String, String>, namespace: Option<&str>) -> Vec<IpAddr> {
+        self.pods
+            .iter()
+            .filter(|(ns, pod_labels, _)| {
+                namespace.is_none_or(|n| n == *ns)
+                    && labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+            })
+            .map(|(_, _, ip)| *ip)
+            .collect()
+    }
+}
+
+/// Filter-state matches (the waypoint's keys) for a match's
+/// `sourceNamespace` (the caller's SPIFFE identity) and `sourceLabels` (the
+/// addresses of the pods they select, so pods added or removed later change
+/// the route with the next push).
+fn source_matches(m: &net::HttpMatchRequest, sources: &SourcePods<'_>) -> Vec<FilterStateMatcher> {
+    let mut out = Vec::new();
+    if let Some(namespace) = &m.source_namespace {
+        out.push(FilterStateMatcher {
+            key: mesh_api::filter_state::PEER_PRINCIPAL.to_owned(),
+            matcher: Some(filter_state_matcher::Matcher::StringMatch(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                    regex: format!("spiffe://[^/]+/ns/{}/sa/[^/]+", regex::escape(namespace)),
+                    ..Default::default()
+                })),
+                ignore_case: false,
+            })),
+        });
+    }
+    if !m.source_labels.is_empty() {
+        let ranges = sources
+            .addresses(&m.source_labels, m.source_namespace.as_deref())
+            .into_iter()
+            .map(|ip| mesh_api::envoy::xds::core::v3::CidrRange {
+                address_prefix: ip.to_string(),
+                prefix_len: Some(UInt32Value {
+                    value: if ip.is_ipv4() { 32 } else { 128 },
+                }),
+            })
+            .collect();
+        // No pod selected: no range, so the route matches nobody (yet).
+        out.push(FilterStateMatcher {
+            key: mesh_api::filter_state::SOURCE_ADDRESS.to_owned(),
+            matcher: Some(filter_state_matcher::Matcher::AddressMatch(
+                AddressMatcher {
+                    ranges,
+                    invert_match: false,
+                },
+            )),
+        });
+    }
+    out
+}
+
 /// The Envoy routes of `vs`'s `http` section on `port`, one per match, in
 /// order; a match whose `gateways` are given must name one `gateway`
-/// accepts (written as in the VirtualService).
+/// accepts (written as in the VirtualService). With `sources` (at a
+/// waypoint), `sourceLabels` and `sourceNamespace` become matches on the
+/// caller; without (at a gateway, whose clients are outside the mesh), a
+/// match using them is skipped with a warning.
 pub(crate) fn vs_routes(
     vs: &VirtualService,
     port: u32,
     gateway: impl Fn(&str) -> bool,
     services: &HashMap<&str, &ServiceRef>,
+    sources: Option<&SourcePods<'_>>,
     warnings: &mut Vec<String>,
 ) -> Vec<Route> {
     let namespace = vs_namespace(vs);
@@ -721,14 +821,20 @@ pub(crate) fn vs_routes(
                 if !m.gateways.is_empty() && !m.gateways.iter().any(|g| gateway(g)) {
                     continue;
                 }
-                if !m.source_labels.is_empty() || m.source_namespace.is_some() {
+                if sources.is_none()
+                    && (!m.source_labels.is_empty() || m.source_namespace.is_some())
+                {
                     warnings.push(format!(
-                        "VirtualService {namespace}/{vs_name}: spec.http[{index}].match sourceLabels/sourceNamespace are not supported; that match is skipped"
+                        "VirtualService {namespace}/{vs_name}: spec.http[{index}].match sourceLabels/sourceNamespace are not supported at a gateway; that match is skipped"
                     ));
                     continue;
                 }
             }
-            routes.push(http_route(&name, http, m, namespace, port, services));
+            let mut route = http_route(&name, http, m, namespace, port, services);
+            if let (Some(m), Some(sources), Some(route_match)) = (m, sources, &mut route.r#match) {
+                route_match.filter_state = source_matches(m, sources);
+            }
+            routes.push(route);
         }
     }
     routes
@@ -1480,6 +1586,83 @@ spec:
         let loaded = mesh_config::load_str("cluster.yaml", CLUSTER);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         Model::build(&loaded.manifests, &MeshSettings::default())
+    }
+
+    #[test]
+    fn source_labels_and_namespace_become_matches_on_the_caller() {
+        let extra = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage-0, namespace: shop, labels: {app: productpage, version: v1}}
+spec: {nodeName: node0, serviceAccountName: productpage, containers: [{name: app}]}
+status: {podIP: 10.244.0.20, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: productpage-1, namespace: other, labels: {app: productpage, version: v1}}
+spec: {nodeName: node0, serviceAccountName: productpage, containers: [{name: app}]}
+status: {podIP: 10.244.0.21, phase: Running}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-by-source, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{sourceLabels: {app: productpage}, sourceNamespace: shop}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{sourceLabels: {app: nobody}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+"#;
+        let cluster = CLUSTER.replace(
+            "kind: VirtualService\nmetadata: {name: reviews, namespace: shop}",
+            "kind: VirtualService\nmetadata: {name: reviews, namespace: unused}",
+        );
+        let loaded = mesh_config::load_str("cluster.yaml", &format!("{cluster}{extra}"));
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let model = Model::build(&loaded.manifests, &MeshSettings::default());
+        assert!(
+            !model.warnings.iter().any(|w| w.contains("sourceLabels")),
+            "{:?}",
+            model.warnings
+        );
+        let (_, routes) =
+            &model.envoy.routes["inbound-vip|9080|http|reviews.shop.svc.cluster.local"];
+        let routes = &routes.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 3);
+        let state = |i: usize| routes[i].r#match.as_ref().unwrap().filter_state.clone();
+        use mesh_api::envoy::envoy::r#type::matcher::v3::{
+            filter_state_matcher::Matcher, string_matcher::MatchPattern,
+        };
+        let first = state(0);
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert_eq!(first[0].key, mesh_api::filter_state::PEER_PRINCIPAL);
+        let Some(Matcher::StringMatch(principal)) = &first[0].matcher else {
+            panic!("{first:?}");
+        };
+        let Some(MatchPattern::SafeRegex(re)) = &principal.match_pattern else {
+            panic!("{principal:?}");
+        };
+        assert_eq!(re.regex, "spiffe://[^/]+/ns/shop/sa/[^/]+");
+        assert_eq!(first[1].key, mesh_api::filter_state::SOURCE_ADDRESS);
+        let Some(Matcher::AddressMatch(addresses)) = &first[1].matcher else {
+            panic!("{first:?}");
+        };
+        // Only the pod in the VirtualService's sourceNamespace.
+        let ips: Vec<_> = addresses
+            .ranges
+            .iter()
+            .map(|r| r.address_prefix.as_str())
+            .collect();
+        assert_eq!(ips, ["10.244.0.20"]);
+        // Labels nobody has: a match with no address, which matches no one.
+        let Some(Matcher::AddressMatch(none)) = &state(1)[0].matcher else {
+            panic!("{:?}", state(1));
+        };
+        assert!(none.ranges.is_empty());
+        assert!(state(2).is_empty());
     }
 
     #[test]

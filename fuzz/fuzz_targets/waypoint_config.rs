@@ -55,5 +55,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(request) = builder.body(()) {
         let (parts, ()) = request.into_parts();
         let _ = table.find(&parts);
+        let downstream = waypoint::route::Downstream {
+            principal: "spiffe://cluster.local/ns/default/sa/client",
+            address: std::net::IpAddr::from([10, 244, 0, 7]),
+        };
+        let _ = table.find_from(&parts, &downstream);
     }
 });

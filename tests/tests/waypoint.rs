@@ -251,6 +251,24 @@ fn bookinfo_networking_samples_through_the_waypoint() {
             .ok_or(format!("{seen:?}"))
     });
 
+    // sourceLabels / sourceNamespace: productpage gets v2, ratings (another
+    // client in the namespace) v1, and nobody is in namespace "elsewhere".
+    unapply(&lab, "virtual-service-reviews-v3.yaml");
+    apply_path(&lab, &manifest("reviews-by-source.yaml"));
+    let other_client = lab.state.pod("ratings").expect("ratings pod").clone();
+    eventually("routes by source", || {
+        let from_productpage = tally(&versions(&lab, &client, reviews, 10, &[]));
+        let from_ratings = tally(&versions(&lab, &other_client, reviews, 10, &[]));
+        (from_productpage == BTreeMap::from([("v2".to_owned(), 10)])
+            && from_ratings == BTreeMap::from([("v1".to_owned(), 10)]))
+        .then_some(())
+        .ok_or(format!(
+            "productpage {from_productpage:?}, ratings {from_ratings:?}"
+        ))
+    });
+    unapply(&lab, "reviews-by-source.yaml");
+    apply(&lab, "virtual-service-reviews-v3.yaml");
+
     // virtual-service-ratings-test-abort: jason's ratings calls get 500.
     let ratings = "http://ratings:9080/ratings/0";
     apply(&lab, "virtual-service-ratings-test-abort.yaml");

@@ -40,8 +40,8 @@ use crate::{
     metrics::{ClusterLabels, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
     route::{
-        Abort, Action, AttemptFailure, CompiledRoute, Cors, Forward, Retry, WeightedTarget,
-        authority,
+        Abort, Action, AttemptFailure, CompiledRoute, Cors, Downstream, Forward, Retry,
+        WeightedTarget, authority,
     },
     upstream::{Body, BoxError, Clients, Connector},
 };
@@ -561,7 +561,11 @@ impl Waypoint {
         if !ctx.tls && table.is_some_and(|t| t.requires_tls(&parts)) {
             return https_redirect(&parts);
         }
-        let Some(route) = table.and_then(|table| table.find(&parts)) else {
+        let downstream = Downstream {
+            principal: &ctx.peer,
+            address: ctx.source.ip(),
+        };
+        let Some(route) = table.and_then(|table| table.find_from(&parts, &downstream)) else {
             outcome.flags.insert(ResponseFlags::NO_ROUTE);
             outcome.detail = format!("no route in {route_config}");
             return local_reply(StatusCode::NOT_FOUND, "route not found");

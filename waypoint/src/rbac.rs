@@ -72,8 +72,9 @@ enum Who {
     Path(StrMatch),
 }
 
+/// An address range: an address and how many leading bits must match.
 #[derive(Debug, Clone, Copy)]
-struct Cidr {
+pub(crate) struct Cidr {
     ip: IpAddr,
     len: u32,
 }
@@ -248,20 +249,25 @@ fn path(m: &mesh_api::envoy::envoy::r#type::matcher::v3::PathMatcher) -> Result<
 }
 
 fn cidr(c: &CidrRange) -> Result<Cidr, String> {
-    let ip: IpAddr = c
-        .address_prefix
-        .parse()
-        .map_err(|_| format!("{:?} is not an IP", c.address_prefix))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = c.prefix_len.as_ref().map_or(max, |l| l.value);
-    if len > max {
-        return Err(format!("prefix length {len} is longer than the address"));
-    }
-    Ok(Cidr { ip, len })
+    Cidr::parse(&c.address_prefix, c.prefix_len.as_ref().map(|l| l.value))
 }
 
 impl Cidr {
-    fn contains(&self, ip: IpAddr) -> bool {
+    /// `address_prefix` with `prefix_len` leading bits (all when `None`).
+    pub(crate) fn parse(address_prefix: &str, prefix_len: Option<u32>) -> Result<Self, String> {
+        let ip: IpAddr = address_prefix
+            .parse()
+            .map_err(|_| format!("{address_prefix:?} is not an IP"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len = prefix_len.unwrap_or(max);
+        if len > max {
+            return Err(format!("prefix length {len} is longer than the address"));
+        }
+        Ok(Cidr { ip, len })
+    }
+
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 counts as IPv4).
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,

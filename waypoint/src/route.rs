@@ -6,7 +6,7 @@
 //! config it does not run, a regex that does not compile) fails compilation
 //! with the route and field named, and the update is NACKed.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, request::Parts};
 use mesh_api::envoy::{
@@ -21,17 +21,33 @@ use mesh_api::envoy::{
         },
         extensions::filters::http::fault::v3::{HttpFault, fault_abort},
         r#type::{
-            matcher::v3::{StringMatcher, string_matcher::MatchPattern},
+            matcher::v3::{
+                FilterStateMatcher, StringMatcher, filter_state_matcher,
+                string_matcher::MatchPattern,
+            },
             v3::{FractionalPercent, fractional_percent::DenominatorType},
         },
     },
     google::protobuf::Duration as ProtoDuration,
+};
+use mesh_api::filter_state::{
+    PEER_PRINCIPAL as PEER_PRINCIPAL_KEY, SOURCE_ADDRESS as SOURCE_ADDRESS_KEY,
 };
 use prost::Message;
 use regex::Regex;
 
 /// The fault filter's name, as routes key its per-route config.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// Who sent a request, for routes that match on the downstream
+/// (`filter_state`): VirtualService `sourceNamespace` and `sourceLabels`.
+#[derive(Clone, Copy, Debug)]
+pub struct Downstream<'a> {
+    /// The caller's SPIFFE identity (empty without one).
+    pub principal: &'a str,
+    /// The original client's address.
+    pub address: IpAddr,
+}
 
 /// One route configuration: virtual hosts chosen by the request's
 /// authority, each with its routes in order (the first match wins). A
@@ -128,10 +144,30 @@ impl RouteTable {
     }
 
     /// The first route matching the request, in the virtual host its
-    /// authority (without port, case-insensitive) selects.
+    /// authority (without port, case-insensitive) selects. Routes that
+    /// match on the downstream never match here; see [`Self::find_from`].
     pub fn find(&self, request: &Parts) -> Option<&CompiledRoute> {
+        self.find_route(request, None)
+    }
+
+    /// [`Self::find`] for a request from `downstream`.
+    pub fn find_from(
+        &self,
+        request: &Parts,
+        downstream: &Downstream<'_>,
+    ) -> Option<&CompiledRoute> {
+        self.find_route(request, Some(downstream))
+    }
+
+    fn find_route(
+        &self,
+        request: &Parts,
+        downstream: Option<&Downstream<'_>>,
+    ) -> Option<&CompiledRoute> {
         let host = self.host_for(request)?;
-        host.routes.iter().find(|r| r.matcher.matches(request))
+        host.routes
+            .iter()
+            .find(|r| r.matcher.matches(request, downstream))
     }
 
     /// Whether the virtual host of the request requires TLS (Istio's
@@ -303,6 +339,61 @@ struct Matcher {
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
     query: Vec<(String, Option<StrMatch>)>,
+    downstream: Vec<DownstreamMatch>,
+}
+
+/// A `filter_state` match on who sent the request.
+#[derive(Debug)]
+enum DownstreamMatch {
+    /// [`PEER_PRINCIPAL_KEY`] against a string matcher.
+    Principal(StrMatch),
+    /// [`SOURCE_ADDRESS_KEY`] in (or, inverted, outside) these ranges.
+    Address {
+        ranges: Vec<crate::rbac::Cidr>,
+        invert: bool,
+    },
+}
+
+impl DownstreamMatch {
+    fn compile(m: &FilterStateMatcher) -> Result<Self, String> {
+        use filter_state_matcher::Matcher as M;
+        match (m.key.as_str(), &m.matcher) {
+            (PEER_PRINCIPAL_KEY, Some(M::StringMatch(s))) => {
+                Ok(Self::Principal(StrMatch::compile(s)?))
+            }
+            (SOURCE_ADDRESS_KEY, Some(M::AddressMatch(a))) => Ok(Self::Address {
+                ranges: a
+                    .ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        crate::rbac::Cidr::parse(
+                            &r.address_prefix,
+                            r.prefix_len.as_ref().map(|l| l.value),
+                        )
+                        .map_err(|e| format!("address_match.ranges[{i}]: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?,
+                invert: a.invert_match,
+            }),
+            (PEER_PRINCIPAL_KEY, _) => Err(format!("key {PEER_PRINCIPAL_KEY} needs string_match")),
+            (SOURCE_ADDRESS_KEY, _) => Err(format!("key {SOURCE_ADDRESS_KEY} needs address_match")),
+            (key, _) => Err(format!(
+                "key {key:?}: only {PEER_PRINCIPAL_KEY} and {SOURCE_ADDRESS_KEY} are supported"
+            )),
+        }
+    }
+
+    fn matches(&self, downstream: &Downstream<'_>) -> bool {
+        match self {
+            Self::Principal(pattern) => {
+                !downstream.principal.is_empty() && pattern.matches(downstream.principal)
+            }
+            Self::Address { ranges, invert } => {
+                ranges.iter().any(|r| r.contains(downstream.address)) != *invert
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -432,15 +523,33 @@ impl Matcher {
                 Ok((q.name.clone(), pattern))
             })
             .collect::<Result<_, String>>()?;
+        let downstream = m
+            .filter_state
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                DownstreamMatch::compile(f).map_err(|e| format!("match.filter_state[{i}]: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             path,
             case_sensitive,
             headers,
             query,
+            downstream,
         })
     }
 
-    fn matches(&self, request: &Parts) -> bool {
+    fn matches(&self, request: &Parts, downstream: Option<&Downstream<'_>>) -> bool {
+        if !self.downstream.is_empty() {
+            // Without a downstream there is no filter state: no match.
+            let Some(downstream) = downstream else {
+                return false;
+            };
+            if !self.downstream.iter().all(|m| m.matches(downstream)) {
+                return false;
+            }
+        }
         let path = request.uri.path();
         let path_ok = match &self.path {
             PathMatch::Prefix(p) if self.case_sensitive => path.starts_with(p.as_str()),
@@ -1250,6 +1359,86 @@ mod tests {
             Some("v1")
         );
         assert_eq!(hit(&request("GET", "/x", &[])).as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn filter_state_matches_the_downstream_and_unknown_keys_are_refused() {
+        use mesh_api::envoy::{
+            envoy::r#type::matcher::v3::{AddressMatcher, RegexMatcher},
+            xds::core::v3::CidrRange,
+        };
+        let by_state = |matcher| RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            filter_state: vec![FilterStateMatcher {
+                key: match &matcher {
+                    filter_state_matcher::Matcher::StringMatch(_) => PEER_PRINCIPAL_KEY.into(),
+                    filter_state_matcher::Matcher::AddressMatch(_) => SOURCE_ADDRESS_KEY.into(),
+                },
+                matcher: Some(matcher),
+            }],
+            ..Default::default()
+        };
+        let from_test_ns = by_state(filter_state_matcher::Matcher::StringMatch(StringMatcher {
+            match_pattern: Some(MatchPattern::SafeRegex(RegexMatcher {
+                regex: "spiffe://[^/]+/ns/test/sa/[^/]+".into(),
+                ..Default::default()
+            })),
+            ignore_case: false,
+        }));
+        let from_pods = by_state(filter_state_matcher::Matcher::AddressMatch(
+            AddressMatcher {
+                ranges: vec![CidrRange {
+                    address_prefix: "10.0.1.7".into(),
+                    prefix_len: Some(mesh_api::envoy::google::protobuf::UInt32Value { value: 32 }),
+                }],
+                invert_match: false,
+            },
+        ));
+        let all = RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        };
+        let t = table(vec![
+            to("ns", from_test_ns),
+            to("pods", from_pods),
+            to("all", all),
+        ])
+        .unwrap();
+        let hit = |principal: &str, ip: &str| {
+            let downstream = Downstream {
+                principal,
+                address: ip.parse().unwrap(),
+            };
+            t.find_from(&request("GET", "/", &[]), &downstream)
+                .map(|r| r.name.clone())
+        };
+        let test_sa = "spiffe://cluster.local/ns/test/sa/client";
+        assert_eq!(hit(test_sa, "10.0.9.9").as_deref(), Some("ns"));
+        let other_sa = "spiffe://cluster.local/ns/prod/sa/client";
+        assert_eq!(hit(other_sa, "10.0.1.7").as_deref(), Some("pods"));
+        assert_eq!(hit(other_sa, "10.0.1.8").as_deref(), Some("all"));
+        // No identity (plaintext at a gateway) never matches a principal.
+        assert_eq!(hit("", "10.0.9.9").as_deref(), Some("all"));
+        // Without a downstream, downstream routes are skipped.
+        assert_eq!(
+            t.find(&request("GET", "/", &[])).map(|r| r.name.as_str()),
+            Some("all")
+        );
+
+        let mut unknown = to("x", RouteMatch::default());
+        unknown.r#match = Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            filter_state: vec![FilterStateMatcher {
+                key: "envoy.something".into(),
+                matcher: None,
+            }],
+            ..Default::default()
+        });
+        let err = table(vec![unknown]).unwrap_err();
+        assert!(
+            err.contains("routes[0] (x)") && err.contains("match.filter_state[0]"),
+            "{err}"
+        );
     }
 
     #[test]
