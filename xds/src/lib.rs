@@ -35,6 +35,10 @@ type Known = foldhash::HashMap<String, foldhash::HashMap<String, String>>;
 
 pub use channel::{ChannelError, Target};
 
+/// Largest HTTP/2 frame the client accepts: a first push is megabytes, and
+/// HTTP/2's default 16 KiB frames cost a frame per 16 KiB on both ends.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
+
 /// First reconnect delay.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest reconnect delay.
@@ -184,6 +188,7 @@ async fn stream_inner(
             endpoint
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(30))
+                .max_frame_size(MAX_FRAME_SIZE)
                 .keep_alive_timeout(Duration::from_secs(10))
         })
         .await?;
