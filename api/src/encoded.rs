@@ -14,23 +14,45 @@ use prost::{
 
 use crate::envoy::envoy::service::discovery::v3::Resource;
 
-/// A `DeltaDiscoveryResponse`, already encoded.
+/// A `DeltaDiscoveryResponse`, already encoded, as a chain of byte
+/// pieces: its resources are the [`EncodedResource`]s themselves (shared,
+/// not copied), between a small encoded head and tail.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct EncodedDeltaResponse(Bytes);
+pub struct EncodedDeltaResponse {
+    parts: Vec<Bytes>,
+    len: usize,
+}
 
-/// A [`Resource`], encoded once.
+/// A [`Resource`], encoded once, as field `resources` of a
+/// `DeltaDiscoveryResponse` (its key and length come first), so a response
+/// is the concatenation of such pieces.
 #[derive(Clone, Debug)]
-pub struct EncodedResource(Bytes);
+pub struct EncodedResource {
+    field: Bytes,
+    /// Length of the key and length prefix in `field`.
+    prefix: usize,
+}
 
 impl EncodedResource {
     /// Encodes `resource`.
     pub fn new(resource: &Resource) -> Self {
-        Self(resource.encode_to_vec().into())
+        let len = resource.encoded_len();
+        let mut buf = BytesMut::with_capacity(
+            encoded_len_varint(u64::from(RESOURCES << 3)) + encoded_len_varint(len as u64) + len,
+        );
+        encode_key(RESOURCES, WireType::LengthDelimited, &mut buf);
+        encode_varint(len as u64, &mut buf);
+        let prefix = buf.len();
+        resource.encode_raw(&mut buf);
+        Self {
+            field: buf.freeze(),
+            prefix,
+        }
     }
 
-    /// The encoded bytes.
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+    /// The encoded `Resource` message.
+    pub fn as_bytes(&self) -> Bytes {
+        self.field.slice(self.prefix..)
     }
 }
 
@@ -42,61 +64,50 @@ const NONCE: u32 = 5;
 const REMOVED_RESOURCES: u32 = 6;
 
 impl EncodedDeltaResponse {
-    /// Assembles a response.
+    /// Assembles a response; the resources' bytes are shared, not copied.
     pub fn new<'a>(
         system_version_info: &str,
         type_url: &str,
         nonce: &str,
-        resources: impl ExactSizeIterator<Item = &'a EncodedResource> + Clone,
+        resources: impl ExactSizeIterator<Item = &'a EncodedResource>,
         removed: &[String],
     ) -> Self {
-        let field = |tag: u32, len: usize| {
-            encoded_len_varint(u64::from(tag << 3)) + encoded_len_varint(len as u64) + len
-        };
-        let non_empty = |s: &str, tag| if s.is_empty() { 0 } else { field(tag, s.len()) };
-        let len = non_empty(system_version_info, SYSTEM_VERSION_INFO)
-            + resources
-                .clone()
-                .map(|r| field(RESOURCES, r.0.len()))
-                .sum::<usize>()
-            + non_empty(type_url, TYPE_URL)
-            + non_empty(nonce, NONCE)
-            + removed
-                .iter()
-                .map(|r| field(REMOVED_RESOURCES, r.len()))
-                .sum::<usize>();
-        let mut buf = BytesMut::with_capacity(len);
         let put = |tag: u32, bytes: &[u8], buf: &mut BytesMut| {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(bytes.len() as u64, buf);
-            buf.put_slice(bytes);
+            if !bytes.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, buf);
+                encode_varint(bytes.len() as u64, buf);
+                buf.put_slice(bytes);
+            }
         };
-        if !system_version_info.is_empty() {
-            put(
-                SYSTEM_VERSION_INFO,
-                system_version_info.as_bytes(),
-                &mut buf,
-            );
-        }
-        for resource in resources {
-            put(RESOURCES, &resource.0, &mut buf);
-        }
-        if !type_url.is_empty() {
-            put(TYPE_URL, type_url.as_bytes(), &mut buf);
-        }
-        if !nonce.is_empty() {
-            put(NONCE, nonce.as_bytes(), &mut buf);
-        }
+        let mut parts = Vec::with_capacity(resources.len() + 2);
+        let mut head = BytesMut::new();
+        put(
+            SYSTEM_VERSION_INFO,
+            system_version_info.as_bytes(),
+            &mut head,
+        );
+        parts.push(head.freeze());
+        parts.extend(resources.map(|r| r.field.clone()));
+        let mut tail = BytesMut::new();
+        put(TYPE_URL, type_url.as_bytes(), &mut tail);
+        put(NONCE, nonce.as_bytes(), &mut tail);
         for name in removed {
-            put(REMOVED_RESOURCES, name.as_bytes(), &mut buf);
+            // An empty name is still a removed entry: always framed.
+            encode_key(REMOVED_RESOURCES, WireType::LengthDelimited, &mut tail);
+            encode_varint(name.len() as u64, &mut tail);
+            tail.put_slice(name.as_bytes());
         }
-        Self(buf.freeze())
+        parts.push(tail.freeze());
+        let len = parts.iter().map(Bytes::len).sum();
+        Self { parts, len }
     }
 }
 
 impl Message for EncodedDeltaResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.0);
+        for part in &self.parts {
+            buf.put_slice(part);
+        }
     }
 
     fn merge_field(
@@ -111,11 +122,11 @@ impl Message for EncodedDeltaResponse {
     }
 
     fn encoded_len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     fn clear(&mut self) {
-        self.0 = Bytes::new();
+        *self = Self::default();
     }
 }
 
@@ -161,5 +172,11 @@ mod tests {
             }
         );
         assert_eq!(response.encoded_len(), response.encode_to_vec().len());
+        assert_eq!(
+            Resource::decode(encoded[0].as_bytes()).unwrap(),
+            decoded.resources[0]
+        );
+        let empty = EncodedDeltaResponse::new("", "", "", [].iter(), &[]);
+        assert_eq!(empty.encoded_len(), 0);
     }
 }

@@ -8,7 +8,10 @@
 pub mod istio;
 mod load;
 pub mod node;
+pub mod pod;
 pub mod validate;
+
+pub use pod::Pod;
 
 pub use load::{
     LoadError, LoadErrorKind, LoadWarning, Loaded, load_dir, load_file, load_str, load_value,
@@ -17,7 +20,7 @@ pub use load::{
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod, Secret, Service, ServiceAccount},
+        core::v1::{Namespace, Secret, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -47,7 +50,7 @@ pub enum Resource {
     EndpointSlice(Box<EndpointSlice>),
     /// `apps/v1/Deployment`.
     Deployment(Box<Deployment>),
-    /// `v1/Pod`.
+    /// `v1/Pod`, slim ([`pod`]).
     Pod(Box<Pod>),
     /// `networking.istio.io` VirtualService.
     VirtualService(Box<istio::VirtualService>),
@@ -107,7 +110,7 @@ pub struct Manifests {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// Deployments.
     pub deployments: Vec<Deployment>,
-    /// Bare pods.
+    /// Bare pods, slim ([`pod`]).
     pub pods: Vec<Pod>,
     /// VirtualServices.
     pub virtual_services: Vec<istio::VirtualService>,
@@ -211,9 +214,11 @@ impl Manifests {
         ) -> Option<&'a T> {
             list.iter().find(|r| {
                 let m = meta(r);
-                m.name.as_deref() == Some(id.name.as_str())
-                    && m.namespace.as_deref().unwrap_or_default() == id.namespace
+                is(id, m.name.as_deref(), m.namespace.as_deref())
             })
+        }
+        fn is(id: &ResourceId, name: Option<&str>, namespace: Option<&str>) -> bool {
+            name == Some(id.name.as_str()) && namespace.unwrap_or_default() == id.namespace
         }
         let kind = id.kind.as_str();
         let istio_gateway = id.api_version.starts_with("networking.istio.io/");
@@ -236,7 +241,18 @@ impl Manifests {
             "Deployment" => Resource::Deployment(Box::new(
                 named(&self.deployments, id, |r| &r.metadata)?.clone(),
             )),
-            "Pod" => Resource::Pod(Box::new(named(&self.pods, id, |r| &r.metadata)?.clone())),
+            "Pod" => Resource::Pod(Box::new(
+                self.pods
+                    .iter()
+                    .find(|p| {
+                        is(
+                            id,
+                            p.metadata.name.as_deref(),
+                            p.metadata.namespace.as_deref(),
+                        )
+                    })?
+                    .clone(),
+            )),
             "VirtualService" => Resource::VirtualService(Box::new(
                 named(&self.virtual_services, id, |r| &r.metadata)?.clone(),
             )),

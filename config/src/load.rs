@@ -256,7 +256,15 @@ fn parse_resource(
         "ServiceAccount" if api == "v1" => parse!(ServiceAccount),
         "Secret" if api == "v1" => parse!(Secret),
         "EndpointSlice" if api == "discovery.k8s.io/v1" => parse!(EndpointSlice),
-        "Pod" if api == "v1" => parse!(Pod),
+        // Checked as the full Kubernetes type, kept slim (see `crate::pod`).
+        "Pod" if api == "v1" => Resource::Pod(
+            namespaced(
+                typed::<k8s_openapi::api::core::v1::Pod>(value, unknown),
+                &namespace,
+            )
+            .map(|pod| Box::new(crate::Pod::from(*pod)))
+            .map_err(with_id)?,
+        ),
         "Deployment" if api == "apps/v1" => parse!(Deployment),
         "VirtualService" if networking => parse!(VirtualService),
         "DestinationRule" if networking => parse!(DestinationRule),

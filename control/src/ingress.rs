@@ -755,18 +755,15 @@ fn selected_deployments(
         .pods
         .iter()
         .filter(|pod| {
-            let labels = pod.metadata.labels.as_ref();
-            selector
-                .iter()
-                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            let labels = &pod.metadata.labels;
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
         })
         .filter_map(|pod| {
-            let namespace = mesh_config::namespace(&pod.metadata);
+            let namespace = pod.namespace();
             let owner = pod
                 .metadata
                 .owner_references
                 .iter()
-                .flatten()
                 .find(|o| o.kind == "Deployment")
                 .map(|o| o.name.clone())
                 .or_else(|| pod.metadata.name.clone())?;

@@ -35,7 +35,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Returns freed memory to the OS at once instead of after mimalloc's
 /// default 10 ms: the first load of a large cluster frees far more than it
 /// keeps, and a delay lets that garbage pile up into the process's peak.
+/// `MIMALLOC_PURGE_DELAY` in the environment (mimalloc's own setting, in
+/// ms) wins, for measuring the trade-off.
 fn purge_freed_memory_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: sets one integer option; called first thing in `main`,
     // before anything else reads allocator options concurrently.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };

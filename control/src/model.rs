@@ -14,16 +14,13 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::{
-    api::core::v1::{Pod, Service},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString};
 use mesh_api::workload::{
     self as wl, Address, NetworkAddress, PortList, TunnelProtocol, WorkloadStatus, WorkloadType,
     address,
 };
 use mesh_api::{security::Authorization, type_url};
-use mesh_config::{Manifests, node::is_enrolled};
+use mesh_config::{Manifests, Pod, node::is_enrolled};
 
 use crate::{
     authz::Policies,
@@ -235,9 +232,9 @@ impl Model {
                     workload.services.entry(key).or_insert(ports);
                 }
             }
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            let labels = &pod.metadata.labels;
             if info.enrolled {
-                workload.authorization_policies = policies.for_workload(&info.namespace, &labels);
+                workload.authorization_policies = policies.for_workload(&info.namespace, labels);
             }
             for (key, ports) in &workload.services {
                 endpoints.entry(key.clone()).or_default().push(EndpointRef {
@@ -363,9 +360,8 @@ fn pod_info<'a>(
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
     Some(PodInfo {
-        enrolled: is_enrolled(namespace_labels(&namespace), &labels)
+        enrolled: is_enrolled(namespace_labels(&namespace), &pod.metadata.labels)
             && !spec.host_network.unwrap_or(false),
         namespace,
         name,
@@ -384,17 +380,8 @@ fn workload(
     services: &SelectorIndex<'_, '_>,
     settings: &MeshSettings,
 ) -> wl::Workload {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .map(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-        .unwrap_or(false);
+    let labels = &pod.metadata.labels;
+    let ready = pod.status.as_ref().is_some_and(|s| s.ready);
     let canonical_name = labels
         .get("service.istio.io/canonical-name")
         .or_else(|| labels.get("app.kubernetes.io/name"))
@@ -409,7 +396,7 @@ fn workload(
         .unwrap_or_else(|| "latest".to_owned());
 
     let mut service_ports = HashMap::new();
-    for svc in services.selecting(&info.namespace, &labels) {
+    for svc in services.selecting(&info.namespace, labels) {
         let ports = svc
             .ports
             .iter()
@@ -462,8 +449,8 @@ fn workload_name(pod: &Pod) -> String {
     let Some(owner) = pod
         .metadata
         .owner_references
-        .as_ref()
-        .and_then(|owners| owners.iter().find(|o| o.controller == Some(true)))
+        .iter()
+        .find(|o| o.controller == Some(true))
     else {
         return name;
     };
@@ -485,9 +472,8 @@ fn resolve_target_port(pod: &Pod, target: Option<&IntOrString>, service_port: u3
         Some(IntOrString::String(name)) => pod
             .spec
             .as_ref()?
-            .containers
+            .ports
             .iter()
-            .flat_map(|c| c.ports.iter().flatten())
             .find(|p| p.name.as_deref() == Some(name.as_str()))
             .and_then(|p| u32::try_from(p.container_port).ok()),
     }

@@ -111,7 +111,7 @@ impl Handler for Recorder {
                 policies.remove(&name);
             }
             for resource in update.resources {
-                let policy = Authorization::decode(resource.value.as_slice()).unwrap();
+                let policy = Authorization::decode(&resource.value[..]).unwrap();
                 policies.insert(resource.name, policy);
             }
             drop(policies);
@@ -127,10 +127,7 @@ impl Handler for Recorder {
                 rejected.0.push((resource.name, "refused by test".into()));
                 continue;
             }
-            held.insert(
-                resource.name,
-                Address::decode(resource.value.as_slice()).unwrap(),
-            );
+            held.insert(resource.name, Address::decode(&resource.value[..]).unwrap());
         }
         drop(held);
         self.changes.send_modify(|n| *n += 1);

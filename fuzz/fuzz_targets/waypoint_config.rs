@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             resources: vec![Resource {
                 name: "fuzz".to_owned(),
                 version: "1".to_owned(),
-                value: config.to_vec(),
+                value: config.to_vec().into(),
             }],
             removed: Vec::new(),
         });

@@ -156,7 +156,7 @@ fn fixture() -> &'static Fixture {
                     resources: vec![Resource {
                         name: "fuzz".to_owned(),
                         version: "1".to_owned(),
-                        value,
+                        value: value.into(),
                     }],
                     removed: Vec::new(),
                 })

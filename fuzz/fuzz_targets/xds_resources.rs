@@ -13,7 +13,7 @@ fn update(type_url: &str, name: &str, value: &[u8]) -> Update {
         resources: vec![Resource {
             name: name.to_owned(),
             version: "1".to_owned(),
-            value: value.to_vec(),
+            value: value.to_vec().into(),
         }],
         removed: Vec::new(),
     }

@@ -178,7 +178,7 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
     let mut add_pod = |pod_name: String,
                        namespace: &str,
                        labels: BTreeMap<String, String>,
-                       spec: &PodSpec|
+                       spec: &mesh_config::pod::PodSpec|
      -> Result<()> {
         // `spec.nodeName` pins a pod as in Kubernetes; others go round robin.
         let node = match spec.node_name.as_deref() {
@@ -199,17 +199,15 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
         }
         next_host[node] += 1;
         let mut ports: Vec<(u16, PortProtocol)> = Vec::new();
-        for container in &spec.containers {
-            for port in container.ports.iter().flatten() {
-                let port = u16::try_from(port.container_port).map_err(|_| {
-                    Error::Invalid(format!(
-                        "pod {namespace}/{pod_name}: containerPort {} out of range",
-                        port.container_port
-                    ))
-                })?;
-                if !ports.iter().any(|(p, _)| *p == port) {
-                    ports.push((port, PortProtocol::Http));
-                }
+        for port in &spec.ports {
+            let port = u16::try_from(port.container_port).map_err(|_| {
+                Error::Invalid(format!(
+                    "pod {namespace}/{pod_name}: containerPort {} out of range",
+                    port.container_port
+                ))
+            })?;
+            if !ports.iter().any(|(p, _)| *p == port) {
+                ports.push((port, PortProtocol::Http));
             }
         }
         let octets = nodes[node].pod_cidr.octets();
@@ -245,7 +243,12 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
             .as_ref()
             .and_then(|m| m.labels.clone())
             .unwrap_or_default();
-        let Some(pod_spec) = &spec.template.spec else {
+        let Some(pod_spec) = spec
+            .template
+            .spec
+            .as_ref()
+            .map(mesh_config::pod::PodSpec::from)
+        else {
             continue;
         };
         for replica in 0..spec.replicas.unwrap_or(1).max(0) {
@@ -253,7 +256,7 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
                 format!("{dep_name}-{replica}"),
                 namespace,
                 labels.clone(),
-                pod_spec,
+                &pod_spec,
             )?;
         }
     }
@@ -263,7 +266,7 @@ pub fn plan(name: &str, node_count: usize, manifests: &Manifests) -> Result<LabP
             .namespace
             .as_deref()
             .unwrap_or(mesh_config::DEFAULT_NAMESPACE);
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let labels = pod.metadata.labels.clone();
         if let Some(spec) = &pod.spec {
             add_pod(
                 pod.metadata.name.clone().unwrap_or_default(),

@@ -511,7 +511,7 @@ mod tests {
             resources: vec![Resource {
                 name: name.to_owned(),
                 version: "1".to_owned(),
-                value: message.encode_to_vec(),
+                value: message.encode_to_vec().into(),
             }],
             removed: Vec::new(),
         }

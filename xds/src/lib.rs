@@ -13,14 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use mesh_api::envoy::{
-    envoy::{
-        config::core::v3::Node,
-        service::discovery::v3::{
-            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        },
-    },
+    envoy::{config::core::v3::Node, service::discovery::v3::DeltaDiscoveryRequest},
     google::{
         protobuf::{Struct, Value, value},
         rpc::Status as RpcStatus,
@@ -31,6 +26,7 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, metadata::MetadataValue};
 
 pub mod channel;
+mod wire;
 
 /// Names to versions held, per type URL: every resource a proxy holds is an
 /// entry, so hashing is on the path of every update (foldhash: the names
@@ -38,6 +34,10 @@ pub mod channel;
 type Known = foldhash::HashMap<String, foldhash::HashMap<String, String>>;
 
 pub use channel::{ChannelError, Target};
+
+/// Largest HTTP/2 frame the client accepts: a first push is megabytes, and
+/// HTTP/2's default 16 KiB frames cost a frame per 16 KiB on both ends.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// First reconnect delay.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -71,8 +71,9 @@ pub struct Resource {
     pub name: String,
     /// Its version.
     pub version: String,
-    /// Encoded message (the `Any`'s value).
-    pub value: Vec<u8>,
+    /// Encoded message (the `Any`'s value), a slice of the received
+    /// response (not a copy).
+    pub value: Bytes,
 }
 
 /// A response for one type: resources added or changed, names removed.
@@ -187,11 +188,11 @@ async fn stream_inner(
             endpoint
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(Duration::from_secs(30))
+                .max_frame_size(MAX_FRAME_SIZE)
                 .keep_alive_timeout(Duration::from_secs(10))
         })
         .await?;
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = tonic::client::Grpc::new(channel).max_decoding_message_size(64 * 1024 * 1024);
 
     let (tx, rx) = mpsc::channel(16);
     let node = Node {
@@ -233,8 +234,19 @@ async fn stream_inner(
     {
         request.metadata_mut().insert("authorization", value);
     }
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("xDS channel not ready: {e}")))?;
+    // The generated client would decode into Envoy's full message; this
+    // reads the same bytes into the client's view ([`wire`]).
+    let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, wire::DeltaResponse>::default();
     let mut responses = client
-        .delta_aggregated_resources(request)
+        .streaming(
+            request,
+            tonic::codegen::http::uri::PathAndQuery::from_static(DELTA_ADS_PATH),
+            codec,
+        )
         .await?
         .into_inner();
     tracing::info!(address = %config.address, "xDS stream open");
@@ -258,11 +270,15 @@ async fn stream_inner(
     Ok(())
 }
 
+/// gRPC path of `AggregatedDiscoveryService.DeltaAggregatedResources`.
+const DELTA_ADS_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
 /// Applies one response and builds its ACK or NACK.
 fn apply(
     handler: &mut impl Handler,
     known: &mut Known,
-    response: DeltaDiscoveryResponse,
+    response: wire::DeltaResponse,
 ) -> DeltaDiscoveryRequest {
     let versions: Vec<(String, String)> = response
         .resources

@@ -105,7 +105,8 @@ fn resource(name: &str, r#type: address::Type) -> Resource {
         value: Address {
             r#type: Some(r#type),
         }
-        .encode_to_vec(),
+        .encode_to_vec()
+        .into(),
     }
 }
 
@@ -153,7 +154,7 @@ fn policies() -> PolicyStore {
             Resource {
                 name: format!("default/p{i}"),
                 version: "1".into(),
-                value: policy.encode_to_vec(),
+                value: policy.encode_to_vec().into(),
             }
         })
         .collect();

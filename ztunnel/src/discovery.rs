@@ -601,7 +601,7 @@ mod tests {
         mesh_xds::Resource {
             name: name.into(),
             version: "1".into(),
-            value: Address { r#type: Some(t) }.encode_to_vec(),
+            value: Address { r#type: Some(t) }.encode_to_vec().into(),
         }
     }
 
@@ -691,7 +691,7 @@ mod tests {
         let bad = mesh_xds::Resource {
             name: "junk".into(),
             version: "1".into(),
-            value: vec![0xff, 0xff],
+            value: vec![0xff, 0xff].into(),
         };
         let rejected = d.apply(update(vec![bad], vec![])).unwrap_err();
         assert_eq!(rejected.0[0].0, "junk");

@@ -128,7 +128,7 @@ impl PolicyStore {
             policies.remove(&name);
         }
         for resource in update.resources {
-            match Authorization::decode(resource.value.as_slice()) {
+            match Authorization::decode(&resource.value[..]) {
                 Ok(policy) => match validate(&policy) {
                     Ok(()) => {
                         policies.insert(resource.name, Arc::new(policy));
@@ -318,7 +318,7 @@ mod tests {
         mesh_xds::Resource {
             name: format!("{ns}/{name}"),
             version: "1".into(),
-            value: p.encode_to_vec(),
+            value: p.encode_to_vec().into(),
         }
     }
 
@@ -500,7 +500,7 @@ mod tests {
         let bad = mesh_xds::Resource {
             name: "x/bad".into(),
             version: "1".into(),
-            value: vec![0xff],
+            value: vec![0xff].into(),
         };
         let mut ext = Authorization {
             name: "ext".into(),
@@ -514,7 +514,7 @@ mod tests {
         let ext = mesh_xds::Resource {
             name: "x/ext".into(),
             version: "1".into(),
-            value: ext.encode_to_vec(),
+            value: ext.encode_to_vec().into(),
         };
         let good = policy(
             "x",
