@@ -75,12 +75,6 @@ struct Cli {
     worker_threads: Option<usize>,
 }
 
-/// mimalloc rather than glibc's allocator: every request allocates and
-/// frees header maps, bodies and log lines across the runtime's threads,
-/// where glibc's arenas spend their time in locks and consolidation.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     mesh_admin::process::init_tracing();
     mesh_admin::process::raise_fd_limit();
