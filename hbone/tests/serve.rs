@@ -32,10 +32,7 @@ impl Handler for Uppercase {
             Box::pin(async move {
                 let mut got = Vec::new();
                 stream.read_to_end(&mut got).await.unwrap();
-                stream
-                    .write_all(&got.to_ascii_uppercase())
-                    .await
-                    .unwrap();
+                stream.write_all(&got.to_ascii_uppercase()).await.unwrap();
                 stream.shutdown().await.unwrap();
             })
         })))
