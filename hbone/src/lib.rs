@@ -24,7 +24,10 @@ pub use client::{ConnectRequest, Dialer, DirectDialer, Pool, PoolConfig, PoolSta
 pub use error::Error;
 pub use identity::Identity;
 pub use io::{H2Stream, relay};
-pub use server::{Handler, InboundRequest, Refusal, Server, ServerConfig, StreamStats, handler_fn};
+pub use server::{
+    Accepted, Handler, InboundRequest, Refusal, ServeStream, Server, ServerConfig, StreamStats,
+    handler_fn,
+};
 
 /// The well-known HBONE port.
 pub const HBONE_PORT: u16 = 15008;

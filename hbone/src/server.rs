@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -119,6 +120,28 @@ pub struct StreamStats {
     pub error: Option<String>,
 }
 
+/// Serves an accepted tunnel's stream itself; see [`Accepted::Serve`].
+pub type ServeStream = Box<dyn FnOnce(H2Stream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// How an accepted tunnel is carried on.
+pub enum Accepted<U> {
+    /// Its bytes are relayed to and from this upstream.
+    Relay(U),
+    /// Its stream is handed to this function, whose future serves it in the
+    /// tunnel's task (an in-process server, e.g. HTTP, with no relay and no
+    /// copy in between). [`Handler::on_complete`] is not called for it.
+    Serve(ServeStream),
+}
+
+impl<U> std::fmt::Debug for Accepted<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accepted::Relay(_) => "Accepted::Relay",
+            Accepted::Serve(_) => "Accepted::Serve",
+        })
+    }
+}
+
 /// Decides where each inbound tunnel goes.
 pub trait Handler: Send + Sync + 'static {
     /// The upstream byte stream (typically a `TcpStream`).
@@ -130,7 +153,18 @@ pub trait Handler: Send + Sync + 'static {
         req: InboundRequest,
     ) -> impl Future<Output = Result<Self::Upstream, Refusal>> + Send;
 
-    /// Called once a tunnel finished (after the 200 response).
+    /// Accepts the tunnel, or refuses it: what the server calls. The
+    /// default relays to [`Handler::connect`]'s upstream; a handler that
+    /// serves tunnels in process returns [`Accepted::Serve`] instead.
+    fn accept(
+        &self,
+        req: InboundRequest,
+    ) -> impl Future<Output = Result<Accepted<Self::Upstream>, Refusal>> + Send {
+        let connect = self.connect(req);
+        async move { connect.await.map(Accepted::Relay) }
+    }
+
+    /// Called once a relayed tunnel finished (after the 200 response).
     fn on_complete(&self, req: &InboundRequest, stats: &StreamStats) {
         let _ = (req, stats);
     }
@@ -463,8 +497,8 @@ impl<H: Handler> Server<H> {
         };
         // Boxed: the connect future is dropped once it resolves, so a
         // long-lived tunnel's task holds only the relay's state.
-        let mut upstream = match Box::pin(handler.connect(inbound.clone())).await {
-            Ok(u) => u,
+        let accepted = match Box::pin(handler.accept(inbound.clone())).await {
+            Ok(accepted) => accepted,
             Err(refusal) => {
                 tracing::debug!(%authority, %refusal, "tunnel refused");
                 respond_status(&mut respond, refusal.status());
@@ -485,6 +519,10 @@ impl<H: Handler> Server<H> {
         };
         let start = Instant::now();
         let mut stream = H2Stream::new(send, req.into_body());
+        let mut upstream = match accepted {
+            Accepted::Relay(upstream) => upstream,
+            Accepted::Serve(serve) => return serve(stream).await,
+        };
         let res = crate::io::relay(&mut stream, &mut upstream).await;
         let stats = StreamStats {
             bytes_from_client: stream.bytes_read(),

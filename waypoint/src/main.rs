@@ -70,13 +70,28 @@ struct Cli {
     /// Lifetime requested for the waypoint's certificate, in seconds.
     #[arg(long, default_value_t = 86_400)]
     cert_ttl: u64,
+    /// Threads serving requests (default: one per core).
+    #[arg(long, env = "WAYPOINT_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     mesh_admin::process::init_tracing();
     mesh_admin::process::raise_fd_limit();
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        anyhow::ensure!(threads > 0, "--worker-threads must be at least 1");
+        runtime.worker_threads(threads);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let identity = Identity::new(&cli.trust_domain, &cli.namespace, &cli.service_account);
     let target = mesh_xds::Target {
         address: cli.xds_address.clone(),

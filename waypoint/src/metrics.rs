@@ -168,7 +168,60 @@ impl Default for Metrics {
     }
 }
 
+/// The four request metrics of one label set, looked up once: counting
+/// through them takes no map lookup.
+#[derive(Clone, Debug)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    /// Counts one request that took `duration_ms`, with bodies of these
+    /// sizes.
+    pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+/// The last label set one connection counted with, and its handles: a
+/// connection's requests mostly repeat it, so they skip the four lookups.
+#[derive(Debug, Default)]
+pub struct HandleCache(std::sync::Mutex<Option<(RequestLabels, RequestHandles)>>);
+
+impl HandleCache {
+    /// The handles of `labels`, from the cache when they match the last
+    /// ones.
+    pub fn get(&self, metrics: &Metrics, labels: RequestLabels) -> RequestHandles {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((cached, handles)) if *cached == labels => handles.clone(),
+            _ => {
+                let handles = metrics.handles(&labels);
+                *last = Some((labels, handles.clone()));
+                handles
+            }
+        }
+    }
+}
+
 impl Metrics {
+    /// The handles of the request metrics with `labels` (creating the
+    /// series).
+    pub fn handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
     /// A registry holding them: Istio's request metrics prefixed `istio_`,
     /// the cluster counters `envoy_cluster_`.
     pub fn registry(&self) -> Registry {

@@ -27,7 +27,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use mesh_hbone::{InboundRequest, Refusal};
+use mesh_hbone::{Accepted, H2Stream, InboundRequest, Refusal};
 use tokio::{io::DuplexStream, net::TcpListener};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -37,7 +37,7 @@ use crate::{
         UpstreamProtocol, mix,
     },
     config::{Chain, Config, Store},
-    metrics::{ClusterLabels, Metrics, RequestLabels, ResponseFlags},
+    metrics::{ClusterLabels, HandleCache, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
     route::{
         Abort, Action, AttemptFailure, CompiledRoute, Cors, Downstream, Forward, Retry,
@@ -89,6 +89,8 @@ struct TunnelContext {
     peer_namespace: String,
     /// The original client.
     source: SocketAddr,
+    /// The metric handles its requests last counted with.
+    handles: HandleCache,
     /// The service address the tunnel is for.
     destination: SocketAddr,
     /// Whether the downstream connection is TLS (HBONE, or an HTTPS
@@ -121,10 +123,9 @@ fn denial_detail(policy: Option<String>) -> String {
 #[derive(Clone)]
 pub struct Tunnels(pub Arc<Waypoint>);
 
-impl mesh_hbone::Handler for Tunnels {
-    type Upstream = DuplexStream;
-
-    async fn connect(&self, req: InboundRequest) -> Result<DuplexStream, Refusal> {
+impl Tunnels {
+    /// The context of the tunnel `req` asks for, or why it is refused.
+    fn context(&self, req: &InboundRequest) -> Result<Arc<TunnelContext>, Refusal> {
         let config = self.0.store.load();
         let chain = config.chains.get(&req.authority).cloned().ok_or_else(|| {
             Refusal::BadRequest(format!(
@@ -142,13 +143,40 @@ impl mesh_hbone::Handler for Tunnels {
             destination: req.authority,
             tls: true,
             conn: req.connection_id,
+            handles: HandleCache::default(),
         });
+        Ok(ctx)
+    }
+}
+
+impl mesh_hbone::Handler for Tunnels {
+    type Upstream = DuplexStream;
+
+    /// Serves the tunnel through an in-memory pipe, in a task of its own
+    /// (what [`Tunnels::accept`] avoids; kept for callers of `connect`).
+    async fn connect(&self, req: InboundRequest) -> Result<DuplexStream, Refusal> {
+        let ctx = self.context(&req)?;
         let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
         let waypoint = self.0.clone();
-        let span = info_span!("tunnel", conn = req.connection_id, service = %ctx.chain.service(), peer = %ctx.peer);
+        let span = tunnel_span(&ctx);
         tokio::spawn(async move { serve_chain(waypoint, ctx, ours).await }.instrument(span));
         Ok(theirs)
     }
+
+    /// Serves the tunnel's HTTP/2 stream directly (hyper reads and writes
+    /// its DATA frames), in the stream's own task: no pipe, no copy.
+    async fn accept(&self, req: InboundRequest) -> Result<Accepted<DuplexStream>, Refusal> {
+        let ctx = self.context(&req)?;
+        let waypoint = self.0.clone();
+        Ok(Accepted::Serve(Box::new(move |stream: H2Stream| {
+            let span = tunnel_span(&ctx);
+            Box::pin(async move { serve_chain(waypoint, ctx, stream).await }.instrument(span))
+        })))
+    }
+}
+
+fn tunnel_span(ctx: &TunnelContext) -> tracing::Span {
+    info_span!("tunnel", conn = ctx.conn, service = %ctx.chain.service(), peer = %ctx.peer)
 }
 
 /// Serves one tunnel or ingress connection as its chain says: HTTP, or a
@@ -217,6 +245,7 @@ pub async fn serve_http_for_fuzzing<IO>(
         destination: service,
         tls: true,
         conn: 1,
+        handles: HandleCache::default(),
     });
     serve_http(waypoint, ctx, io).await;
 }
@@ -361,6 +390,7 @@ async fn accept_ingress(
                         destination: local,
                         tls,
                         conn,
+                        handles: HandleCache::default(),
                     })
                 };
                 if !ingress.routes_by_sni() {
@@ -494,6 +524,23 @@ impl Waypoint {
             grpc_response_status: String::new(),
         };
         let elapsed = started.elapsed();
+        if !grpc {
+            ctx.handles.get(&self.metrics, labels).record(
+                elapsed.as_secs_f64() * 1000.0,
+                request_bytes,
+                response_bytes,
+            );
+            return self.log(
+                ctx,
+                &method,
+                &path,
+                status,
+                &outcome,
+                elapsed,
+                &request_id,
+                response,
+            );
+        }
         let record = Recording {
             metrics: self.metrics.clone(),
             labels,
@@ -501,9 +548,7 @@ impl Waypoint {
             request_bytes,
             response_bytes,
         };
-        if !grpc {
-            record.finish(None);
-        } else if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
+        if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
             // Trailers-only: the status is in the head.
             record.finish(Some(&code));
         } else {
@@ -516,6 +561,31 @@ impl Waypoint {
                 .boxed()
             });
         }
+        self.log(
+            ctx,
+            &method,
+            &path,
+            status,
+            &outcome,
+            elapsed,
+            &request_id,
+            response,
+        )
+    }
+
+    /// Writes the request's access log line; returns `response`.
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &self,
+        ctx: &TunnelContext,
+        method: &http::Method,
+        path: &str,
+        status: u16,
+        outcome: &Outcome,
+        elapsed: Duration,
+        request_id: &str,
+        response: Response<Body>,
+    ) -> Response<Body> {
         info!(
             target: "waypoint::access",
             conn = ctx.conn,
@@ -982,21 +1052,11 @@ impl Recording {
                 None => grpc_code_for_http(self.labels.response_code).to_string(),
             };
         }
-        let labels = &self.labels;
-        let metrics = &self.metrics;
-        metrics.requests.get_or_create(labels).inc();
-        metrics
-            .duration
-            .get_or_create(labels)
-            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
-        metrics
-            .request_bytes
-            .get_or_create(labels)
-            .observe(self.request_bytes as f64);
-        metrics
-            .response_bytes
-            .get_or_create(labels)
-            .observe(self.response_bytes as f64);
+        self.metrics.handles(&self.labels).record(
+            self.started.elapsed().as_secs_f64() * 1000.0,
+            self.request_bytes,
+            self.response_bytes,
+        );
     }
 }
 
@@ -1490,7 +1550,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 fn ensure_request_id(headers: &mut HeaderMap) {
     static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     if !headers.contains_key(&X_REQUEST_ID)
-        && let Ok(value) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        && let Ok(value) = HeaderValue::from_str(&fast_uuid().to_string())
     {
         headers.insert(X_REQUEST_ID.clone(), value);
     }
@@ -1517,7 +1577,7 @@ fn ensure_traceparent(headers: &mut HeaderMap) {
     if headers.contains_key(&TRACEPARENT) {
         return;
     }
-    let trace = uuid::Uuid::new_v4().simple();
+    let trace = fast_uuid().simple();
     let value = format!("00-{trace}-{:016x}-00", random() | 1);
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(TRACEPARENT.clone(), value);
@@ -1538,6 +1598,13 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = next.source();
     }
     out
+}
+
+/// A random (version 4) UUID from the fast generator, for request and
+/// trace ids: unique, not secret. (`Uuid::new_v4` asks the kernel for
+/// every one, a system call per request.)
+fn fast_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid()
 }
 
 /// A random number (fast, not cryptographic).

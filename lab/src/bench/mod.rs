@@ -15,6 +15,10 @@
 //!   ztunnels and the waypoint;
 //! - `nginx`: `bench-plain/client` → nginx in `bench-plain/proxy` (node0)
 //!   → `bench-plain/server` (node1), plain HTTP;
+//! - `gateway`: the same path through the waypoint binary as an ingress
+//!   gateway in `bench-plain/proxy` (an Istio `Gateway` selecting that pod,
+//!   a VirtualService routing to Service `bench-plain/server`), plain HTTP:
+//!   the L7 engine without the mesh's mTLS legs;
 //! - `reference-ztunnel`: `bench-ref/client` (node0) → `bench-ref/server`
 //!   (node1) through the ztunnel binary named by
 //!   `MESH_BENCH_REFERENCE_ZTUNNEL` ([`reference`]), when it is set.
@@ -43,6 +47,10 @@ pub const LAB_NAME: &str = "meshbench";
 
 /// The HTTP port of the bench servers (and of nginx).
 const HTTP_PORT: u16 = 8080;
+/// The port of the `gateway` variant's Gateway server (in nginx's pod).
+const GATEWAY_PORT: u16 = 8081;
+/// The pod running both nginx and the waypoint binary as a gateway.
+const PROXY_POD: &str = "bench-plain/proxy";
 /// Concurrent connections of the HTTP scenario.
 const HTTP_CONNECTIONS: &str = "4";
 
@@ -78,8 +86,33 @@ metadata: {name: server, namespace: bench-plain, labels: {app: server}}
 spec: {nodeName: node1, containers: [{name: app, ports: [{containerPort: 8080}]}]}
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: bench-plain}
+spec: {selector: {app: server}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: proxy, namespace: bench-plain}
+spec:
+  selector: {app: proxy}
+  servers: [{port: {number: 8081, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: server, namespace: bench-plain}
+spec:
+  hosts: ["*"]
+  gateways: [proxy]
+  http: [{route: [{destination: {host: server.bench-plain.svc.cluster.local, port: {number: 8080}}}]}]
+---
+apiVersion: v1
 kind: Pod
-metadata: {name: proxy, namespace: bench-plain, labels: {app: proxy}}
+metadata:
+  name: proxy
+  namespace: bench-plain
+  # The lab runs the waypoint binary, as the gateway `proxy`, in this pod;
+  # nginx is started in it too.
+  labels: {app: proxy, gateway.networking.k8s.io/gateway-name: proxy}
 spec: {nodeName: node0, containers: [{name: app}]}
 ---
 apiVersion: v1
@@ -119,6 +152,9 @@ pub enum Variant {
     Waypoint,
     /// Through nginx as a reverse proxy, outside the mesh.
     Nginx,
+    /// Through the waypoint binary as a plaintext ingress gateway, on
+    /// nginx's path.
+    Gateway,
     /// Through two instances of the reference ztunnel (Istio's), over HBONE.
     ReferenceZtunnel,
 }
@@ -133,6 +169,7 @@ impl Variant {
             Self::MeshSameNodeNoFastPath => "mesh L4 same-node, no fast path",
             Self::Waypoint => "mesh L7 waypoint",
             Self::Nginx => "nginx L7 proxy",
+            Self::Gateway => "gateway L7 proxy",
             Self::ReferenceZtunnel => "reference ztunnel cross-node",
         }
     }
@@ -140,7 +177,7 @@ impl Variant {
     /// The client pod.
     fn client(self) -> &'static str {
         match self {
-            Self::Direct | Self::Nginx => "bench-plain/client",
+            Self::Direct | Self::Nginx | Self::Gateway => "bench-plain/client",
             Self::ReferenceZtunnel => reference::CLIENT,
             _ => "bench-mesh/client",
         }
@@ -154,7 +191,7 @@ impl Variant {
             Self::MeshCrossNode => "bench-mesh/server",
             Self::MeshSameNode | Self::MeshSameNodeNoFastPath => "bench-mesh/server-local",
             Self::Waypoint => "bench-mesh/web",
-            Self::Nginx => "bench-plain/proxy",
+            Self::Nginx | Self::Gateway => PROXY_POD,
             Self::ReferenceZtunnel => reference::SERVER,
         }
     }
@@ -167,6 +204,7 @@ impl Variant {
             Self::MeshSameNode | Self::MeshSameNodeNoFastPath => &["ztunnel node0"],
             Self::Waypoint => &["ztunnel node0", "ztunnel node1", "waypoint"],
             Self::Nginx => &["nginx"],
+            Self::Gateway => &["gateway"],
             Self::ReferenceZtunnel => &reference::PROXY_NAMES,
         }
     }
@@ -235,7 +273,7 @@ impl Scenario {
     pub fn variants(self) -> &'static [Variant] {
         use Variant::*;
         match self {
-            Self::Http => &[Direct, MeshCrossNode, Waypoint, Nginx],
+            Self::Http => &[Direct, MeshCrossNode, Waypoint, Nginx, Gateway],
             // What the same-node fast path gains: the same path without it.
             Self::Throughput | Self::Iperf3 | Self::Latency | Self::MaxRate => &[
                 Direct,
@@ -279,8 +317,9 @@ impl Scenario {
         matches!(self, Self::Throughput | Self::Iperf3)
     }
 
-    fn port(self) -> u16 {
+    fn port(self, variant: Variant) -> u16 {
         match self {
+            Self::Http if variant == Variant::Gateway => GATEWAY_PORT,
             Self::Http => HTTP_PORT,
             Self::Iperf3 => iperf3::PORT,
             _ => ECHO_PORT,
@@ -471,7 +510,7 @@ fn target(state: &LabState, variant: Variant, scenario: Scenario) -> Result<Stri
     } else {
         pod(state, variant.target_pod())?.ip
     };
-    Ok(format!("{ip}:{}", scenario.port()))
+    Ok(format!("{ip}:{}", scenario.port(variant)))
 }
 
 fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
@@ -501,11 +540,19 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
             upstream,
             &crate::run_dir(LAB_NAME).join("nginx"),
         )?;
-        wait_until_serving(state, proxy)?;
+        wait_until_serving(state, proxy, "nginx", HTTP_PORT)?;
         Some(nginx)
     } else {
         None
     };
+    if scenarios
+        .iter()
+        .any(|s| s.variants().contains(&Variant::Gateway))
+    {
+        // Ready means config and certificate held; the listener is bound
+        // once the Gateway's config arrived.
+        wait_until_serving(state, pod(state, PROXY_POD)?, "gateway", GATEWAY_PORT)?;
+    }
     let proxies = |state: &LabState| {
         let mut proxies = procs::Proxies::default();
         for (node, pid) in &state.ztunnel_pids {
@@ -513,6 +560,9 @@ fn measure(state: &LabState, options: &BenchOptions) -> Result<BenchReport> {
         }
         if let Some(pid) = state.app_pids.get("bench-mesh/waypoint-0") {
             proxies.0.insert("waypoint".to_owned(), vec![*pid]);
+        }
+        if let Some(pid) = state.app_pids.get(PROXY_POD) {
+            proxies.0.insert("gateway".to_owned(), vec![*pid]);
         }
         if let Some(nginx) = &nginx {
             proxies
@@ -772,16 +822,16 @@ fn fits_fd_limit(state: &LabState, scenario: Scenario, variant: Variant) -> Resu
     Ok(())
 }
 
-/// Waits until nginx in `proxy` answers through to its upstream.
-fn wait_until_serving(state: &LabState, proxy: &PodPlan) -> Result<()> {
-    let url = format!("http://{}:{HTTP_PORT}/bytes/1", proxy.ip);
+/// Waits until `what` in `proxy` answers on `port` through to its upstream.
+fn wait_until_serving(state: &LabState, proxy: &PodPlan, what: &str, port: u16) -> Result<()> {
+    let url = format!("http://{}:{port}/bytes/1", proxy.ip);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match state.get_on_node(proxy.node, &url) {
             Ok(_) => return Ok(()),
             Err(err) if std::time::Instant::now() > deadline => {
                 return Err(Error::Invalid(format!(
-                    "nginx in {} not serving after 10 s: {err}",
+                    "{what} in {} not serving on port {port} after 10 s: {err}",
                     proxy.qualified_name()
                 )));
             }
