@@ -712,7 +712,6 @@ pub(crate) struct SourcePods<'a> {
 impl<'a> SourcePods<'a> {
     /// Every running pod with an IP.
     pub(crate) fn new(manifests: &'a Manifests) -> Self {
-        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
         let pods = manifests
             .pods
             .iter()
@@ -722,8 +721,7 @@ impl<'a> SourcePods<'a> {
                     return None;
                 }
                 let ip = status.pod_ip.as_deref()?.parse().ok()?;
-                let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
-                Some((mesh_config::namespace(&pod.metadata), labels, ip))
+                Some((pod.namespace(), &pod.metadata.labels, ip))
             })
             .collect();
         Self { pods }
