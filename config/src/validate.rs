@@ -1080,6 +1080,19 @@ fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
     };
     for (r, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{r}]");
+        if let Some(timeouts) = &rule.timeouts
+            && let (Some(request), Some(backend)) = (timeouts.request, timeouts.backend_request)
+            && !request.0.is_zero()
+            && backend.0 > request.0
+        {
+            at.error(
+                format!("{path}.timeouts.backendRequest"),
+                format!(
+                    "backendRequest {:?} is longer than request {:?}",
+                    backend.0, request.0
+                ),
+            );
+        }
         let mut prefix_matches = true;
         for (m, matched) in rule.matches.iter().enumerate() {
             let path = format!("{path}.matches[{m}]");

@@ -16,7 +16,8 @@
 //! - Filters: header modifiers become header edits, `RequestRedirect` a
 //!   redirect, `URLRewrite` a rewrite (prefix replacement by whole segments),
 //!   `RequestMirror` a mirror; backend filters edit headers per backend.
-//!   `timeouts.request` is the route timeout.
+//!   `timeouts.request` is the route timeout, `timeouts.backendRequest`
+//!   each attempt's (`retries.perTryTimeout`, the retries Istio's default).
 //! - `backendRefs` become weighted destinations (weight default 1); a rule
 //!   with neither backends nor a redirect answers 500, as the Gateway API
 //!   requires.
@@ -37,8 +38,9 @@ use mesh_config::{
         },
         networking::{
             Destination, FaultAbort, HeaderOperations, Headers, HttpFault, HttpMatchRequest,
-            HttpMirrorPolicy, HttpRedirect, HttpRewrite, HttpRoute, HttpRouteDestination, Percent,
-            PortSelector, RegexRewrite, StringMatch, VirtualServiceSpec,
+            HttpMirrorPolicy, HttpRedirect, HttpRetry, HttpRewrite, HttpRoute,
+            HttpRouteDestination, Percent, PortSelector, RegexRewrite, StringMatch,
+            VirtualServiceSpec,
         },
     },
     namespace,
@@ -186,18 +188,18 @@ impl Candidate<'_> {
             name: Some(self.rule_name.clone()),
             matches: vec![self.match_request()],
             timeout: rule.timeouts.as_ref().and_then(|t| t.request),
+            // Each attempt to a backend is bounded by `backendRequest`; the
+            // retries themselves are the mesh's default (as when unset).
+            retries: rule
+                .timeouts
+                .as_ref()
+                .and_then(|t| t.backend_request)
+                .map(|per_try| HttpRetry {
+                    per_try_timeout: Some(per_try),
+                    ..Default::default()
+                }),
             ..Default::default()
         };
-        if rule
-            .timeouts
-            .as_ref()
-            .is_some_and(|t| t.backend_request.is_some())
-        {
-            warnings.push(format!(
-                "{}: timeouts.backendRequest is not supported yet; timeouts.request applies",
-                self.rule_name
-            ));
-        }
         let mut request = HeaderOperations::default();
         let mut response = HeaderOperations::default();
         for filter in &rule.filters {
@@ -475,6 +477,47 @@ mod tests {
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let mut warnings = Vec::new();
         (virtual_services(&loaded.manifests, &mut warnings), warnings)
+    }
+
+    #[test]
+    fn backend_request_timeout_bounds_each_attempt() {
+        let (vs, warnings) = translate(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: t, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  rules:
+  - timeouts: {request: 10s, backendRequest: 2s}
+    backendRefs: [{name: reviews, port: 9080}]
+"#,
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let route = &vs[0].spec.http[0];
+        assert_eq!(route.timeout.map(|d| d.0.as_secs()), Some(10));
+        let retries = route.retries.as_ref().expect("retries");
+        assert_eq!(retries.per_try_timeout.map(|d| d.0.as_secs()), Some(2));
+        assert_eq!(retries.attempts, None, "the default number of retries");
+
+        let longer = mesh_config::load_str(
+            "t.yaml",
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: t, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  rules:
+  - timeouts: {request: 1s, backendRequest: 2s}
+    backendRefs: [{name: reviews, port: 9080}]
+"#,
+        );
+        assert!(longer.errors.is_empty(), "{:?}", longer.errors);
+        let errors = format!("{:?}", mesh_config::validate::validate(&longer.manifests));
+        assert!(
+            errors.contains("spec.rules[0].timeouts.backendRequest")
+                && errors.contains("longer than request"),
+            "{errors}"
+        );
     }
 
     #[test]

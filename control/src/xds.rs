@@ -342,8 +342,11 @@ struct DeltaStream {
     sent_nonces: VecDeque<(String, String, u64)>,
 }
 
-/// How many unanswered responses a stream remembers.
-const MAX_PENDING_NONCES: usize = 64;
+/// How many unanswered responses a stream remembers: more than one full
+/// push of a large type is chunked into (a 512,000-resource type at
+/// [`MAX_RESOURCES_PER_RESPONSE`]), so an ACK or NACK of a push's first
+/// chunks is still matched while its last ones are in flight.
+const MAX_PENDING_NONCES: usize = 1024;
 
 impl DeltaStream {
     async fn run(mut self) {
