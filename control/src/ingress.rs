@@ -42,8 +42,10 @@
 //!   VirtualService `tls` route, matched by its `sniHosts` and relaying the
 //!   encrypted bytes, unterminated, to its destinations.
 //!
-//! `AUTO_PASSTHROUGH`, `ISTIO_MUTUAL` and client SAN checks are reported as
-//! not supported yet.
+//!   With `subjectAltNames`, the client certificate must also carry one of
+//!   those names as a SAN.
+//!
+//! `AUTO_PASSTHROUGH` and `ISTIO_MUTUAL` are reported as not supported yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -55,9 +57,11 @@ use mesh_api::envoy::{
             route::v3::{RouteConfiguration, VirtualHost, virtual_host::TlsRequirementType},
         },
         extensions::transport_sockets::tls::v3::{
-            CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
-            common_tls_context::ValidationContextType,
+            CertificateValidationContext, CommonTlsContext, DownstreamTlsContext,
+            SubjectAltNameMatcher, TlsCertificate, common_tls_context::ValidationContextType,
+            subject_alt_name_matcher,
         },
+        r#type::matcher::v3::{StringMatcher, string_matcher},
     },
     google::protobuf::{Any, BoolValue},
 };
@@ -554,11 +558,6 @@ fn server_tls(
         Some(net::ServerTlsMode::Mutual | net::ServerTlsMode::OptionalMutual)
     );
     let validation = if mutual {
-        if !tls.subject_alt_names.is_empty() {
-            return Err(
-                "tls.subjectAltNames (client SAN checks) are not supported yet; a check that cannot be made is refused, not skipped".to_owned(),
-            );
-        }
         let ca = match &tls.credential_name {
             Some(name) => {
                 let ca = secret_field(manifests, gateway_ns, name, &["ca.crt", "cacert"])
@@ -586,6 +585,7 @@ fn server_tls(
                     specifier: Some(ca),
                     ..Default::default()
                 }),
+                match_typed_subject_alt_names: san_matchers(&tls.subject_alt_names),
                 ..Default::default()
             },
         ))
@@ -613,6 +613,35 @@ fn server_tls(
         }),
         ..Default::default()
     })
+}
+
+/// `tls.subjectAltNames` as Envoy SAN matchers: each name, exactly, as a
+/// DNS, URI or email SAN (and an IP SAN when it is an address); a client
+/// certificate needs one of them.
+fn san_matchers(names: &[String]) -> Vec<SubjectAltNameMatcher> {
+    use subject_alt_name_matcher::SanType;
+    names
+        .iter()
+        .flat_map(|name| {
+            let ip = name.parse::<std::net::IpAddr>().is_ok();
+            [
+                SanType::Dns,
+                SanType::Uri,
+                SanType::Email,
+                SanType::IpAddress,
+            ]
+            .into_iter()
+            .filter(move |kind| ip || *kind != SanType::IpAddress)
+            .map(move |kind| SubjectAltNameMatcher {
+                san_type: kind as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact(name.clone())),
+                    ignore_case: false,
+                }),
+                ..Default::default()
+            })
+        })
+        .collect()
 }
 
 /// The virtual hosts of one gateway port: one per bound VirtualService
@@ -839,7 +868,7 @@ mod tests {
         ));
     }
     #[test]
-    fn mutual_servers_need_their_client_ca_and_refuse_checks_they_cannot_make() {
+    fn mutual_servers_need_their_client_ca_and_check_client_sans() {
         let config = |tls: &str, secret_data: &str| {
             format!(
                 "apiVersion: v1\nkind: Secret\nmetadata: {{name: cred, namespace: istio-system}}\ndata: {{{secret_data}}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: gw-0\n  namespace: istio-system\n  labels: {{istio: ingressgateway}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: gw, uid: u}}]\nspec: {{containers: [{{name: istio-proxy}}]}}\nstatus: {{podIP: 10.244.0.9}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g, namespace: istio-system}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 8443, name: https, protocol: HTTPS}}\n    hosts: [a.example.com]\n    tls: {tls}\n"
@@ -872,20 +901,50 @@ mod tests {
         );
 
         let model = build(config(
-            "{mode: MUTUAL, credentialName: cred, subjectAltNames: [spiffe://x]}",
+            "{mode: MUTUAL, credentialName: cred, subjectAltNames: [spiffe://x, 10.0.0.1]}",
             &format!("{cert_and_key}, ca.crt: cGVt"),
         ));
-        assert!(
-            !model
-                .envoy
-                .listeners
-                .contains_key(&listener_name(key, 8443))
-        );
-        assert!(
-            model.warnings.iter().any(|w| w.contains("subjectAltNames")),
-            "{:?}",
-            model.warnings
-        );
+        let (_, listener) = &model.envoy.listeners[&listener_name(key, 8443)];
+        let socket = listener.filter_chains[0].transport_socket.as_ref().unwrap();
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+            panic!("{socket:?}")
+        };
+        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        let Some(ValidationContextType::ValidationContext(validation)) =
+            tls.common_tls_context.unwrap().validation_context_type
+        else {
+            panic!("no validation context")
+        };
+        let sans: Vec<(i32, String)> = validation
+            .match_typed_subject_alt_names
+            .iter()
+            .map(|m| {
+                let Some(string_matcher::MatchPattern::Exact(value)) =
+                    m.matcher.as_ref().and_then(|m| m.match_pattern.clone())
+                else {
+                    panic!("{m:?}")
+                };
+                (m.san_type, value)
+            })
+            .collect();
+        use subject_alt_name_matcher::SanType;
+        let of = |name: &str, kinds: &[SanType]| {
+            kinds
+                .iter()
+                .map(|k| (*k as i32, name.to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let mut expected = of("spiffe://x", &[SanType::Dns, SanType::Uri, SanType::Email]);
+        expected.extend(of(
+            "10.0.0.1",
+            &[
+                SanType::Dns,
+                SanType::Uri,
+                SanType::Email,
+                SanType::IpAddress,
+            ],
+        ));
+        assert_eq!(sans, expected);
 
         let model = build(config(
             "{mode: OPTIONAL_MUTUAL, credentialName: cred}",

@@ -205,7 +205,7 @@ fn slowloris(lab: &Lab, client: &PodPlan) {
 /// another SNI gets no TLS handshake at all. Its HTTP server on port 80
 /// (`httpsRedirect`) redirects plaintext requests for that host, and
 /// `secure.example.com` (`MUTUAL`) serves only clients with a certificate
-/// from its client CA.
+/// from its client CA that names `client.example.com`.
 fn https_server(lab: &Lab, client: &PodPlan) {
     let dir = tempfile::tempdir().expect("temp dir");
     let ca_key = rcgen::KeyPair::generate().expect("key");
@@ -238,6 +238,18 @@ fn https_server(lab: &Lab, client: &PodPlan) {
     );
     std::fs::write(&client_cert_file, client_cert.pem()).expect("write client cert");
     std::fs::write(&client_key_file, client_key.serialize_pem()).expect("write client key");
+    // From the client CA too, but without the name the server requires.
+    let intruder_key = rcgen::KeyPair::generate().expect("key");
+    let intruder_cert = rcgen::CertificateParams::new(vec!["intruder.example.com".to_owned()])
+        .expect("params")
+        .signed_by(&intruder_key, &issuer)
+        .expect("intruder certificate");
+    let (intruder_cert_file, intruder_key_file) = (
+        dir.path().join("intruder.pem"),
+        dir.path().join("intruder-key.pem"),
+    );
+    std::fs::write(&intruder_cert_file, intruder_cert.pem()).expect("write intruder cert");
+    std::fs::write(&intruder_key_file, intruder_key.serialize_pem()).expect("write intruder key");
     let other_key = rcgen::KeyPair::generate().expect("key");
     let other_cert = rcgen::CertificateParams::new(vec!["client.example.com".to_owned()])
         .expect("params")
@@ -288,7 +300,7 @@ spec:
     tls: {mode: SIMPLE, credentialName: bookinfo-credential}
   - port: {number: 8443, name: https-mutual, protocol: HTTPS}
     hosts: [secure.example.com]
-    tls: {mode: MUTUAL, credentialName: bookinfo-credential}
+    tls: {mode: MUTUAL, credentialName: bookinfo-credential, subjectAltNames: [client.example.com]}
   - port: {number: 8080, name: http-redirect, protocol: HTTP}
     hosts: [bookinfo.example.com]
     tls: {httpsRedirect: true}
@@ -417,6 +429,11 @@ spec:
     assert!(
         refused_in_handshake(ok, &body, &text),
         "MUTUAL with an untrusted certificate: {text}"
+    );
+    let (ok, body, text) = with_cert(&intruder_cert_file, &intruder_key_file);
+    assert!(
+        refused_in_handshake(ok, &body, &text),
+        "MUTUAL with a trusted certificate lacking the required SAN: {text}"
     );
 
     // httpsRedirect: plaintext for that host is sent to https://; other

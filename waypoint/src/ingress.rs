@@ -185,10 +185,6 @@ fn client_verifier(
         }
     };
     let unsupported = [
-        (
-            "match_typed_subject_alt_names",
-            !validation.match_typed_subject_alt_names.is_empty(),
-        ),
         #[allow(deprecated)]
         (
             "match_subject_alt_names",
@@ -232,9 +228,17 @@ fn client_verifier(
     } else {
         builder.allow_unauthenticated()
     };
-    builder
+    let chain = builder
         .build()
-        .map_err(|e| format!("{at}.validation_context: {e}"))
+        .map_err(|e| format!("{at}.validation_context: {e}"))?;
+    if validation.match_typed_subject_alt_names.is_empty() {
+        return Ok(chain);
+    }
+    Ok(Arc::new(crate::client_san::SanVerifier::new(
+        chain,
+        &validation.match_typed_subject_alt_names,
+        &format!("{at}.validation_context"),
+    )?))
 }
 
 /// The bytes of a data source: inline, or a file on the gateway.

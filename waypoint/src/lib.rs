@@ -8,6 +8,7 @@
 //! the binary (`main.rs`) wires it up.
 
 pub mod client_hello;
+pub mod client_san;
 pub mod cluster;
 pub mod config;
 pub mod ingress;
