@@ -481,36 +481,28 @@ mod tests {
 
     #[test]
     fn backend_request_timeout_bounds_each_attempt() {
-        let (vs, warnings) = translate(
-            r#"apiVersion: gateway.networking.k8s.io/v1
+        let route = |timeouts: &str| {
+            format!(
+                r#"apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: t, namespace: shop}
+metadata: {{name: t, namespace: shop}}
 spec:
-  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  parentRefs: [{{kind: Service, group: "", name: reviews, port: 9080}}]
   rules:
-  - timeouts: {request: 10s, backendRequest: 2s}
-    backendRefs: [{name: reviews, port: 9080}]
-"#,
-        );
+  - timeouts: {timeouts}
+    backendRefs: [{{name: reviews, port: 9080}}]
+"#
+            )
+        };
+        let (vs, warnings) = translate(&route("{request: 10s, backendRequest: 2s}"));
         assert!(warnings.is_empty(), "{warnings:?}");
-        let route = &vs[0].spec.http[0];
-        assert_eq!(route.timeout.map(|d| d.0.as_secs()), Some(10));
-        let retries = route.retries.as_ref().expect("retries");
+        let http = &vs[0].spec.http[0];
+        assert_eq!(http.timeout.map(|d| d.0.as_secs()), Some(10));
+        let retries = http.retries.as_ref().expect("retries");
         assert_eq!(retries.per_try_timeout.map(|d| d.0.as_secs()), Some(2));
         assert_eq!(retries.attempts, None, "the default number of retries");
 
-        let longer = mesh_config::load_str(
-            "t.yaml",
-            r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: t, namespace: shop}
-spec:
-  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
-  rules:
-  - timeouts: {request: 1s, backendRequest: 2s}
-    backendRefs: [{name: reviews, port: 9080}]
-"#,
-        );
+        let longer = mesh_config::load_str("t.yaml", &route("{request: 1s, backendRequest: 2s}"));
         assert!(longer.errors.is_empty(), "{:?}", longer.errors);
         let errors = format!("{:?}", mesh_config::validate::validate(&longer.manifests));
         assert!(
