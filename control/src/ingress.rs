@@ -882,6 +882,14 @@ mod tests {
             Model::build(&loaded.manifests, &MeshSettings::default())
         };
         let key = "istio-system/gw";
+        let tls_of = |model: &Model| {
+            let (_, listener) = &model.envoy.listeners[&listener_name(key, 8443)];
+            let socket = listener.filter_chains[0].transport_socket.as_ref().unwrap();
+            let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+                panic!("{socket:?}")
+            };
+            DownstreamTlsContext::decode(any.value.as_slice()).unwrap()
+        };
 
         let model = build(config("{mode: MUTUAL, credentialName: cred}", cert_and_key));
         assert!(
@@ -904,12 +912,7 @@ mod tests {
             "{mode: MUTUAL, credentialName: cred, subjectAltNames: [spiffe://x, 10.0.0.1]}",
             &format!("{cert_and_key}, ca.crt: cGVt"),
         ));
-        let (_, listener) = &model.envoy.listeners[&listener_name(key, 8443)];
-        let socket = listener.filter_chains[0].transport_socket.as_ref().unwrap();
-        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
-            panic!("{socket:?}")
-        };
-        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        let tls = tls_of(&model);
         let Some(ValidationContextType::ValidationContext(validation)) =
             tls.common_tls_context.unwrap().validation_context_type
         else {
@@ -950,12 +953,7 @@ mod tests {
             "{mode: OPTIONAL_MUTUAL, credentialName: cred}",
             &format!("{cert_and_key}, ca.crt: cGVt"),
         ));
-        let (_, listener) = &model.envoy.listeners[&listener_name(key, 8443)];
-        let socket = listener.filter_chains[0].transport_socket.as_ref().unwrap();
-        let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
-            panic!("{socket:?}")
-        };
-        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        let tls = tls_of(&model);
         assert_eq!(
             tls.require_client_certificate, None,
             "optional: checked if presented"
