@@ -530,36 +530,27 @@ impl Waypoint {
                 request_bytes,
                 response_bytes,
             );
-            return self.log(
-                ctx,
-                &method,
-                &path,
-                status,
-                &outcome,
-                elapsed,
-                &request_id,
-                response,
-            );
-        }
-        let record = Recording {
-            metrics: self.metrics.clone(),
-            labels,
-            started,
-            request_bytes,
-            response_bytes,
-        };
-        if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
-            // Trailers-only: the status is in the head.
-            record.finish(Some(&code));
         } else {
-            // The status comes in the trailers: counted when they pass.
-            response = response.map(|body| {
-                GrpcTrailers {
-                    inner: body,
-                    record: Some(record),
-                }
-                .boxed()
-            });
+            let record = Recording {
+                metrics: self.metrics.clone(),
+                labels,
+                started,
+                request_bytes,
+                response_bytes,
+            };
+            if let Some(code) = response.headers().get(&GRPC_STATUS).cloned() {
+                // Trailers-only: the status is in the head.
+                record.finish(Some(&code));
+            } else {
+                // The status comes in the trailers: counted when they pass.
+                response = response.map(|body| {
+                    GrpcTrailers {
+                        inner: body,
+                        record: Some(record),
+                    }
+                    .boxed()
+                });
+            }
         }
         self.log(
             ctx,
