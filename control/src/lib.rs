@@ -8,6 +8,7 @@
 //! run on the caller's node; [`status`] reports sync state and rejected
 //! config on 15014.
 
+pub mod alloc;
 pub mod auth;
 pub mod authz;
 pub mod ca;

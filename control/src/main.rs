@@ -27,25 +27,6 @@ use mesh_control::{
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (the Rust bindings
-/// do not name it): how long freed memory stays resident before it is
-/// returned to the OS.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Returns freed memory to the OS at once instead of after mimalloc's
-/// default 10 ms: the first load of a large cluster frees far more than it
-/// keeps, and a delay lets that garbage pile up into the process's peak.
-/// `MIMALLOC_PURGE_DELAY` in the environment (mimalloc's own setting, in
-/// ms) wins, for measuring the trade-off.
-fn purge_freed_memory_at_once() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: sets one integer option; called first thing in `main`,
-    // before anything else reads allocator options concurrently.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
 /// Serves xDS and signs workload certificates from Kubernetes and Istio
 /// config: watched directories of YAML, or the Kubernetes API.
 #[derive(Debug, Parser)]
@@ -218,7 +199,7 @@ async fn terminated() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    purge_freed_memory_at_once();
+    mesh_control::alloc::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")

@@ -29,7 +29,6 @@ fuzz_target!(|data: &[u8]| {
             type_url: type_url.to_owned(),
             resources: vec![Resource {
                 name: "fuzz".to_owned(),
-                version: "1".to_owned(),
                 value: config.to_vec().into(),
             }],
             removed: Vec::new(),

@@ -155,7 +155,6 @@ fn fixture() -> &'static Fixture {
                     type_url: type_url.to_owned(),
                     resources: vec![Resource {
                         name: "fuzz".to_owned(),
-                        version: "1".to_owned(),
                         value: value.into(),
                     }],
                     removed: Vec::new(),

@@ -12,7 +12,6 @@ fn update(type_url: &str, name: &str, value: &[u8]) -> Update {
         type_url: type_url.to_owned(),
         resources: vec![Resource {
             name: name.to_owned(),
-            version: "1".to_owned(),
             value: value.to_vec().into(),
         }],
         removed: Vec::new(),

@@ -510,7 +510,6 @@ mod tests {
             type_url: type_url.to_owned(),
             resources: vec![Resource {
                 name: name.to_owned(),
-                version: "1".to_owned(),
                 value: message.encode_to_vec().into(),
             }],
             removed: Vec::new(),

@@ -64,13 +64,12 @@ pub struct ClientConfig {
     pub metadata: Vec<(String, String)>,
 }
 
-/// One resource of a response.
+/// One resource of a response (its version is the client's bookkeeping,
+/// announced on reconnect, not the handler's).
 #[derive(Debug)]
 pub struct Resource {
     /// Resource name.
     pub name: String,
-    /// Its version.
-    pub version: String,
     /// Encoded message (the `Any`'s value), a slice of the received
     /// response (not a copy).
     pub value: Bytes,
@@ -275,42 +274,54 @@ const DELTA_ADS_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Applies one response and builds its ACK or NACK.
+///
+/// The versions held are recorded as the resources pass to the handler
+/// (each name copied once, each version moved); a resource the handler
+/// rejects gets back the version it had, as the handler keeps that one.
 fn apply(
     handler: &mut impl Handler,
     known: &mut Known,
     response: wire::DeltaResponse,
 ) -> DeltaDiscoveryRequest {
-    let versions: Vec<(String, String)> = response
-        .resources
-        .iter()
-        .map(|r| (r.name.clone(), r.version.clone()))
-        .collect();
-    let update = Update {
-        type_url: response.type_url.clone(),
-        resources: response
-            .resources
-            .into_iter()
-            .map(|r| Resource {
-                name: r.name,
-                version: r.version,
-                value: r.resource.map(|any| any.value).unwrap_or_default(),
-            })
-            .collect(),
-        removed: response.removed_resources.clone(),
-    };
-    let outcome = handler.apply(update);
-    let rejected = match &outcome {
-        Ok(()) => Vec::new(),
-        Err(Rejected(list)) => list.clone(),
-    };
     let held = known.entry(response.type_url.clone()).or_default();
     for name in &response.removed_resources {
         held.remove(name);
     }
-    held.reserve(versions.len());
-    for (name, version) in versions {
-        if !rejected.iter().any(|(n, _)| *n == name) {
-            held.insert(name, version);
+    held.reserve(response.resources.len());
+    // Versions replaced by this response: empty for a first push, and as
+    // long as what changed otherwise.
+    let mut replaced: Vec<(String, String)> = Vec::new();
+    let resources = response
+        .resources
+        .into_iter()
+        .map(|r| {
+            if let Some(old) = held.insert(r.name.clone(), r.version) {
+                replaced.push((r.name.clone(), old));
+            }
+            Resource {
+                name: r.name,
+                value: r.resource.map(|any| any.value).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let outcome = handler.apply(Update {
+        type_url: response.type_url.clone(),
+        resources,
+        removed: response.removed_resources,
+    });
+    let rejected = match outcome {
+        Ok(()) => Vec::new(),
+        Err(Rejected(list)) => list,
+    };
+    for (name, _) in &rejected {
+        match replaced.iter().position(|(n, _)| n == name) {
+            Some(i) => {
+                let (name, old) = replaced.swap_remove(i);
+                held.insert(name, old);
+            }
+            None => {
+                held.remove(name);
+            }
         }
     }
     let error_detail = (!rejected.is_empty()).then(|| {
@@ -331,5 +342,114 @@ fn apply(
         response_nonce: response.nonce,
         error_detail,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keeps the names it is given and refuses those in `refuse`.
+    #[derive(Default)]
+    struct Recorder {
+        refuse: Vec<&'static str>,
+        applied: Vec<Vec<String>>,
+    }
+
+    impl Handler for Recorder {
+        fn apply(&mut self, update: Update) -> Result<(), Rejected> {
+            self.applied
+                .push(update.resources.iter().map(|r| r.name.clone()).collect());
+            let refused: Vec<(String, String)> = update
+                .resources
+                .iter()
+                .filter(|r| self.refuse.contains(&r.name.as_str()))
+                .map(|r| (r.name.clone(), "bad".to_owned()))
+                .collect();
+            if refused.is_empty() {
+                Ok(())
+            } else {
+                Err(Rejected(refused))
+            }
+        }
+    }
+
+    fn response(nonce: &str, resources: &[(&str, &str)], removed: &[&str]) -> wire::DeltaResponse {
+        wire::DeltaResponse {
+            resources: resources
+                .iter()
+                .map(|(name, version)| wire::WireResource {
+                    version: (*version).to_owned(),
+                    resource: Some(wire::WireAny {
+                        value: Bytes::from_static(b"x"),
+                    }),
+                    name: (*name).to_owned(),
+                })
+                .collect(),
+            type_url: "t".to_owned(),
+            nonce: nonce.to_owned(),
+            removed_resources: removed.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+
+    fn held(known: &Known) -> Vec<(String, String)> {
+        let mut held: Vec<_> = known["t"]
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        held.sort();
+        held
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn acks_and_records_versions_held() {
+        let mut handler = Recorder::default();
+        let mut known = Known::default();
+        let ack = apply(
+            &mut handler,
+            &mut known,
+            response("1-1", &[("a", "1"), ("b", "1")], &[]),
+        );
+        assert_eq!(ack.response_nonce, "1-1");
+        assert_eq!(ack.type_url, "t");
+        assert!(ack.error_detail.is_none());
+        assert_eq!(handler.applied, vec![vec!["a".to_owned(), "b".to_owned()]]);
+        assert_eq!(held(&known), pairs(&[("a", "1"), ("b", "1")]));
+
+        apply(
+            &mut handler,
+            &mut known,
+            response("2-2", &[("b", "2")], &["a"]),
+        );
+        assert_eq!(held(&known), pairs(&[("b", "2")]));
+    }
+
+    #[test]
+    fn a_rejected_resource_keeps_the_version_the_proxy_still_has() {
+        let mut handler = Recorder::default();
+        let mut known = Known::default();
+        apply(
+            &mut handler,
+            &mut known,
+            response("1-1", &[("a", "1"), ("b", "1")], &[]),
+        );
+        handler.refuse = vec!["a", "new"];
+        let nack = apply(
+            &mut handler,
+            &mut known,
+            response("2-2", &[("a", "2"), ("b", "2"), ("new", "2")], &[]),
+        );
+        let error = nack.error_detail.expect("a NACK");
+        assert_eq!(error.message, "a: bad; new: bad");
+        assert_eq!(nack.response_nonce, "2-2");
+        // `a` stays at the version before the rejected one; `new` was never
+        // held; `b` was accepted.
+        assert_eq!(held(&known), pairs(&[("a", "1"), ("b", "2")]));
     }
 }

@@ -101,7 +101,6 @@ fn discovery(endpoints: u32) -> Discovery {
 fn resource(name: &str, r#type: address::Type) -> Resource {
     Resource {
         name: name.to_owned(),
-        version: "1".into(),
         value: Address {
             r#type: Some(r#type),
         }
@@ -153,7 +152,6 @@ fn policies() -> PolicyStore {
             };
             Resource {
                 name: format!("default/p{i}"),
-                version: "1".into(),
                 value: policy.encode_to_vec().into(),
             }
         })

@@ -600,7 +600,6 @@ mod tests {
     fn resource(name: &str, t: address::Type) -> mesh_xds::Resource {
         mesh_xds::Resource {
             name: name.into(),
-            version: "1".into(),
             value: Address { r#type: Some(t) }.encode_to_vec().into(),
         }
     }
@@ -690,7 +689,6 @@ mod tests {
         .unwrap();
         let bad = mesh_xds::Resource {
             name: "junk".into(),
-            version: "1".into(),
             value: vec![0xff, 0xff].into(),
         };
         let rejected = d.apply(update(vec![bad], vec![])).unwrap_err();

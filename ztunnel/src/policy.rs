@@ -317,7 +317,6 @@ mod tests {
         };
         mesh_xds::Resource {
             name: format!("{ns}/{name}"),
-            version: "1".into(),
             value: p.encode_to_vec().into(),
         }
     }
@@ -499,7 +498,6 @@ mod tests {
         let store = PolicyStore::new("istio-system");
         let bad = mesh_xds::Resource {
             name: "x/bad".into(),
-            version: "1".into(),
             value: vec![0xff].into(),
         };
         let mut ext = Authorization {
@@ -513,7 +511,6 @@ mod tests {
         });
         let ext = mesh_xds::Resource {
             name: "x/ext".into(),
-            version: "1".into(),
             value: ext.encode_to_vec().into(),
         };
         let good = policy(

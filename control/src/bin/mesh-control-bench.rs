@@ -24,7 +24,7 @@ use mesh_xds::{ClientConfig, Handler, Rejected, Update};
 use tokio::sync::Notify;
 
 /// The simulated proxies allocate as the control plane does (see
-/// `mesh-control`'s allocator).
+/// `mesh-control`'s allocator, tuned by [`mesh_control::alloc::configure`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -159,6 +159,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    mesh_control::alloc::configure();
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("mesh-control-bench-{}", std::process::id()));
     let config = dir.join("config");
@@ -257,7 +258,9 @@ async fn measure(
                 metadata: Vec::new(),
             },
             Counter {
-                held: Default::default(),
+                // Sized for the whole push, as a proxy's own tables are
+                // after its first sync.
+                held: foldhash::HashSet::with_capacity_and_hasher(target, Default::default()),
                 target,
                 done: done.clone(),
                 notify: notify.clone(),
