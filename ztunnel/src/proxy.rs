@@ -175,83 +175,94 @@ impl Proxy {
     ) {
         let id = connection_id();
         let span = info_span!("outbound", conn = id, pod = %pod.name);
-        async move {
-            let Some(destination) = self.original_destination(&client, peer) else {
-                reset(client);
-                return;
-            };
-            let source = SocketAddr::new(pod.ip.into(), peer.port());
-            let me = self.discovery.workload_by_ip(source.ip());
-            let resolved = self.discovery.resolve(destination);
-            let (endpoint, target, service) = match &resolved {
-                Resolved::Workload {
-                    addr,
-                    workload,
-                    service,
-                } => (*addr, Some(&**workload), service.as_deref()),
-                Resolved::Waypoint {
-                    addr,
-                    workload,
-                    service,
-                } => (*addr, Some(&**workload), Some(&**service)),
-                Resolved::NoHealthyEndpoint { service } => (destination, None, Some(&**service)),
-                Resolved::Passthrough => (destination, None, None),
-            };
-            let mut access = Access {
-                id,
-                direction: "outbound",
-                pod: &pod.name,
-                source,
-                destination,
-                endpoint,
-                started: Instant::now(),
-                metrics: &self.metrics,
-                labels: tcp_labels(
-                    "source",
-                    me.as_deref(),
-                    me.as_deref().map(|w| w.labels.principal.clone()),
-                    target,
-                    service,
-                    "none",
-                ),
-            };
-            // Services are load balanced here, from what the control plane
-            // says; anything the mesh does not know goes where it was dialled.
-            if let Resolved::NoHealthyEndpoint { service } = &resolved {
-                access.failed("UH", &format!("no healthy endpoint of {service}"));
-                reset(client);
-                return;
-            }
-            // HBONE peer and CONNECT target: a waypoint terminates HBONE
-            // itself and gets the service address the pod dialled; a mesh
-            // workload is reached through its own 15008.
-            let hbone = match &resolved {
-                Resolved::Waypoint { workload, addr, .. } => {
-                    Some((&**workload, *addr, destination))
-                }
-                _ => target.filter(|w| w.hbone).map(|workload| {
-                    let peer = SocketAddr::new(endpoint.ip(), mesh_hbone::HBONE_PORT);
-                    (workload, peer, endpoint)
-                }),
-            };
-            match hbone {
-                Some((workload, peer, target)) => {
-                    access.labels.connection_security_policy = "mutual_tls";
-                    // Boxed: the setup (TLS and HTTP/2 handshakes when the
-                    // pool has no connection) is freed once the tunnel is
-                    // open, so a held connection's task keeps only the relay.
-                    let tunnel =
-                        Box::pin(self.tunnel(&pod, workload, source, peer, target, service)).await;
-                    relay(&mut access, client, tunnel).await;
-                }
-                None => {
-                    let upstream = pod.netns.connect(endpoint).await;
-                    relay(&mut access, client, upstream).await;
-                }
-            }
+        // Boxed: resolution and the upstream's setup (TLS and HTTP/2
+        // handshakes when the pool has no connection) are freed once the
+        // upstream is open, so a held connection's task keeps only the
+        // access record, the two sockets and the relay's state.
+        let setup = Box::pin(
+            self.open_outbound(&pod, client, peer, id)
+                .instrument(span.clone()),
+        );
+        if let Some(mut open) = setup.await {
+            open.relay().instrument(span).await;
         }
-        .instrument(span)
-        .await
+    }
+
+    /// Resolves where an outbound connection goes and opens its upstream;
+    /// `None` when it was refused (and recorded as such).
+    async fn open_outbound<'a>(
+        &'a self,
+        pod: &'a PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        id: u64,
+    ) -> Option<Box<Open<'a, Outbound>>> {
+        let Some(destination) = self.original_destination(&client, peer) else {
+            reset(client);
+            return None;
+        };
+        let source = SocketAddr::new(pod.ip.into(), peer.port());
+        let me = self.discovery.workload_by_ip(source.ip());
+        let resolved = self.discovery.resolve(destination);
+        let (endpoint, target, service) = match &resolved {
+            Resolved::Workload {
+                addr,
+                workload,
+                service,
+            } => (*addr, Some(&**workload), service.as_deref()),
+            Resolved::Waypoint {
+                addr,
+                workload,
+                service,
+            } => (*addr, Some(&**workload), Some(&**service)),
+            Resolved::NoHealthyEndpoint { service } => (destination, None, Some(&**service)),
+            Resolved::Passthrough => (destination, None, None),
+        };
+        let mut access = Access {
+            id,
+            direction: "outbound",
+            pod: &pod.name,
+            source,
+            destination,
+            endpoint,
+            started: Instant::now(),
+            metrics: &self.metrics,
+            labels: tcp_labels(
+                "source",
+                me.as_deref(),
+                me.as_deref().map(|w| w.labels.principal.clone()),
+                target,
+                service,
+                "none",
+            ),
+        };
+        // Services are load balanced here, from what the control plane
+        // says; anything the mesh does not know goes where it was dialled.
+        if let Resolved::NoHealthyEndpoint { service } = &resolved {
+            access.failed("UH", &format!("no healthy endpoint of {service}"));
+            reset(client);
+            return None;
+        }
+        // HBONE peer and CONNECT target: a waypoint terminates HBONE
+        // itself and gets the service address the pod dialled; a mesh
+        // workload is reached through its own 15008.
+        let hbone = match &resolved {
+            Resolved::Waypoint { workload, addr, .. } => Some((&**workload, *addr, destination)),
+            _ => target.filter(|w| w.hbone).map(|workload| {
+                let peer = SocketAddr::new(endpoint.ip(), mesh_hbone::HBONE_PORT);
+                (workload, peer, endpoint)
+            }),
+        };
+        let upstream = match hbone {
+            Some((workload, peer, target)) => {
+                access.labels.connection_security_policy = "mutual_tls";
+                self.tunnel(pod, workload, source, peer, target, service)
+                    .await
+                    .map(Outbound::Tunnel)
+            }
+            None => pod.netns.connect(endpoint).await.map(Outbound::Direct),
+        };
+        opened(access, client, upstream)
     }
 
     /// Handles a plaintext connection to the pod, accepted on its 15006
@@ -264,52 +275,67 @@ impl Proxy {
     ) {
         let id = connection_id();
         let span = info_span!("inbound", conn = id, pod = %pod.name);
-        async move {
-            // sk_lookup handed us the connection unchanged: our local address
-            // is the destination the client dialled.
-            let destination = match client.local_addr() {
-                Ok(addr) => addr,
-                Err(err) => {
-                    warn!(%peer, %err, "reading the destination failed; closing the connection");
-                    return;
-                }
-            };
-            let caller = self.discovery.workload_by_ip(peer.ip());
-            let me = self.discovery.workload_by_ip(destination.ip());
-            let mut access = Access {
-                id,
-                direction: "inbound",
-                pod: &pod.name,
-                source: peer,
-                destination,
-                endpoint: destination,
-                started: Instant::now(),
-                metrics: &self.metrics,
-                labels: tcp_labels(
-                    "destination",
-                    caller.as_deref(),
-                    None,
-                    me.as_deref(),
-                    None,
-                    "none",
-                ),
-            };
-            let decision = self.authorize(&Connection {
-                source_identity: None,
-                source_ip: peer.ip(),
-                destination_ip: destination.ip(),
-                destination_port: destination.port(),
-            });
-            if decision != Decision::Allow {
-                access.failed("DENY", &decision.to_string());
-                reset(client);
-                return;
-            }
-            let upstream = self.deliver(&pod, peer, destination).await;
-            relay(&mut access, client, upstream).await;
+        // Boxed for the same reason as in `outbound`.
+        let setup = Box::pin(
+            self.open_inbound_plaintext(&pod, client, peer, id)
+                .instrument(span.clone()),
+        );
+        if let Some(mut open) = setup.await {
+            open.relay().instrument(span).await;
         }
-        .instrument(span)
-        .await
+    }
+
+    /// Applies policy to a plaintext inbound connection and connects to the
+    /// app; `None` when it was refused (and recorded as such).
+    async fn open_inbound_plaintext<'a>(
+        &'a self,
+        pod: &'a PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        id: u64,
+    ) -> Option<Box<Open<'a, TcpStream>>> {
+        // sk_lookup handed us the connection unchanged: our local address
+        // is the destination the client dialled.
+        let destination = match client.local_addr() {
+            Ok(addr) => addr,
+            Err(err) => {
+                warn!(%peer, %err, "reading the destination failed; closing the connection");
+                return None;
+            }
+        };
+        let caller = self.discovery.workload_by_ip(peer.ip());
+        let me = self.discovery.workload_by_ip(destination.ip());
+        let mut access = Access {
+            id,
+            direction: "inbound",
+            pod: &pod.name,
+            source: peer,
+            destination,
+            endpoint: destination,
+            started: Instant::now(),
+            metrics: &self.metrics,
+            labels: tcp_labels(
+                "destination",
+                caller.as_deref(),
+                None,
+                me.as_deref(),
+                None,
+                "none",
+            ),
+        };
+        let decision = self.authorize(&Connection {
+            source_identity: None,
+            source_ip: peer.ip(),
+            destination_ip: destination.ip(),
+            destination_port: destination.port(),
+        });
+        if decision != Decision::Allow {
+            access.failed("DENY", &decision.to_string());
+            reset(client);
+            return None;
+        }
+        let upstream = self.deliver(pod, peer, destination).await;
+        opened(access, client, upstream)
     }
 
     /// Opens an HBONE tunnel from `pod` through `peer` (the destination
@@ -534,25 +560,61 @@ impl mesh_hbone::Dialer for PodDialer {
     }
 }
 
-/// Relays `client` to `upstream` and writes the access record.
-async fn relay<U: Upstream>(
-    access: &mut Access<'_>,
-    mut client: TcpStream,
+/// A connection whose upstream is open: what its relay needs. Boxed, so
+/// the task holding it keeps each piece once and nothing of the setup.
+struct Open<'a, U> {
+    access: Access<'a>,
+    client: TcpStream,
+    upstream: U,
+}
+
+impl<U: Upstream> Open<'_, U> {
+    /// Relays the client to the upstream and writes the access record.
+    async fn relay(&mut self) {
+        self.access.opened();
+        debug!(endpoint = %self.access.endpoint, "upstream connected");
+        match self.upstream.relay(&mut self.client).await {
+            Ok((sent, received)) => self.access.closed(sent, received, None),
+            Err(err) => self.access.closed(0, 0, Some(&err.to_string())),
+        }
+    }
+}
+
+/// What a relay needs once `upstream` is open, or `None` after recording
+/// the failure and resetting `client`.
+fn opened<'a, U>(
+    mut access: Access<'a>,
+    client: TcpStream,
     upstream: std::io::Result<U>,
-) {
-    let mut upstream = match upstream {
-        Ok(upstream) => upstream,
+) -> Option<Box<Open<'a, U>>> {
+    match upstream {
+        Ok(upstream) => Some(Box::new(Open {
+            access,
+            client,
+            upstream,
+        })),
         Err(err) => {
             access.failed("UF", &err.to_string());
             reset(client);
-            return;
+            None
         }
-    };
-    access.opened();
-    debug!(endpoint = %access.endpoint, "upstream connected");
-    match upstream.relay(&mut client).await {
-        Ok((sent, received)) => access.closed(sent, received, None),
-        Err(err) => access.closed(0, 0, Some(&err.to_string())),
+    }
+}
+
+/// An outbound connection's upstream.
+enum Outbound {
+    /// HBONE, through the destination's ztunnel or a waypoint.
+    Tunnel(mesh_hbone::Tunnel),
+    /// Plain TCP, to a destination outside the mesh.
+    Direct(TcpStream),
+}
+
+impl Upstream for Outbound {
+    async fn relay(&mut self, client: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+        match self {
+            Outbound::Tunnel(tunnel) => Upstream::relay(tunnel, client).await,
+            Outbound::Direct(stream) => Upstream::relay(stream, client).await,
+        }
     }
 }
 
