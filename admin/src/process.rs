@@ -9,9 +9,27 @@ pub fn init_tracing() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| UnlockedStderr)
         .with_ansi(false)
         .init();
+}
+
+/// Standard error written with plain `write(2)` calls, without std's
+/// process-wide `Stderr` lock. The fmt layer formats each event whole into
+/// a buffer of its thread and writes it at once, so a line is one system
+/// call (atomic on a pipe up to `PIPE_BUF`, 4 KiB); the lock only made
+/// threads logging at the same time (a proxy's workers writing access-log
+/// lines) wait for each other in futex calls.
+struct UnlockedStderr;
+
+impl std::io::Write for UnlockedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(nix::unistd::write(std::io::stderr(), buf)?)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Raises the limit on open files as far as the process may: to

@@ -125,6 +125,13 @@ impl Store {
         self.current.load_full()
     }
 
+    /// Makes `config` the current one and wakes everything following
+    /// changes (every worker's ingress listeners).
+    pub fn publish(&self, config: Config) {
+        self.current.store(Arc::new(config));
+        self.changed.notify_waiters();
+    }
+
     /// `/config_dump`'s body, built from the current config on request.
     pub fn dump(&self) -> serde_json::Value {
         let config = self.load();
@@ -225,8 +232,7 @@ impl XdsHandler {
             );
         }
         config.listeners = self.listeners.keys().cloned().collect();
-        self.store.current.store(Arc::new(config));
-        self.store.changed.notify_waiters();
+        self.store.publish(config);
     }
 }
 

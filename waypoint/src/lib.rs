@@ -5,7 +5,8 @@
 //! tunnelling on over HBONE to the chosen endpoint.
 //!
 //! A library so tests and fuzz targets reach the route compiler and matcher;
-//! the binary (`main.rs`) wires it up.
+//! the binary (`main.rs`) wires it up; [`workers`] runs the serving
+//! threads.
 
 pub mod client_hello;
 pub mod client_san;
@@ -17,3 +18,4 @@ pub mod proxy;
 pub mod rbac;
 pub mod route;
 pub mod upstream;
+pub mod workers;

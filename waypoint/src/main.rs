@@ -8,18 +8,14 @@ use clap::Parser;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use mesh_admin::{not_found, response};
-use mesh_hbone::{Identity, Pool, PoolConfig, Server};
+use mesh_hbone::Identity;
 use mesh_identity::CertManager;
-use tokio::{
-    net::TcpListener,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use waypoint::{
     config::{Store, XdsHandler},
     metrics::Metrics,
-    proxy::{Tunnels, Waypoint, run_ingress},
-    upstream::{Clients, Connector, ConnectorInner},
+    workers::{Shared, Workers},
 };
 
 /// Command line of the waypoint.
@@ -70,7 +66,8 @@ struct Cli {
     /// Lifetime requested for the waypoint's certificate, in seconds.
     #[arg(long, default_value_t = 86_400)]
     cert_ttl: u64,
-    /// Threads serving requests (default: one per core).
+    /// Threads serving requests, each a single-threaded runtime with its
+    /// own listeners and upstream pools (default: one per core).
     #[arg(long, env = "WAYPOINT_WORKER_THREADS")]
     worker_threads: Option<usize>,
 }
@@ -79,12 +76,13 @@ fn main() -> anyhow::Result<()> {
     mesh_admin::process::init_tracing();
     mesh_admin::process::raise_fd_limit();
     let cli = Cli::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.worker_threads {
         anyhow::ensure!(threads > 0, "--worker-threads must be at least 1");
-        runtime.worker_threads(threads);
     }
-    runtime
+    // The main thread's runtime runs the control side (xDS, certificates,
+    // admin, metrics, readiness, signals); requests are served by the
+    // workers' runtimes (`waypoint::workers`).
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?
@@ -108,20 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     certs.prefetch(&identity.to_string());
 
     let store = Arc::new(Store::default());
-    let connector = Connector::new(ConnectorInner {
-        pool: Pool::new(certs.store().clone(), PoolConfig::default()),
-        local: identity.clone(),
-        local_addr: SocketAddr::new(cli.pod_ip, 0),
-        store: store.clone(),
-        connect_timeout: Duration::from_secs(10),
-    });
     let metrics = Metrics::default();
-    let waypoint = Arc::new(Waypoint {
-        store: store.clone(),
-        clients: Clients::new(connector.clone()),
-        connector,
-        metrics: metrics.clone(),
-    });
 
     let key = format!("{}/{}", cli.namespace, cli.gateway);
     tokio::spawn(mesh_xds::run(
@@ -144,14 +129,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         XdsHandler::new(store.clone()),
     ));
 
-    // Ingress gateway listeners, when the config has any (a waypoint's has none).
-    tokio::spawn(run_ingress(waypoint.clone()));
-    let server = Server::new(certs.store().clone(), identity.clone(), Tunnels(waypoint))
-        .context("building the HBONE server")?;
-    let listener = TcpListener::bind(cli.hbone_addr)
-        .await
-        .with_context(|| format!("binding {}", cli.hbone_addr))?;
-    tokio::spawn(async move { server.serve(listener).await });
+    // HBONE on every worker, and the ingress gateway listeners when the
+    // config has any (a waypoint's has none).
+    let workers = cli.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut workers = Workers::start(
+        workers,
+        Shared {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            certs: certs.store().clone(),
+            identity: identity.clone(),
+            local_addr: SocketAddr::new(cli.pod_ip, 0),
+            connect_timeout: Duration::from_secs(10),
+        },
+        Some(cli.hbone_addr),
+    )
+    .with_context(|| format!("binding {}", cli.hbone_addr))?;
 
     let registry = Arc::new(metrics.registry());
     mesh_admin::serve(cli.metrics_addr, mesh_admin::metrics(registry))
@@ -178,12 +173,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("serving admin on {}", cli.admin_addr))?;
 
-    info!(waypoint = %key, identity = %identity, "waypoint running");
+    info!(waypoint = %key, identity = %identity, workers = workers.len(), "waypoint running");
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
+        worker = workers.stopped() => anyhow::bail!("worker {worker} stopped"),
     }
     info!("waypoint stopping");
     Ok(())

@@ -63,11 +63,12 @@ const PIPE_BUFFER: usize = 64 * 1024;
 /// First retry back-off (Envoy's default base interval).
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
-/// Everything requests share.
+/// Everything one worker's requests share: its own upstream pools, and the
+/// config store and metrics all workers share (see [`crate::workers`]).
 pub struct Waypoint {
     /// The config.
     pub store: Arc<Store>,
-    /// Pooled upstream clients.
+    /// Pooled upstream clients (this worker's).
     pub clients: Clients,
     /// For TCP chains.
     pub connector: Connector,
@@ -294,12 +295,15 @@ where
     }
 }
 
-/// Runs the ingress gateway's listeners: binds each port of the current
-/// config, closes ports that left it, and retries ports that could not be
-/// bound. Each connection is served as HTTP by its port's chain.
-pub async fn run_ingress(waypoint: Arc<Waypoint>) {
+/// Runs the ingress gateway's listeners on this worker (see
+/// [`crate::workers`]): binds each port of the current config (with
+/// `SO_REUSEPORT`, so every worker holds a listener of its own on it), closes
+/// ports that left it, and retries ports that could not be bound. Each
+/// connection is served as HTTP by its port's chain, on this thread. `ids`
+/// numbers connections (shared by the workers); `accepted` counts the ones
+/// this worker accepted.
+pub async fn run_ingress(waypoint: Arc<Waypoint>, ids: Arc<AtomicU64>, accepted: Arc<AtomicU64>) {
     let mut bound: HashMap<u16, tokio::task::JoinHandle<()>> = HashMap::new();
-    let connections = Arc::new(AtomicU64::new(1));
     loop {
         // Registered before reading, so no publish is missed.
         let changed = waypoint.store.changed.notified();
@@ -322,12 +326,16 @@ pub async fn run_ingress(waypoint: Arc<Waypoint>) {
             match bind_ingress(port) {
                 Ok(listener) => {
                     info!(port, "ingress listener bound");
-                    let task = tokio::spawn(accept_ingress(
-                        waypoint.clone(),
-                        listener,
-                        port,
-                        connections.clone(),
-                    ));
+                    let task = tokio::spawn(
+                        accept_ingress(
+                            waypoint.clone(),
+                            listener,
+                            port,
+                            ids.clone(),
+                            accepted.clone(),
+                        )
+                        .in_current_span(),
+                    );
                     bound.insert(port, task);
                 }
                 Err(err) => {
@@ -345,17 +353,18 @@ pub async fn run_ingress(waypoint: Arc<Waypoint>) {
 }
 
 fn bind_ingress(port: u16) -> std::io::Result<TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
-    socket.listen(1024)
+    TcpListener::from_std(crate::workers::bind_reuseport(SocketAddr::from((
+        [0, 0, 0, 0],
+        port,
+    )))?)
 }
 
 async fn accept_ingress(
     waypoint: Arc<Waypoint>,
     listener: TcpListener,
     port: u16,
-    connections: Arc<AtomicU64>,
+    ids: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -374,7 +383,8 @@ async fn accept_ingress(
         let local = stream
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], port)));
-        let conn = connections.fetch_add(1, Ordering::Relaxed);
+        accepted.fetch_add(1, Ordering::Relaxed);
+        let conn = ids.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("ingress", conn, port, src = %peer);
         let waypoint = waypoint.clone();
         tokio::spawn(
