@@ -175,17 +175,7 @@ impl Proxy {
     ) {
         let id = connection_id();
         let span = info_span!("outbound", conn = id, pod = %pod.name);
-        // Boxed: resolution and the upstream's setup (TLS and HTTP/2
-        // handshakes when the pool has no connection) are freed once the
-        // upstream is open, so a held connection's task keeps only the
-        // access record, the two sockets and the relay's state.
-        let setup = Box::pin(
-            self.open_outbound(&pod, client, peer, id)
-                .instrument(span.clone()),
-        );
-        if let Some(mut open) = setup.await {
-            open.relay().instrument(span).await;
-        }
+        serve(span, self.open_outbound(&pod, client, peer, id)).await;
     }
 
     /// Resolves where an outbound connection goes and opens its upstream;
@@ -275,14 +265,7 @@ impl Proxy {
     ) {
         let id = connection_id();
         let span = info_span!("inbound", conn = id, pod = %pod.name);
-        // Boxed for the same reason as in `outbound`.
-        let setup = Box::pin(
-            self.open_inbound_plaintext(&pod, client, peer, id)
-                .instrument(span.clone()),
-        );
-        if let Some(mut open) = setup.await {
-            open.relay().instrument(span).await;
-        }
+        serve(span, self.open_inbound_plaintext(&pod, client, peer, id)).await;
     }
 
     /// Applies policy to a plaintext inbound connection and connects to the
@@ -577,6 +560,21 @@ impl<U: Upstream> Open<'_, U> {
             Ok((sent, received)) => self.access.closed(sent, received, None),
             Err(err) => self.access.closed(0, 0, Some(&err.to_string())),
         }
+    }
+}
+
+/// Runs a connection in `span`: `setup` boxed, so resolution, policy and
+/// the upstream's setup (TLS and HTTP/2 handshakes when the pool has no
+/// connection) are freed once the upstream is open and a held connection's
+/// task keeps only the [`Open`] record and the relay's state; then the
+/// relay.
+async fn serve<'a, U: Upstream>(
+    span: tracing::Span,
+    setup: impl Future<Output = Option<Box<Open<'a, U>>>>,
+) {
+    let setup = Box::pin(setup.instrument(span.clone()));
+    if let Some(mut open) = setup.await {
+        open.relay().instrument(span).await;
     }
 }
 
