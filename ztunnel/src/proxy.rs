@@ -568,13 +568,19 @@ impl<U: Upstream> Open<'_, U> {
 /// connection) are freed once the upstream is open and a held connection's
 /// task keeps only the [`Open`] record and the relay's state; then the
 /// relay.
-async fn serve<'a, U: Upstream>(
+///
+/// Not an `async fn`: one keeps room for its arguments for its whole life,
+/// which would put the unboxed setup back into every held connection's
+/// task. The setup is boxed here, before the returned future exists.
+fn serve<'a, U: Upstream + 'a>(
     span: tracing::Span,
-    setup: impl Future<Output = Option<Box<Open<'a, U>>>>,
-) {
+    setup: impl Future<Output = Option<Box<Open<'a, U>>>> + 'a,
+) -> impl Future<Output = ()> + 'a {
     let setup = Box::pin(setup.instrument(span.clone()));
-    if let Some(mut open) = setup.await {
-        open.relay().instrument(span).await;
+    async move {
+        if let Some(mut open) = setup.await {
+            open.relay().instrument(span).await;
+        }
     }
 }
 
