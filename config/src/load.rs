@@ -327,7 +327,7 @@ fn typed<T: DeserializeOwned>(
     let mut track = serde_path_to_error::Track::new();
     let tracked = serde_path_to_error::Deserializer::new(value, &mut track);
     let result = serde_ignored::deserialize(tracked, |path| {
-        unknown.push(format!("unknown field `{path}` ignored"));
+        unknown.push(format!("unknown field `{}` ignored", IgnoredPath(&path)));
     });
     result.map(Box::new).map_err(|err| LoadErrorKind::Field {
         path: FieldPath(&track.path()).to_string(),
@@ -356,6 +356,40 @@ impl fmt::Display for FieldPath<'_> {
             first = false;
         }
         Ok(())
+    }
+}
+
+/// Renders an ignored field's path in the same style as [`FieldPath`]:
+/// `spec.ports[0].nme`, without serde_ignored's `?` for each `Option` and
+/// newtype on the way.
+struct IgnoredPath<'a>(&'a serde_ignored::Path<'a>);
+
+impl fmt::Display for IgnoredPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use serde_ignored::Path;
+        /// Writes `path`; returns whether it wrote anything, so a key knows
+        /// whether it needs a separating dot.
+        fn write(path: &Path<'_>, f: &mut fmt::Formatter<'_>) -> Result<bool, fmt::Error> {
+            match path {
+                Path::Root => Ok(false),
+                Path::Seq { parent, index } => {
+                    write(parent, f)?;
+                    write!(f, "[{index}]")?;
+                    Ok(true)
+                }
+                Path::Map { parent, key } => {
+                    if write(parent, f)? {
+                        f.write_str(".")?;
+                    }
+                    f.write_str(key)?;
+                    Ok(true)
+                }
+                Path::Some { parent }
+                | Path::NewtypeStruct { parent }
+                | Path::NewtypeVariant { parent } => write(parent, f),
+            }
+        }
+        write(self.0, f).map(|_| ())
     }
 }
 
@@ -477,7 +511,7 @@ mod tests {
             warnings,
             [
                 "unknown field `spec.htp` ignored",
-                "unknown field `spec.http.0.retrys` ignored"
+                "unknown field `spec.http[0].retrys` ignored"
             ]
         );
     }
