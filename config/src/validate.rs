@@ -1053,6 +1053,58 @@ fn kube_gateway(at: &mut At, spec: &KubeGatewaySpec) {
         if listener.protocol.is_empty() {
             at.error(format!("{path}.protocol"), "protocol is required");
         }
+        if let Some(hostname) = &listener.hostname {
+            if hostname == "*" || hostname.contains('/') {
+                at.error(
+                    format!("{path}.hostname"),
+                    format!("hostname `{hostname}` is not a DNS name or `*.`-prefixed wildcard"),
+                );
+            } else {
+                at.host(&format!("{path}.hostname"), hostname);
+            }
+        }
+        let tls = listener.tls.as_ref();
+        let passthrough = tls.and_then(|t| t.mode.as_deref()) == Some("Passthrough");
+        if let Some(mode) = tls.and_then(|t| t.mode.as_deref())
+            && !matches!(mode, "Terminate" | "Passthrough")
+        {
+            at.error(
+                format!("{path}.tls.mode"),
+                format!("mode `{mode}` is not Terminate or Passthrough"),
+            );
+        }
+        let terminates = match listener.protocol.as_str() {
+            "HTTPS" => true,
+            "TLS" => !passthrough,
+            _ => false,
+        };
+        if terminates && tls.is_none_or(|t| t.certificate_refs.is_empty()) {
+            at.error(
+                format!("{path}.tls.certificateRefs"),
+                format!(
+                    "a {} listener that terminates TLS needs a certificateRef",
+                    listener.protocol
+                ),
+            );
+        }
+        if let Some(namespaces) = listener
+            .allowed_routes
+            .as_ref()
+            .and_then(|a| a.namespaces.as_ref())
+        {
+            match namespaces.from.as_deref() {
+                None | Some("Same" | "All") => {}
+                Some("Selector") if namespaces.selector.is_some() => {}
+                Some("Selector") => at.error(
+                    format!("{path}.allowedRoutes.namespaces.selector"),
+                    "from: Selector needs a selector",
+                ),
+                Some(other) => at.error(
+                    format!("{path}.allowedRoutes.namespaces.from"),
+                    format!("`{other}` is not Same, All or Selector"),
+                ),
+            }
+        }
     }
 }
 
@@ -1489,5 +1541,37 @@ spec:
             .collect();
         assert_eq!(names, ["good"]);
         assert_eq!(valid.destination_rules.len(), 1);
+    }
+
+    #[test]
+    fn gateway_api_listeners_are_checked() {
+        let errs = errors(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: bk}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: a, port: 80, protocol: HTTP, hostname: \"*\"}\n  - {name: a, port: 443, protocol: HTTPS}\n  - {name: c, port: 8443, protocol: TLS, tls: {mode: Proxy}}\n  - {name: d, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}\n  - {name: e, port: 8081, protocol: HTTP, allowedRoutes: {namespaces: {from: Everywhere}}}\n",
+        );
+        let at = "t.yaml: Gateway bk/gw: field";
+        assert_eq!(
+            errs,
+            [
+                format!(
+                    "{at} `spec.listeners[0].hostname`: hostname `*` is not a DNS name or `*.`-prefixed wildcard"
+                ),
+                format!("{at} `spec.listeners[1].name`: duplicate listener name `a`"),
+                format!(
+                    "{at} `spec.listeners[1].tls.certificateRefs`: a HTTPS listener that terminates TLS needs a certificateRef"
+                ),
+                format!(
+                    "{at} `spec.listeners[2].tls.mode`: mode `Proxy` is not Terminate or Passthrough"
+                ),
+                format!(
+                    "{at} `spec.listeners[2].tls.certificateRefs`: a TLS listener that terminates TLS needs a certificateRef"
+                ),
+                format!(
+                    "{at} `spec.listeners[3].allowedRoutes.namespaces.selector`: from: Selector needs a selector"
+                ),
+                format!(
+                    "{at} `spec.listeners[4].allowedRoutes.namespaces.from`: `Everywhere` is not Same, All or Selector"
+                ),
+            ]
+        );
     }
 }

@@ -5,8 +5,11 @@
 //! the same code as Istio's own API.
 //!
 //! - A `parentRef` of kind `Service` (core group) attaches a route to that
-//!   Service (`port`: that port only); other parents (Gateways) are reported
-//!   and skipped.
+//!   Service (`port`: that port only).
+//! - A `parentRef` of kind `Gateway` attaches it to the listeners of an
+//!   ingress Gateway ([`crate::kube_gateway`]): one VirtualService per
+//!   Gateway and host name, bound to the listeners' Istio Gateways, each
+//!   route matching only on the listeners its own route attached to.
 //! - Each match becomes one route: `Exact` and `RegularExpression` paths as
 //!   they are; `PathPrefix` by whole segments (`/a` matches `/a` and `/a/b`,
 //!   not `/ab`); headers, query parameters and method as exact or regex
@@ -25,7 +28,7 @@
 //! A VirtualService for the same host takes precedence; the routes are then
 //! reported and not applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_config::{
@@ -52,6 +55,9 @@ use mesh_config::{
 pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Vec<VirtualService> {
     // Parent Service host -> (route namespace, its matches with their rule).
     let mut by_parent: BTreeMap<(String, String), Vec<Candidate<'_>>> = BTreeMap::new();
+    // Gateway namespace and host -> (listener gateways, candidates).
+    let mut by_gateway: BTreeMap<(String, String), (BTreeSet<String>, Vec<Candidate<'_>>)> =
+        BTreeMap::new();
     let mut sorted: Vec<&KubeHttpRoute> = manifests.http_routes.iter().collect();
     sorted.sort_by_key(|r| (namespace(&r.metadata), r.metadata.name.clone()));
     for route in sorted {
@@ -61,9 +67,41 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
             route.metadata.name.as_deref().unwrap_or_default()
         );
         for (p, parent) in route.spec.parent_refs.iter().enumerate() {
+            if parent.is_gateway() {
+                let attached = match crate::kube_gateway::attachments(
+                    manifests,
+                    parent,
+                    route_ns,
+                    &route.spec.hostnames,
+                ) {
+                    Ok(attached) => attached,
+                    Err(why) => {
+                        warnings.push(format!(
+                            "{route_id}: spec.parentRefs[{p}] is not applied: {why}"
+                        ));
+                        continue;
+                    }
+                };
+                // Host -> the listeners (their Istio Gateways) serving it.
+                let mut hosts: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+                for a in attached {
+                    hosts
+                        .entry((a.gateway_ns, a.host))
+                        .or_default()
+                        .push(a.gateway);
+                }
+                for (key, gateways) in hosts {
+                    let (all, candidates) = by_gateway.entry(key).or_default();
+                    all.extend(gateways.iter().cloned());
+                    candidates.extend(Candidate::of_rules(
+                        route, &route_id, route_ns, None, &gateways,
+                    ));
+                }
+                continue;
+            }
             if !parent.is_service() {
                 warnings.push(format!(
-                    "{route_id}: spec.parentRefs[{p}] ({} {}) is not applied: only Service parents (kind: Service, group \"\") are routed here",
+                    "{route_id}: spec.parentRefs[{p}] ({} {}) is not applied: only Service and Gateway parents are routed here",
                     parent.kind.as_deref().unwrap_or("Gateway"),
                     parent.name
                 ));
@@ -82,29 +120,19 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                 continue;
             }
             let host = fqdn(&parent.name, service_ns);
-            let candidates = by_parent
+            by_parent
                 .entry((service_ns.to_owned(), host.clone()))
-                .or_default();
-            for (r, rule) in route.spec.rules.iter().enumerate() {
-                let rule_name = format!("{route_id} rule {r}");
-                let matches: Vec<Option<&HttpRouteMatch>> = if rule.matches.is_empty() {
-                    vec![None]
-                } else {
-                    rule.matches.iter().map(Some).collect()
-                };
-                for matched in matches {
-                    candidates.push(Candidate {
-                        route_ns,
-                        rule,
-                        rule_name: rule_name.clone(),
-                        matched,
-                        port: parent.port,
-                    });
-                }
-            }
+                .or_default()
+                .extend(Candidate::of_rules(
+                    route,
+                    &route_id,
+                    route_ns,
+                    parent.port,
+                    &[],
+                ));
         }
     }
-    let mut out = Vec::new();
+    let mut out = gateway_virtual_services(by_gateway, warnings);
     for ((service_ns, host), mut candidates) in by_parent {
         let routed_by_vs = manifests.virtual_services.iter().find(|vs| {
             let vs_ns = namespace(&vs.metadata);
@@ -144,6 +172,42 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
     out
 }
 
+/// The VirtualServices of routes attached to ingress Gateways: one per
+/// Gateway namespace and host, bound to the listeners' Istio Gateways.
+fn gateway_virtual_services(
+    by_gateway: BTreeMap<(String, String), (BTreeSet<String>, Vec<Candidate<'_>>)>,
+    warnings: &mut Vec<String>,
+) -> Vec<VirtualService> {
+    let mut out = Vec::new();
+    for ((gateway_ns, host), (gateways, mut candidates)) in by_gateway {
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.precedence()));
+        let http = candidates
+            .iter()
+            .filter_map(|c| c.http_route(&host, warnings))
+            .collect();
+        out.push(VirtualService {
+            api_version: "gateway.networking.k8s.io/v1".to_owned(),
+            kind: "HTTPRoute".to_owned(),
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "gateway-{}-httproutes",
+                    host.replace('*', "wildcard")
+                )),
+                namespace: Some(gateway_ns),
+                ..Default::default()
+            },
+            spec: VirtualServiceSpec {
+                hosts: vec![host],
+                gateways: gateways.into_iter().collect(),
+                http,
+                ..Default::default()
+            },
+            status: None,
+        });
+    }
+    out
+}
+
 /// One match of one rule, for one parent.
 struct Candidate<'a> {
     route_ns: &'a str,
@@ -151,9 +215,42 @@ struct Candidate<'a> {
     rule_name: String,
     matched: Option<&'a HttpRouteMatch>,
     port: Option<u32>,
+    /// For a Gateway parent: the listeners' Istio Gateways it matches on.
+    gateways: Vec<String>,
 }
 
-impl Candidate<'_> {
+impl<'a> Candidate<'a> {
+    /// One candidate per match of every rule of `route` (a rule without
+    /// matches matches everything).
+    fn of_rules(
+        route: &'a KubeHttpRoute,
+        route_id: &str,
+        route_ns: &'a str,
+        port: Option<u32>,
+        gateways: &[String],
+    ) -> Vec<Self> {
+        let mut out = Vec::new();
+        for (r, rule) in route.spec.rules.iter().enumerate() {
+            let rule_name = format!("{route_id} rule {r}");
+            let matches: Vec<Option<&HttpRouteMatch>> = if rule.matches.is_empty() {
+                vec![None]
+            } else {
+                rule.matches.iter().map(Some).collect()
+            };
+            for matched in matches {
+                out.push(Candidate {
+                    route_ns,
+                    rule,
+                    rule_name: rule_name.clone(),
+                    matched,
+                    port,
+                    gateways: gateways.to_vec(),
+                });
+            }
+        }
+        out
+    }
+
     /// Gateway API precedence: exact path, longest prefix, method, header
     /// count, query count (greater first).
     fn precedence(&self) -> (bool, usize, bool, usize, usize) {
@@ -323,6 +420,7 @@ impl Candidate<'_> {
     fn match_request(&self) -> HttpMatchRequest {
         let mut out = HttpMatchRequest {
             port: self.port,
+            gateways: self.gateways.clone(),
             ..Default::default()
         };
         let Some(m) = self.matched else {
@@ -576,7 +674,7 @@ spec:
         );
         assert!(
             warnings.iter().any(|w| w
-                .contains("HTTPRoute shop/a: spec.parentRefs[0] (Gateway ingress) is not applied")),
+                .contains("HTTPRoute shop/a: spec.parentRefs[0] is not applied: names Gateway shop/ingress, which does not exist")),
             "{warnings:?}"
         );
     }

@@ -46,6 +46,8 @@
 //!   those names as a SAN.
 //!
 //! `AUTO_PASSTHROUGH` and `ISTIO_MUTUAL` are reported as not supported yet.
+//! Gateway API ingress Gateways reach this module as the Istio Gateways
+//! [`crate::kube_gateway`] translates them into.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -774,8 +776,24 @@ fn server_allows(pattern: &str, gateway_ns: &str, vs_ns: &str, host: &str) -> bo
             || (host.starts_with('*') && host_matches(&host, &host_pattern)))
 }
 
-/// The gateway deployments (`<namespace>/<deployment>`) whose pods match
-/// `selector`.
+/// The one host name both a listener's `hostname` and a route's serve
+/// (Gateway API hostname intersection): the more specific of the two when
+/// one matches the other, `None` when they share none.
+pub fn host_intersection(listener: &str, route: &str) -> Option<String> {
+    let (listener, route) = (listener.to_ascii_lowercase(), route.to_ascii_lowercase());
+    if host_matches(&listener, &route) {
+        Some(route)
+    } else if host_matches(&route, &listener) {
+        Some(listener)
+    } else {
+        None
+    }
+}
+
+/// The gateway proxies (`<namespace>/<gateway>`) whose pods match
+/// `selector`: a pod labelled `gateway.networking.k8s.io/gateway-name` is
+/// keyed by that Gateway (what the proxy announces), any other by its
+/// owning Deployment.
 fn selected_deployments(
     manifests: &Manifests,
     selector: &BTreeMap<String, String>,
@@ -791,10 +809,16 @@ fn selected_deployments(
             let namespace = pod.namespace();
             let owner = pod
                 .metadata
-                .owner_references
-                .iter()
-                .find(|o| o.kind == "Deployment")
-                .map(|o| o.name.clone())
+                .labels
+                .get(crate::waypoint_deploy::GATEWAY_NAME_LABEL)
+                .cloned()
+                .or_else(|| {
+                    pod.metadata
+                        .owner_references
+                        .iter()
+                        .find(|o| o.kind == "Deployment")
+                        .map(|o| o.name.clone())
+                })
                 .or_else(|| pod.metadata.name.clone())?;
             Some(format!("{namespace}/{owner}"))
         })

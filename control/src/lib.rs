@@ -16,6 +16,7 @@ pub mod ca_secret;
 pub mod ca_service;
 pub mod http_route;
 pub mod ingress;
+pub mod kube_gateway;
 pub mod leader;
 pub mod metrics;
 pub mod model;

@@ -116,15 +116,27 @@ impl Model {
     /// Translates `manifests`.
     pub fn build(manifests: &Manifests, settings: &MeshSettings) -> Model {
         // Gateway API HTTPRoutes are routed as the VirtualServices they are
-        // equivalent to (a copy only when there are any).
+        // equivalent to, and Gateway API ingress Gateways as the Istio
+        // Gateways they stand for (a copy only when there are any).
         let mut route_warnings = Vec::new();
         let with_routes;
-        let manifests = if manifests.http_routes.is_empty() {
+        // Gateway API ingress Gateways as the Istio Gateways they stand for.
+        let untouched = manifests.http_routes.is_empty()
+            && !manifests
+                .kube_gateways
+                .iter()
+                .any(crate::kube_gateway::is_ingress);
+        let manifests = if untouched {
             manifests
         } else {
             let mut copy = manifests.clone();
             copy.virtual_services
                 .extend(crate::http_route::virtual_services(
+                    manifests,
+                    &mut route_warnings,
+                ));
+            copy.istio_gateways
+                .extend(crate::kube_gateway::istio_gateways(
                     manifests,
                     &mut route_warnings,
                 ));

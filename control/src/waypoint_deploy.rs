@@ -1,9 +1,15 @@
-//! Waypoint Deployments: for every Gateway API `Gateway` of class
-//! `istio-waypoint`, the control plane (Kubernetes source mode) applies a
-//! ServiceAccount, a Deployment and a Service named after the Gateway in the
-//! Gateway's namespace, owned by the Gateway (deleting the Gateway lets the
-//! garbage collector delete them), and reports the Service's address in the
-//! Gateway's `status`.
+//! Waypoint and ingress Deployments: for every Gateway API `Gateway` of
+//! class `istio-waypoint`, the control plane (Kubernetes source mode)
+//! applies a ServiceAccount, a Deployment and a Service named after the
+//! Gateway in the Gateway's namespace, owned by the Gateway (deleting the
+//! Gateway lets the garbage collector delete them), and reports the
+//! Service's address in the Gateway's `status`. For a Gateway of class
+//! `istio` (ingress, [`crate::kube_gateway`]) it does the same with the
+//! objects named `<gateway>-istio`, as Istio names them: the pod also
+//! listens on every listener's port (unprivileged ports start at 0 in its
+//! network namespace, so it binds 80 without root), and the Service is a
+//! `LoadBalancer` exposing those ports; the status reports the load
+//! balancer's address once it has one.
 //!
 //! - [`render`] is pure: Gateway + [`WaypointTemplate`] (the chart's
 //!   waypoint values, passed as `mesh-control` flags) → typed objects.
@@ -34,8 +40,8 @@ use k8s_openapi::{
             Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
             HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
             Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext, Service,
-            ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume,
-            VolumeMount, VolumeProjection,
+            ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Sysctl,
+            Volume, VolumeMount, VolumeProjection,
         },
     },
     apimachinery::pkg::{
@@ -142,24 +148,66 @@ pub struct GatewayRef {
     pub api_version: String,
     /// Namespace (also the waypoint's).
     pub namespace: String,
-    /// Name (also the Deployment's, Service's and ServiceAccount's).
+    /// Name of the Gateway.
     pub name: String,
     /// `metadata.uid`, for the owner reference.
     pub uid: String,
+    /// What the Gateway is deployed as.
+    pub role: GatewayRole,
+}
+
+/// What a Gateway's proxy is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayRole {
+    /// A waypoint (class [`WAYPOINT_CLASS`]): HBONE on [`HBONE_PORT`].
+    Waypoint,
+    /// An ingress gateway (class [`crate::kube_gateway::INGRESS_CLASS`]):
+    /// its listeners' ports, `(listener name, port)`, one entry per port.
+    Ingress(Vec<(String, i32)>),
 }
 
 impl GatewayRef {
-    /// The Gateway `object` if it is a waypoint (class [`WAYPOINT_CLASS`])
-    /// with a namespace, name and uid.
-    pub fn waypoint(api_version: &str, object: &DynamicObject) -> Option<Self> {
+    /// The Gateway `object` if it is a waypoint or an ingress Gateway with
+    /// a namespace, name and uid.
+    pub fn of(api_version: &str, object: &DynamicObject) -> Option<Self> {
         let class = object.data.pointer("/spec/gatewayClassName")?.as_str()?;
-        (class == WAYPOINT_CLASS).then_some(())?;
+        let role = if class == WAYPOINT_CLASS {
+            GatewayRole::Waypoint
+        } else if class == crate::kube_gateway::INGRESS_CLASS {
+            let mut ports: Vec<(String, i32)> = Vec::new();
+            let listeners = object
+                .data
+                .pointer("/spec/listeners")
+                .and_then(Value::as_array);
+            for listener in listeners.into_iter().flatten() {
+                let port = listener["port"]
+                    .as_i64()
+                    .and_then(|p| i32::try_from(p).ok());
+                let name = listener["name"].as_str().unwrap_or_default();
+                if let Some(port) = port.filter(|p| !ports.iter().any(|(_, q)| q == p)) {
+                    ports.push((name.to_owned(), port));
+                }
+            }
+            GatewayRole::Ingress(ports)
+        } else {
+            return None;
+        };
         Some(Self {
             api_version: api_version.to_owned(),
             namespace: object.namespace()?,
             name: object.metadata.name.clone()?,
             uid: object.metadata.uid.clone()?,
+            role,
         })
+    }
+
+    /// The name of the Deployment, Service and ServiceAccount applied for
+    /// it: the Gateway's for a waypoint, `<gateway>-istio` for an ingress.
+    pub fn object_name(&self) -> String {
+        match self.role {
+            GatewayRole::Waypoint => self.name.clone(),
+            GatewayRole::Ingress(_) => crate::kube_gateway::deployment_name(&self.name),
+        }
     }
 }
 
@@ -176,8 +224,12 @@ pub struct WaypointObjects {
 
 /// The objects of `gateway`'s waypoint: pure, typed.
 pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObjects {
-    let name = gateway.name.clone();
-    let selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.clone())]);
+    let name = gateway.object_name();
+    let listener_ports: &[(String, i32)] = match &gateway.role {
+        GatewayRole::Waypoint => &[],
+        GatewayRole::Ingress(ports) => ports,
+    };
+    let selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), gateway.name.clone())]);
     let mut labels = selector.clone();
     labels.insert(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned());
     let meta = ObjectMeta {
@@ -187,7 +239,7 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
         owner_references: Some(vec![OwnerReference {
             api_version: gateway.api_version.clone(),
             kind: "Gateway".to_owned(),
-            name: name.clone(),
+            name: gateway.name.clone(),
             uid: gateway.uid.clone(),
             controller: Some(true),
             block_owner_deletion: None,
@@ -212,7 +264,7 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
         },
         EnvVar {
             name: "GATEWAY_NAME".into(),
-            value: Some(name.clone()),
+            value: Some(gateway.name.clone()),
             ..EnvVar::default()
         },
         EnvVar {
@@ -252,11 +304,20 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
             "--admin-addr=127.0.0.1:15000".into(),
         ]),
         env: Some(env),
-        ports: Some(vec![
-            port("tcp-hbone", HBONE_PORT),
-            port("http-monitoring", METRICS_PORT),
-            port("status-port", READINESS_PORT),
-        ]),
+        ports: Some(
+            [
+                port("tcp-hbone", HBONE_PORT),
+                port("http-monitoring", METRICS_PORT),
+                port("status-port", READINESS_PORT),
+            ]
+            .into_iter()
+            .chain(listener_ports.iter().map(|(_, p)| ContainerPort {
+                container_port: *p,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }))
+            .collect(),
+        ),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/healthz/ready".into()),
@@ -357,6 +418,14 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
                         run_as_non_root: Some(true),
                         run_as_user: Some(1337),
                         run_as_group: Some(1337),
+                        // An ingress binds its listeners' ports (80, 443)
+                        // as uid 1337, as Istio's gateways do.
+                        sysctls: (!listener_ports.is_empty()).then(|| {
+                            vec![Sysctl {
+                                name: "net.ipv4.ip_unprivileged_port_start".into(),
+                                value: "0".into(),
+                            }]
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
@@ -377,13 +446,25 @@ pub fn render(gateway: &GatewayRef, template: &WaypointTemplate) -> WaypointObje
     };
     let service = Service {
         metadata: meta.clone(),
-        spec: Some(ServiceSpec {
-            selector: Some(selector),
-            ports: Some(vec![
-                service_port("mesh", HBONE_PORT),
-                service_port("status-port", READINESS_PORT),
-            ]),
-            ..ServiceSpec::default()
+        spec: Some(match &gateway.role {
+            GatewayRole::Waypoint => ServiceSpec {
+                selector: Some(selector),
+                ports: Some(vec![
+                    service_port("mesh", HBONE_PORT),
+                    service_port("status-port", READINESS_PORT),
+                ]),
+                ..ServiceSpec::default()
+            },
+            GatewayRole::Ingress(ports) => ServiceSpec {
+                selector: Some(selector),
+                type_: Some("LoadBalancer".into()),
+                ports: Some(
+                    std::iter::once(service_port("status-port", READINESS_PORT))
+                        .chain(ports.iter().map(|(name, port)| service_port(name, *port)))
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            },
         }),
         ..Service::default()
     };
@@ -545,7 +626,7 @@ async fn reconcile_gateway(
     object: Arc<DynamicObject>,
     context: Arc<Context>,
 ) -> Result<Action, DeployError> {
-    let Some(gateway) = GatewayRef::waypoint(&context.resource.api_version, &object) else {
+    let Some(gateway) = GatewayRef::of(&context.resource.api_version, &object) else {
         return Ok(Action::await_change());
     };
     reconcile(
@@ -574,6 +655,7 @@ async fn reconcile(
     let objects = render(gateway, template);
     let ns = &gateway.namespace;
     let name = &gateway.name;
+    let object_name = gateway.object_name();
     let failed = |kind: &'static str| {
         move |source| DeployError::Apply {
             kind,
@@ -589,22 +671,35 @@ async fn reconcile(
         root_cert::publish(client, ns, root_pem).await?;
     }
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .patch(name, &params, &Patch::Apply(&objects.service_account))
+        .patch(
+            &object_name,
+            &params,
+            &Patch::Apply(&objects.service_account),
+        )
         .await
         .map_err(failed("ServiceAccount"))?;
     Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(name, &params, &Patch::Apply(&objects.deployment))
+        .patch(&object_name, &params, &Patch::Apply(&objects.deployment))
         .await
         .map_err(failed("Deployment"))?;
     let service = Api::<Service>::namespaced(client.clone(), ns)
-        .patch(name, &params, &Patch::Apply(&objects.service))
+        .patch(&object_name, &params, &Patch::Apply(&objects.service))
         .await
         .map_err(failed("Service"))?;
-    let cluster_ip = service
-        .spec
+    // An ingress is reached at its load balancer's address, a waypoint at
+    // its cluster IP.
+    let load_balancer = service
+        .status
         .as_ref()
-        .and_then(|s| s.cluster_ip.as_deref())
-        .filter(|ip| !ip.is_empty() && *ip != "None");
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|ingress| ingress.first())
+        .and_then(|i| i.ip.as_deref().or(i.hostname.as_deref()));
+    let cluster_ip = match gateway.role {
+        GatewayRole::Waypoint => service.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        GatewayRole::Ingress(_) => load_balancer,
+    }
+    .filter(|ip| !ip.is_empty() && *ip != "None");
     let previous = object.data.get("status");
     let now = k8s_openapi::jiff::Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
@@ -657,6 +752,7 @@ mod tests {
             namespace: "shop".into(),
             name: "waypoint".into(),
             uid: "uid-1".into(),
+            role: GatewayRole::Waypoint,
         }
     }
 
@@ -794,7 +890,84 @@ mod tests {
     }
 
     #[test]
-    fn only_waypoint_gateways_are_deployed() {
+    fn an_ingress_gateway_is_named_as_istio_names_it_and_exposes_its_listeners() {
+        let object = DynamicObject::new(
+            "bookinfo-gateway",
+            &ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
+        )
+        .within("shop")
+        .data(json!({"spec": {"gatewayClassName": "istio", "listeners": [
+            {"name": "http", "port": 80, "protocol": "HTTP"},
+            {"name": "other-http", "port": 80, "protocol": "HTTP", "hostname": "a.example.com"},
+            {"name": "https", "port": 443, "protocol": "HTTPS"},
+        ]}}));
+        let mut object = object;
+        object.metadata.uid = Some("uid-2".into());
+        let gateway =
+            GatewayRef::of("gateway.networking.k8s.io/v1", &object).expect("an ingress Gateway");
+        assert_eq!(
+            gateway.role,
+            GatewayRole::Ingress(vec![("http".into(), 80), ("https".into(), 443)])
+        );
+        let objects = render(&gateway, &template());
+        assert_eq!(
+            objects.deployment.metadata.name.as_deref(),
+            Some("bookinfo-gateway-istio")
+        );
+        let owner = &objects
+            .deployment
+            .metadata
+            .owner_references
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            (owner.name.as_str(), owner.uid.as_str()),
+            ("bookinfo-gateway", "uid-2")
+        );
+        let pod = objects.deployment.spec.template.spec.unwrap();
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("bookinfo-gateway-istio")
+        );
+        let sysctls = pod.security_context.unwrap().sysctls.unwrap();
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+        let container = &pod.containers[0];
+        let env = container.env.as_ref().unwrap();
+        let gateway_env = env.iter().find(|e| e.name == "GATEWAY_NAME").unwrap();
+        assert_eq!(gateway_env.value.as_deref(), Some("bookinfo-gateway"));
+        let ports: Vec<i32> = container
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [15008, 15020, 15021, 80, 443]);
+        let service = objects.service.spec.unwrap();
+        assert_eq!(service.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(
+            service.selector.unwrap()[GATEWAY_NAME_LABEL],
+            "bookinfo-gateway"
+        );
+        let ports: Vec<(Option<&str>, i32)> = service
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("status-port"), 15021),
+                (Some("http"), 80),
+                (Some("https"), 443)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_waypoint_and_ingress_gateways_are_deployed() {
         let object = |class: &str| {
             let mut gw = DynamicObject::new(
                 "waypoint",
@@ -807,10 +980,10 @@ mod tests {
         };
         let api = "gateway.networking.k8s.io/v1";
         assert_eq!(
-            GatewayRef::waypoint(api, &object(WAYPOINT_CLASS)),
+            GatewayRef::of(api, &object(WAYPOINT_CLASS)),
             Some(gateway())
         );
-        assert_eq!(GatewayRef::waypoint(api, &object("istio")), None);
+        assert_eq!(GatewayRef::of(api, &object("other")), None);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The waypoint controller against an in-process fake API server: a Gateway
 //! of class `istio-waypoint` gets a ServiceAccount, Deployment and Service
-//! by server-side apply (field manager `mesh-control`), other Gateways get
-//! nothing, and the Gateway's status reports the Service's address once it
-//! has one, without patching again when nothing changed.
+//! by server-side apply (field manager `mesh-control`), one of class
+//! `istio` (ingress) the same named `<gateway>-istio` with a LoadBalancer
+//! Service of its listeners' ports, other Gateways get nothing, and the
+//! Gateway's status reports the Service's address once it has one, without
+//! patching again when nothing changed.
 
 use std::time::Duration;
 
@@ -61,7 +63,11 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
     server.serve(Kind::service_account());
     let stored = server.apply(gateway("waypoint", "istio-waypoint"));
     let uid = stored["metadata"]["uid"].as_str().unwrap().to_owned();
-    server.apply(gateway("ingress", "istio"));
+    server.apply(gateway("other", "example.com/other"));
+    server.apply(json!({"apiVersion": GATEWAY_API, "kind": "Gateway",
+        "metadata": {"name": "ingress", "namespace": "shop", "generation": 1},
+        "spec": {"gatewayClassName": "istio",
+                 "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}));
     let controller = tokio::spawn(waypoint_deploy::run(
         server.client(),
         "v1".into(),
@@ -111,8 +117,13 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
     // dependency order: identity, pods, Service, then the status.
     let patches = server.patches();
     let paths: Vec<&str> = patches.iter().map(|p| p.path.as_str()).collect();
+    let waypoint_paths: Vec<&str> = paths
+        .iter()
+        .copied()
+        .filter(|p| p.ends_with("/waypoint") || p.contains("/waypoint/"))
+        .collect();
     assert_eq!(
-        &paths[..4],
+        &waypoint_paths[..4],
         [
             "/api/v1/namespaces/shop/serviceaccounts/waypoint",
             "/apis/apps/v1/namespaces/shop/deployments/waypoint",
@@ -126,13 +137,36 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         assert_eq!(patch.field_manager.as_deref(), Some(FIELD_MANAGER));
         assert!(patch.force, "{}", patch.path);
     }
-    // A Gateway of another class is not a waypoint.
+    // A Gateway of another class is neither a waypoint nor an ingress.
     assert!(
         server
-            .get("apps/v1", "Deployment", "shop", "ingress")
+            .get("apps/v1", "Deployment", "shop", "other")
             .is_none()
     );
-    assert!(!paths.iter().any(|p| p.contains("ingress")), "{paths:?}");
+    assert!(!paths.iter().any(|p| p.contains("other")), "{paths:?}");
+    // The ingress Gateway's proxy is named as Istio names it, labelled with
+    // the Gateway, and exposed by a LoadBalancer on its listener's port.
+    let ingress = eventually("the ingress Deployment", || {
+        server.get("apps/v1", "Deployment", "shop", "ingress-istio")
+    })
+    .await;
+    assert_eq!(
+        ingress["spec"]["template"]["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"],
+        "ingress"
+    );
+    let ingress_service = eventually("the ingress Service", || {
+        server.get("v1", "Service", "shop", "ingress-istio")
+    })
+    .await;
+    assert_eq!(ingress_service["spec"]["type"], "LoadBalancer");
+    assert!(
+        ingress_service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == 80 && p["name"] == "http"),
+        "{ingress_service}"
+    );
 
     // The API server assigns the Service its cluster IP; the next event of
     // the Gateway reports it.

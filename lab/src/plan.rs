@@ -408,6 +408,7 @@ pub fn add_waypoints(manifests: &mut Manifests) {
             manifests,
             &namespace,
             &name,
+            &name,
             BTreeMap::new(),
             &WAYPOINT_PORTS,
             &[("mesh", 15008, 15008), ("status-port", 15021, 15021)],
@@ -451,6 +452,7 @@ pub fn add_ingress_gateway(manifests: &mut Manifests) {
         manifests,
         namespace,
         name,
+        name,
         BTreeMap::from([
             ("istio".to_owned(), "ingressgateway".to_owned()),
             ("app".to_owned(), name.to_owned()),
@@ -465,14 +467,52 @@ pub fn add_ingress_gateway(manifests: &mut Manifests) {
     );
 }
 
-/// Adds a gateway proxy's Deployment (one replica, outside the mesh's
-/// capture, labelled with [`GATEWAY_NAME_LABEL`] so the lab runs the
-/// proxy) and its Service with `service_ports` (`name`, port, target port),
-/// unless a Deployment of that name exists.
+/// Deploys what Istio deploys for each Gateway API ingress Gateway (class
+/// `istio`): a Deployment and a Service `<gateway>-istio`, the pod labelled
+/// with the Gateway's name, the Service exposing every listener's port.
+pub fn add_kube_ingress_gateways(manifests: &mut Manifests) {
+    let gateways: Vec<mesh_config::istio::KubeGateway> = manifests
+        .kube_gateways
+        .iter()
+        .filter(|gw| gw.spec.gateway_class_name == "istio")
+        .cloned()
+        .collect();
+    for gateway in gateways {
+        let Some(name) = gateway.metadata.name.as_deref() else {
+            continue;
+        };
+        let mut service_ports: Vec<(&str, i32, i32)> = Vec::new();
+        for listener in &gateway.spec.listeners {
+            let Ok(port) = i32::try_from(listener.port) else {
+                continue;
+            };
+            if !service_ports.iter().any(|(_, p, _)| *p == port) {
+                service_ports.push((listener.name.as_str(), port, port));
+            }
+        }
+        service_ports.push(("status-port", 15021, 15021));
+        add_gateway_deployment(
+            manifests,
+            mesh_config::namespace(&gateway.metadata),
+            &format!("{name}-istio"),
+            name,
+            BTreeMap::new(),
+            &INGRESS_PORTS,
+            &service_ports,
+        );
+    }
+}
+
+/// Adds a gateway proxy's Deployment `name` (one replica, outside the
+/// mesh's capture, labelled with [`GATEWAY_NAME_LABEL`]` = gateway` so the
+/// lab runs the proxy for that Gateway) and its Service with
+/// `service_ports` (`name`, port, target port), unless a Deployment of
+/// that name exists.
 fn add_gateway_deployment(
     manifests: &mut Manifests,
     namespace: &str,
     name: &str,
+    gateway: &str,
     extra_labels: BTreeMap<String, String>,
     container_ports: &[u16],
     service_ports: &[(&str, i32, i32)],
@@ -484,7 +524,7 @@ fn add_gateway_deployment(
     if exists {
         return;
     }
-    let mut selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), name.to_owned())]);
+    let mut selector = BTreeMap::from([(GATEWAY_NAME_LABEL.to_owned(), gateway.to_owned())]);
     selector.extend(extra_labels);
     let mut labels = selector.clone();
     labels.insert(

@@ -69,6 +69,7 @@ pub fn up(options: &UpOptions) -> Result<LabState> {
     }
     plan::add_waypoints(&mut manifests);
     plan::add_ingress_gateway(&mut manifests);
+    plan::add_kube_ingress_gateways(&mut manifests);
     let plan = plan::plan(&options.name, options.nodes, &manifests)?;
     crate::down(&options.name)?;
     build(plan, &manifests.services, options).inspect_err(|_| {

@@ -57,6 +57,31 @@ impl Lab {
             .unwrap_or_else(|err| panic!("bind {namespace} to waypoint {waypoint}: {err}"));
     }
 
+    /// One `lab-app get` of `url` from pod `from` (`extra`: more of its
+    /// arguments, such as `--connect-to`): whether it was a 2xx, the JSON
+    /// body (`Null` when there is none), and everything it printed.
+    pub fn get(
+        &self,
+        from: &mesh_lab::PodPlan,
+        url: &str,
+        extra: &[&str],
+    ) -> (bool, serde_json::Value, String) {
+        let mut args = vec!["get", url, "--timeout-ms", "5000"];
+        args.extend(extra);
+        let output = self
+            .state
+            .app_client(from, &args)
+            .expect("client")
+            .output()
+            .expect("lab-app get");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        (
+            output.status.success(),
+            serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
+            format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)),
+        )
+    }
+
     /// Brings up Istio's bookinfo sample.
     pub fn bookinfo(name: &str) -> Self {
         Self::up(name, vec![bookinfo_manifest()], 2)

@@ -152,6 +152,7 @@ fn containers() -> Vec<Container> {
         namespace: "shop".into(),
         name: "waypoint".into(),
         uid: "uid".into(),
+        role: mesh_control::waypoint_deploy::GatewayRole::Waypoint,
     };
     let template = mesh_control::waypoint_deploy::WaypointTemplate {
         image: "ghcr.io/mesh/waypoint:0.1.0".into(),

@@ -23,25 +23,6 @@ use serde_json::Value;
 
 const GATEWAY_URL: &str = "http://istio-ingressgateway.istio-system";
 
-/// One GET from `from`: whether it was a 2xx, the JSON body (if any), and
-/// everything printed. `extra` are more `lab-app get` arguments.
-fn get(lab: &Lab, from: &PodPlan, url: &str, extra: &[&str]) -> (bool, Value, String) {
-    let mut args = vec!["get", url, "--timeout-ms", "5000"];
-    args.extend(extra);
-    let output = lab
-        .state
-        .app_client(from, &args)
-        .expect("client")
-        .output()
-        .expect("lab-app get");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    (
-        output.status.success(),
-        serde_json::from_str(stdout.trim()).unwrap_or(Value::Null),
-        format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)),
-    )
-}
-
 #[test]
 fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
     let gateway_sample =
@@ -90,7 +71,7 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
         })
     };
     eventually("productpage through the gateway over HBONE", || {
-        let (ok, body, text) = get(&lab, &outside, &url, &[]);
+        let (ok, body, text) = lab.get(&outside, &url, &[]);
         if !(ok && body["app"] == "productpage") {
             return Err(text);
         }
@@ -100,16 +81,11 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
             .map_err(|e| e.to_string())?;
         over_hbone(&metrics).then_some(()).ok_or(metrics)
     });
-    let (ok, body, text) = get(
-        &lab,
-        &outside,
-        &format!("{GATEWAY_URL}/api/v1/products"),
-        &[],
-    );
+    let (ok, body, text) = lab.get(&outside, &format!("{GATEWAY_URL}/api/v1/products"), &[]);
     assert!(ok && body["app"] == "productpage", "{text}");
 
     // Paths the VirtualService does not route are 404 at the gateway.
-    let (ok, _, text) = get(&lab, &outside, &format!("{GATEWAY_URL}/admin"), &[]);
+    let (ok, _, text) = lab.get(&outside, &format!("{GATEWAY_URL}/admin"), &[]);
     assert!(!ok && text.contains("404"), "{text}");
 
     let metrics = lab
@@ -167,7 +143,7 @@ fn slowloris(lab: &Lab, client: &PodPlan) {
         .expect("lab-app tcp");
     std::thread::sleep(Duration::from_secs(2));
     for _ in 0..3 {
-        let (ok, body, text) = get(lab, client, &format!("{GATEWAY_URL}/productpage"), &[]);
+        let (ok, body, text) = lab.get(client, &format!("{GATEWAY_URL}/productpage"), &[]);
         assert!(
             ok && body["app"] == "productpage",
             "served during slowloris: {text}"
@@ -376,8 +352,7 @@ spec:
         ca,
     ];
     eventually("HTTPS through the gateway", || {
-        let (ok, body, text) = get(
-            lab,
+        let (ok, body, text) = lab.get(
             client,
             "https://bookinfo.example.com/productpage",
             &via_gateway,
@@ -388,14 +363,13 @@ spec:
     });
     let mut h2 = via_gateway.to_vec();
     h2.push("--http2");
-    let (ok, body, text) = get(lab, client, "https://bookinfo.example.com/productpage", &h2);
+    let (ok, body, text) = lab.get(client, "https://bookinfo.example.com/productpage", &h2);
     assert!(
         ok && body["app"] == "productpage",
         "HTTP/2 over TLS: {text}"
     );
     // No server for that name: the gateway ends the handshake.
-    let (ok, _, text) = get(
-        lab,
+    let (ok, _, text) = lab.get(
         client,
         "https://other.example.com/productpage",
         &via_gateway,
@@ -413,14 +387,14 @@ spec:
             "--key-file",
             key.to_str().expect("utf-8 path"),
         ]);
-        get(lab, client, secure, &args)
+        lab.get(client, secure, &args)
     };
     let (ok, body, text) = with_cert(&client_cert_file, &client_key_file);
     assert!(
         ok && body["app"] == "productpage",
         "MUTUAL with a client certificate: {text}"
     );
-    let (ok, body, text) = get(lab, client, secure, &via_gateway);
+    let (ok, body, text) = lab.get(client, secure, &via_gateway);
     assert!(
         refused_in_handshake(ok, &body, &text),
         "MUTUAL without a client certificate: {text}"
@@ -438,8 +412,7 @@ spec:
 
     // httpsRedirect: plaintext for that host is sent to https://; other
     // hosts on the port are routed as before.
-    let (ok, _, text) = get(
-        lab,
+    let (ok, _, text) = lab.get(
         client,
         "http://bookinfo.example.com/productpage?u=1",
         &["--connect-to", "istio-ingressgateway.istio-system:80"],
@@ -449,7 +422,7 @@ spec:
             && text.contains("(location: https://bookinfo.example.com/productpage?u=1)"),
         "{text}"
     );
-    let (ok, body, text) = get(lab, client, &format!("{GATEWAY_URL}/productpage"), &[]);
+    let (ok, body, text) = lab.get(client, &format!("{GATEWAY_URL}/productpage"), &[]);
     assert!(ok && body["app"] == "productpage", "{text}");
 
     // A TCP server: the bytes go to the `tcp` route's destination as they
@@ -468,19 +441,13 @@ spec:
     );
     // A TLS server: TLS ends at the gateway, the plaintext inside goes to
     // the `tcp` route (here the client's HTTP/1.1, answered by productpage).
-    let (ok, body, text) = get(
-        lab,
-        client,
-        "https://tls.example.com/productpage",
-        &via_gateway,
-    );
+    let (ok, body, text) = lab.get(client, "https://tls.example.com/productpage", &via_gateway);
     assert!(ok && body["app"] == "productpage", "TLS server: {text}");
 
     // TLS passthrough: the gateway routes by SNI without terminating; the
     // backend's own TLS (its response header shows) reaches productpage.
     mesh_tests::eventually("passthrough backend ready", SETTLE, || {
-        let (ok, body, text) = get(
-            lab,
+        let (ok, body, text) = lab.get(
             client,
             "https://pass.example.com/productpage",
             &[&via_gateway[..], &["--show-headers"]].concat(),

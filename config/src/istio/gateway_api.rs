@@ -47,6 +47,16 @@ pub struct ParentRef {
 }
 
 impl ParentRef {
+    /// Whether it names a Gateway (kind `Gateway`, the default, of the
+    /// Gateway API group, the default).
+    pub fn is_gateway(&self) -> bool {
+        self.kind.as_deref().is_none_or(|k| k == "Gateway")
+            && self
+                .group
+                .as_deref()
+                .is_none_or(|g| g == "gateway.networking.k8s.io")
+    }
+
     /// Whether it names a Service (core group, kind `Service`).
     pub fn is_service(&self) -> bool {
         self.kind.as_deref() == Some("Service")

@@ -98,12 +98,68 @@ pub struct KubeListener {
     /// `HTTP`, `HTTPS`, `TCP`, `TLS`, `HBONE`...
     #[serde(default)]
     pub protocol: String,
-    /// TLS (kept as given).
+    /// TLS of an `HTTPS` or `TLS` listener.
     #[serde(default)]
-    pub tls: Option<serde_json::Value>,
-    /// Which routes may attach (kept as given).
+    pub tls: Option<ListenerTls>,
+    /// Which routes may attach (default: routes in the Gateway's namespace).
     #[serde(default)]
-    pub allowed_routes: Option<serde_json::Value>,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// A Gateway API listener's `tls`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// `Terminate` (the default) or `Passthrough`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The Secrets holding the certificate and key (`tls.crt`, `tls.key`).
+    #[serde(default)]
+    pub certificate_refs: Vec<SecretRef>,
+    /// Implementation-specific options (kept as given).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// A reference to a Secret (Gateway API `SecretObjectReference`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// API group: `""` (core).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `Secret` (the default).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Namespace (default: the Gateway's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// A Gateway API listener's `allowedRoutes`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedRoutes {
+    /// The namespaces routes may attach from.
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+    /// Route kinds allowed (kept as given).
+    #[serde(default)]
+    pub kinds: Vec<serde_json::Value>,
+}
+
+/// `allowedRoutes.namespaces`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteNamespaces {
+    /// `Same` (the default), `All` or `Selector`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// For `Selector`: the labels a route's namespace must have.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
 }
 
 /// API versions accepted for `networking.istio.io` kinds.

@@ -131,7 +131,8 @@ fn ruleset(exempt: SocketAddr) -> String {
     )
 }
 
-/// Runs `nft args` in network namespace `netns`, feeding it `script`.
+/// Runs the nftables CLI with `args` in network namespace `netns`, feeding
+/// it `script` (the reference variant's redirect, never our data path).
 fn nft(netns: &str, args: &[&str], script: Option<&str>) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "nft"])
@@ -145,19 +146,19 @@ fn nft(netns: &str, args: &[&str], script: Option<&str>) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(io_err(format!(
-            "running nft in netns {netns} (the reference variant needs nftables)"
+            "running the nftables CLI in netns {netns} (the reference variant needs nftables)"
         )))?;
     if let (Some(script), Some(mut stdin)) = (script, child.stdin.take()) {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(io_err(format!("writing the nft script in netns {netns}")))?;
+        stdin.write_all(script.as_bytes()).map_err(io_err(format!(
+            "writing the nftables script in netns {netns}"
+        )))?;
     }
     let output = child
         .wait_with_output()
-        .map_err(io_err(format!("running nft in netns {netns}")))?;
+        .map_err(io_err(format!("running the nftables CLI in netns {netns}")))?;
     if !output.status.success() {
         return Err(Error::Invalid(format!(
-            "nft {} in netns {netns}: {}",
+            "nftables `{}` in netns {netns}: {}",
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         )));

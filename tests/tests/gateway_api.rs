@@ -1,0 +1,114 @@
+//! Gateway API ingress: a `Gateway` of class `istio` and the HTTPRoutes
+//! attached to it (bookinfo's Gateway API sample) let clients outside the
+//! mesh reach productpage through the `bookinfo-gateway-istio` Deployment
+//! and Service the lab creates for it, as Istio does; a second listener
+//! with a wildcard hostname serves only the route hosts under it, and the
+//! routes' filters apply.
+
+use std::time::Duration;
+
+use mesh_tests::{Lab, bookinfo_manifest};
+
+/// How long config may take to show in traffic.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// The gateway's Service, as Istio names it.
+const GATEWAY: &str = "bookinfo-gateway-istio.default";
+
+#[test]
+fn gateway_api_ingress_routes_outside_traffic_by_path_and_host() {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/bookinfo-gateway-api.yaml");
+    let mut lab = Lab::up("tga", vec![bookinfo_manifest(), manifest], 2);
+    lab.enrol_namespace("default");
+    lab.state
+        .wait_for_waypoints(Duration::from_secs(15))
+        .expect("gateway ready");
+    let gateway = lab
+        .state
+        .pod("bookinfo-gateway-istio")
+        .expect("the lab deploys the Gateway's proxy")
+        .clone();
+    assert_eq!(
+        gateway.waypoint(),
+        Some("bookinfo-gateway"),
+        "labelled with its Gateway's name"
+    );
+    // A client outside the mesh: a pod that opted out.
+    lab.state
+        .set_label(
+            &mesh_lab::mesh::LabelTarget::Pod("details".into()),
+            mesh_config::node::DATAPLANE_MODE_LABEL,
+            Some("none"),
+        )
+        .expect("opt details out");
+    let outside = lab.state.pod("details").expect("details").clone();
+
+    // The sample's paths reach productpage over HBONE (its identity
+    // checked by the gateway's ztunnel-side client).
+    let url = format!("http://{GATEWAY}/productpage");
+    mesh_tests::eventually(
+        "productpage through the Gateway API gateway",
+        SETTLE,
+        || {
+            let (ok, body, text) = lab.get(&outside, &url, &[]);
+            if !(ok && body["app"] == "productpage") {
+                return Err(text);
+            }
+            let metrics = lab
+                .state
+                .waypoint_metrics(&gateway)
+                .map_err(|e| e.to_string())?;
+            metrics
+            .lines()
+            .any(|l| {
+                l.starts_with("istio_requests_total")
+                    && l.contains("response_code=\"200\"")
+                    && l.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"")
+            })
+            .then_some(())
+            .ok_or(metrics)
+        },
+    );
+    let (ok, body, text) = lab.get(&outside, &format!("http://{GATEWAY}/static/app.css"), &[]);
+    assert!(
+        ok && body["app"] == "productpage",
+        "PathPrefix /static: {text}"
+    );
+    // `PathPrefix` matches whole segments; unrouted paths are 404.
+    for path in ["/staticfiles", "/admin", "/productpage/extra"] {
+        let (ok, _, text) = lab.get(&outside, &format!("http://{GATEWAY}{path}"), &[]);
+        assert!(!ok && text.contains("404"), "{path}: {text}");
+    }
+    // The route without a sectionName attached to both listeners, but only
+    // its host under `*.example.com` is served on that listener; on the
+    // `http` listener (no hostname) both of its hosts are.
+    let connect = format!("{GATEWAY}:8080");
+    let (ok, body, text) = lab.get(
+        &outside,
+        "http://reviews.example.com:8080/reviews/0",
+        &["--connect-to", &connect, "--show-headers"],
+    );
+    assert!(
+        ok && body["app"] == "reviews",
+        "reviews.example.com: {text}"
+    );
+    assert!(text.contains("x-routed-by: reviews-by-host"), "{text}");
+    for host in ["reviews.other.org", "productpage.example.com"] {
+        let (ok, _, text) = lab.get(
+            &outside,
+            &format!("http://{host}:8080/reviews/0"),
+            &["--connect-to", &connect],
+        );
+        assert!(!ok && text.contains("404"), "{host} on 8080: {text}");
+    }
+    let (ok, body, text) = lab.get(
+        &outside,
+        "http://reviews.other.org/reviews/0",
+        &["--connect-to", &format!("{GATEWAY}:80")],
+    );
+    assert!(
+        ok && body["app"] == "reviews",
+        "reviews.other.org on 80: {text}"
+    );
+}
