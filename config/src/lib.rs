@@ -68,6 +68,8 @@ pub enum Resource {
     KubeGateway(Box<istio::KubeGateway>),
     /// `gateway.networking.k8s.io` HTTPRoute.
     KubeHttpRoute(Box<istio::KubeHttpRoute>),
+    /// Gateway API GRPCRoute.
+    KubeGrpcRoute(Box<istio::KubeGrpcRoute>),
     /// A kind this crate does not model (yet): kept by identity only.
     Other(ResourceId),
 }
@@ -128,6 +130,8 @@ pub struct Manifests {
     pub kube_gateways: Vec<istio::KubeGateway>,
     /// Gateway API HTTPRoutes.
     pub http_routes: Vec<istio::KubeHttpRoute>,
+    /// Gateway API GRPCRoutes.
+    pub grpc_routes: Vec<istio::KubeGrpcRoute>,
     /// Resources of kinds not modelled here.
     pub others: Vec<ResourceId>,
     /// Where each resource came from (file name), for error messages.
@@ -153,6 +157,7 @@ impl Manifests {
             Resource::PeerAuthentication(r) => self.peer_authentications.push(*r),
             Resource::KubeGateway(r) => self.kube_gateways.push(*r),
             Resource::KubeHttpRoute(r) => self.http_routes.push(*r),
+            Resource::KubeGrpcRoute(r) => self.grpc_routes.push(*r),
             Resource::Other(id) => self.others.push(id),
         }
     }
@@ -175,6 +180,7 @@ impl Manifests {
         self.peer_authentications.extend(other.peer_authentications);
         self.kube_gateways.extend(other.kube_gateways);
         self.http_routes.extend(other.http_routes);
+        self.grpc_routes.extend(other.grpc_routes);
         self.others.extend(other.others);
         self.sources.extend(other.sources);
     }
@@ -196,6 +202,7 @@ impl Manifests {
             + self.peer_authentications.len()
             + self.kube_gateways.len()
             + self.http_routes.len()
+            + self.grpc_routes.len()
             + self.others.len()
     }
 
@@ -267,6 +274,9 @@ impl Manifests {
             )),
             "HTTPRoute" => Resource::KubeHttpRoute(Box::new(
                 named(&self.http_routes, id, |r| &r.metadata)?.clone(),
+            )),
+            "GRPCRoute" => Resource::KubeGrpcRoute(Box::new(
+                named(&self.grpc_routes, id, |r| &r.metadata)?.clone(),
             )),
             "ServiceEntry" => Resource::ServiceEntry(Box::new(
                 named(&self.service_entries, id, |r| &r.metadata)?.clone(),

@@ -274,6 +274,7 @@ fn parse_resource(
         "PeerAuthentication" if security => parse!(PeerAuthentication),
         "Gateway" if gateway_api => parse!(KubeGateway),
         "HTTPRoute" if gateway_api => parse!(KubeHttpRoute),
+        "GRPCRoute" if gateway_api => parse!(KubeGrpcRoute),
         _ => Resource::Other(id.clone()),
     };
     Ok((id, resource))

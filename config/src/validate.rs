@@ -16,7 +16,8 @@ use crate::{
     istio::{
         Crd, KubeGatewaySpec,
         gateway_api::{
-            HttpRouteFilter, HttpRouteSpec, PathMatchType, PathModifierType, ValueMatchType,
+            GrpcRouteSpec, HttpBackendRef, HttpRouteFilter, HttpRouteSpec, ParentRef,
+            PathMatchType, PathModifierType, ValueMatchType,
         },
         networking::{
             Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
@@ -132,6 +133,11 @@ pub fn validate(manifests: &Manifests) -> Vec<ValidationError> {
         http_route_api(&mut at, &route.spec);
         check.finish(at);
     }
+    for route in &manifests.grpc_routes {
+        let mut at = check.at(route);
+        grpc_route_api(&mut at, &route.spec);
+        check.finish(at);
+    }
     check.errors
 }
 
@@ -160,6 +166,7 @@ pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) 
         keep(&mut manifests.peer_authentications, &invalid);
         keep(&mut manifests.kube_gateways, &invalid);
         keep(&mut manifests.http_routes, &invalid);
+        keep(&mut manifests.grpc_routes, &invalid);
         errors.extend(found);
     }
 }
@@ -1108,12 +1115,12 @@ fn kube_gateway(at: &mut At, spec: &KubeGatewaySpec) {
     }
 }
 
-/// Gateway API HTTPRoute rules (the Gateway API's own validation).
-fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
-    if spec.parent_refs.is_empty() {
+/// A route's `parentRefs`: at least one, each named, ports in range.
+fn parent_refs(at: &mut At, parents: &[ParentRef]) {
+    if parents.is_empty() {
         at.error("spec.parentRefs", "a route needs at least one parentRef");
     }
-    for (i, parent) in spec.parent_refs.iter().enumerate() {
+    for (i, parent) in parents.iter().enumerate() {
         let path = format!("spec.parentRefs[{i}]");
         if parent.name.is_empty() {
             at.error(format!("{path}.name"), "name is required");
@@ -1122,6 +1129,79 @@ fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
             at.port(format!("{path}.port"), port);
         }
     }
+}
+
+/// Gateway API GRPCRoute rules (the Gateway API's own validation): a
+/// method match names a service or a method; exact names hold no `/`;
+/// patterns compile; header matches are named.
+fn grpc_route_api(at: &mut At, spec: &GrpcRouteSpec) {
+    parent_refs(at, &spec.parent_refs);
+    for (r, rule) in spec.rules.iter().enumerate() {
+        backend_refs(at, &format!("spec.rules[{r}]"), &rule.backend_refs);
+        for (f, filter) in rule.filters.iter().enumerate() {
+            if !matches!(
+                filter.type_.as_str(),
+                "RequestHeaderModifier" | "ResponseHeaderModifier" | "RequestMirror"
+            ) {
+                at.error(
+                    format!("spec.rules[{r}].filters[{f}].type"),
+                    format!(
+                        "filter `{}` is not supported in a GRPCRoute (RequestHeaderModifier, ResponseHeaderModifier and RequestMirror are)",
+                        filter.type_
+                    ),
+                );
+            }
+        }
+        for (m, matched) in rule.matches.iter().enumerate() {
+            let path = format!("spec.rules[{r}].matches[{m}]");
+            if let Some(method) = &matched.method {
+                let path = format!("{path}.method");
+                if method.service.is_none() && method.method.is_none() {
+                    at.error(&path, "a method match needs a service or a method");
+                }
+                let regex = method.type_ == Some(ValueMatchType::RegularExpression);
+                for (field, value) in [("service", &method.service), ("method", &method.method)] {
+                    let Some(value) = value else { continue };
+                    if regex {
+                        if let Err(err) = regex::Regex::new(value) {
+                            at.error(
+                                format!("{path}.{field}"),
+                                format!("regex `{value}` does not compile: {}", first_line(&err)),
+                            );
+                        }
+                    } else if value.is_empty() || value.contains('/') {
+                        at.error(
+                            format!("{path}.{field}"),
+                            format!("`{value}` is not a gRPC {field} name (empty, or holds `/`)"),
+                        );
+                    }
+                }
+            }
+            for (h, header) in matched.headers.iter().enumerate() {
+                let path = format!("{path}.headers[{h}]");
+                if header.name.is_empty() {
+                    at.error(format!("{path}.name"), "name is required");
+                }
+                if header.type_ == Some(ValueMatchType::RegularExpression)
+                    && let Err(err) = regex::Regex::new(&header.value)
+                {
+                    at.error(
+                        format!("{path}.value"),
+                        format!(
+                            "regex `{}` does not compile: {}",
+                            header.value,
+                            first_line(&err)
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Gateway API HTTPRoute rules (the Gateway API's own validation).
+fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
+    parent_refs(at, &spec.parent_refs);
     let regex = |at: &mut At, path: String, re: &str| {
         if let Err(err) = regex::Regex::new(re) {
             at.error(
@@ -1251,24 +1331,29 @@ fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
                 );
             }
         }
-        for (b, backend) in rule.backend_refs.iter().enumerate() {
-            let path = format!("{path}.backendRefs[{b}]");
-            at.non_negative(format!("{path}.weight"), backend.weight);
-            if backend
-                .backend
-                .kind
-                .as_deref()
-                .is_some_and(|k| k != "Service")
-            {
-                at.error(
-                    format!("{path}.kind"),
-                    "only Service backends are supported",
-                );
-            }
-            match backend.backend.port {
-                None => at.error(format!("{path}.port"), "a Service backend needs a port"),
-                Some(port) => at.port(format!("{path}.port"), port),
-            }
+        backend_refs(at, &path, &rule.backend_refs);
+    }
+}
+
+/// A route rule's backends: Services with a port and a non-negative weight.
+fn backend_refs(at: &mut At, rule_path: &str, backends: &[HttpBackendRef]) {
+    for (b, backend) in backends.iter().enumerate() {
+        let path = format!("{rule_path}.backendRefs[{b}]");
+        at.non_negative(format!("{path}.weight"), backend.weight);
+        if backend
+            .backend
+            .kind
+            .as_deref()
+            .is_some_and(|k| k != "Service")
+        {
+            at.error(
+                format!("{path}.kind"),
+                "only Service backends are supported",
+            );
+        }
+        match backend.backend.port {
+            None => at.error(format!("{path}.port"), "a Service backend needs a port"),
+            Some(port) => at.port(format!("{path}.port"), port),
         }
     }
 }
@@ -1402,6 +1487,42 @@ spec:
             "`spec.rules[0].filters[2].type`: filter type `ExtensionRef` is not supported",
             "`spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
             "`spec.rules[0].backendRefs[1].weight`: -1 is negative",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|got| got.contains(e)),
+                "no {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn grpc_routes_follow_the_gateway_api_rules() {
+        let errs = errors(
+            r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g}
+spec:
+  parentRefs: [{kind: Service, group: "", name: echo}]
+  rules:
+  - matches:
+    - method: {}
+    - method: {service: a/b}
+    - method: {type: RegularExpression, method: "("}
+    - headers: [{name: "", value: x}]
+    filters:
+    - {type: URLRewrite}
+    backendRefs: [{name: echo}]
+"#,
+        );
+        let expect = [
+            "`spec.rules[0].matches[0].method`: a method match needs a service or a method",
+            "`spec.rules[0].matches[1].method.service`: `a/b` is not a gRPC service name",
+            "`spec.rules[0].matches[2].method.method`: regex `(` does not compile",
+            "`spec.rules[0].matches[3].headers[0].name`: name is required",
+            "`spec.rules[0].filters[0].type`: filter `URLRewrite` is not supported in a GRPCRoute",
+            "`spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
         ];
         for e in expect {
             assert!(

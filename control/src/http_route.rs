@@ -62,8 +62,14 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
     sorted.sort_by_key(|r| (namespace(&r.metadata), r.metadata.name.clone()));
     for route in sorted {
         let route_ns = namespace(&route.metadata);
+        // GRPCRoutes arrive as HTTPRoutes of kind `GRPCRoute`.
+        let kind = if route.kind.is_empty() {
+            "HTTPRoute"
+        } else {
+            route.kind.as_str()
+        };
         let route_id = format!(
-            "HTTPRoute {route_ns}/{}",
+            "{kind} {route_ns}/{}",
             route.metadata.name.as_deref().unwrap_or_default()
         );
         for (p, parent) in route.spec.parent_refs.iter().enumerate() {

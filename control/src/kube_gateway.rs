@@ -380,6 +380,28 @@ mod tests {
     }
 
     #[test]
+    fn grpc_routes_attach_to_ingress_listeners_as_paths() {
+        let model = model(
+            "  - {name: http, port: 80, protocol: HTTP}",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{name: gw}]\n  rules:\n  - matches: [{method: {service: shop.Cart, method: Add}}]\n    backendRefs: [{name: reviews, port: 9080}]\n",
+        );
+        assert!(model.warnings.is_empty(), "{:?}", model.warnings);
+        let (_, routes) = &model.envoy.routes[&route_name(KEY, 80)];
+        let route = &routes.virtual_hosts[0].routes[0];
+        assert_eq!(
+            route.r#match.as_ref().unwrap().path_specifier,
+            Some(PathSpecifier::Path("/shop.Cart/Add".to_owned()))
+        );
+        let Some(Action::Route(action)) = &route.action else {
+            panic!("{route:?}")
+        };
+        assert!(
+            format!("{action:?}").contains("outbound|9080||reviews.default.svc.cluster.local"),
+            "{action:?}"
+        );
+    }
+
+    #[test]
     fn section_names_hostnames_and_allowed_namespaces_decide_attachment() {
         let listeners = "  - {name: web, port: 80, protocol: HTTP, hostname: \"*.example.com\"}\n  - {name: secure, port: 443, protocol: HTTPS, hostname: \"*.example.com\", tls: {certificateRefs: [{name: cred}]}}\n  - {name: shared, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {ingress: allowed}}}}}";
         let extra = [

@@ -14,6 +14,7 @@ pub mod authz;
 pub mod ca;
 pub mod ca_secret;
 pub mod ca_service;
+pub mod grpc_route;
 pub mod http_route;
 pub mod ingress;
 pub mod kube_gateway;

@@ -115,13 +115,14 @@ impl Model {
 
     /// Translates `manifests`.
     pub fn build(manifests: &Manifests, settings: &MeshSettings) -> Model {
-        // Gateway API HTTPRoutes are routed as the VirtualServices they are
-        // equivalent to, and Gateway API ingress Gateways as the Istio
-        // Gateways they stand for (a copy only when there are any).
+        // Gateway API HTTPRoutes (and GRPCRoutes, as HTTPRoutes) are routed
+        // as the VirtualServices they are equivalent to, and Gateway API
+        // ingress Gateways as the Istio Gateways they stand for (a copy only
+        // when there are any).
         let mut route_warnings = Vec::new();
         let with_routes;
-        // Gateway API ingress Gateways as the Istio Gateways they stand for.
         let untouched = manifests.http_routes.is_empty()
+            && manifests.grpc_routes.is_empty()
             && !manifests
                 .kube_gateways
                 .iter()
@@ -130,11 +131,10 @@ impl Model {
             manifests
         } else {
             let mut copy = manifests.clone();
-            copy.virtual_services
-                .extend(crate::http_route::virtual_services(
-                    manifests,
-                    &mut route_warnings,
-                ));
+            copy.http_routes
+                .extend(crate::grpc_route::http_routes(manifests));
+            let routes = crate::http_route::virtual_services(&copy, &mut route_warnings);
+            copy.virtual_services.extend(routes);
             copy.istio_gateways
                 .extend(crate::kube_gateway::istio_gateways(
                     manifests,

@@ -3,7 +3,8 @@
 //! server-streaming, client-streaming and bidirectional calls through a
 //! VirtualService; statuses, messages, custom trailers and every streamed
 //! message arrive, the waypoint's own answers (injected faults) are gRPC
-//! statuses, and `istio_requests_total` counts the calls as gRPC.
+//! statuses, and `istio_requests_total` counts the calls as gRPC; a
+//! Gateway API GRPCRoute routes them by service, method and metadata.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -163,4 +164,61 @@ fn grpc_calls_through_the_waypoint() {
             grpc_calls.join("\n")
         );
     }
+}
+
+/// A Gateway API GRPCRoute attached to the Service routes calls by service,
+/// method and metadata through the waypoint: the exact method with its
+/// header first, then the whole service with a header, then the service.
+#[test]
+fn grpc_route_through_the_waypoint() {
+    let mut lab = Lab::up(
+        "tgrr",
+        vec![
+            manifest("grpc.yaml"),
+            manifest("waypoint.yaml"),
+            manifest("grpcroute.yaml"),
+        ],
+        2,
+    );
+    lab.enrol_namespace("default");
+    lab.use_waypoint("default", "waypoint");
+    lab.state
+        .wait_for_waypoints(Duration::from_secs(15))
+        .expect("waypoint ready");
+    let client = lab.state.pod("grpc-client").expect("client").clone();
+    let routed_by = |extra: &[&str]| {
+        let mut args = vec!["--text", "hi"];
+        args.extend(extra);
+        let answer = call(&lab, &client, "unary", &args);
+        (answer["code"] == 0 && answer["text"] == "hi")
+            .then(|| {
+                answer["metadata"]["x-routed-by"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .flatten()
+            .ok_or(format!("{answer}"))
+    };
+    mesh_tests::eventually("routed by the GRPCRoute", Duration::from_secs(30), || {
+        routed_by(&[]).and_then(|by| {
+            (by == "grpcroute-service")
+                .then_some(())
+                .ok_or(format!("routed by {by}"))
+        })
+    });
+    assert_eq!(
+        routed_by(&["--header", "x-variant=b"]).as_deref(),
+        Ok("grpcroute-unary-b")
+    );
+    assert_eq!(
+        routed_by(&["--header", "x-variant=c"]).as_deref(),
+        Ok("grpcroute-service-c")
+    );
+    // Streaming calls of the service take its catch-all rule.
+    let streamed = call(&lab, &client, "count", &["--count", "100"]);
+    assert_eq!(
+        (&streamed["received"], &streamed["status"]["code"]),
+        (&Value::from(100), &Value::from(0)),
+        "{streamed}"
+    );
 }

@@ -315,3 +315,63 @@ pub struct HttpRouteTimeouts {
     #[serde(default)]
     pub backend_request: Option<IstioDuration>,
 }
+
+/// `GRPCRoute.spec`: routes of gRPC calls, by service and method.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    /// What the route attaches to: Services (or Gateways).
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Host names (for Gateway parents; Service parents ignore them).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules, in order.
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+/// One GRPCRoute rule.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    /// Name of the rule.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Conditions, any of which selects the rule (none: every call).
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Request processing before forwarding (header modifiers, mirror).
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+}
+
+/// Conditions that all hold for a GRPCRoute match.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    /// The called service and method.
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    /// Request metadata (headers).
+    #[serde(default)]
+    pub headers: Vec<HttpValueMatch>,
+}
+
+/// A GRPCRoute method condition: the request path is `/<service>/<method>`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    /// `Exact` (the default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub type_: Option<ValueMatchType>,
+    /// Fully qualified service, e.g. `lab.v1.Lab` (absent: any).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Method, e.g. `Unary` (absent: any).
+    #[serde(default)]
+    pub method: Option<String>,
+}

@@ -63,6 +63,8 @@ pub type PeerAuthentication = Crd<security::PeerAuthenticationSpec>;
 pub type KubeGateway = Crd<KubeGatewaySpec>;
 /// Gateway API `gateway.networking.k8s.io` HTTPRoute.
 pub type KubeHttpRoute = Crd<gateway_api::HttpRouteSpec>;
+/// Gateway API `gateway.networking.k8s.io` GRPCRoute.
+pub type KubeGrpcRoute = Crd<gateway_api::GrpcRouteSpec>;
 
 /// Gateway API `Gateway.spec`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

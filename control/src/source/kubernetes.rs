@@ -143,6 +143,12 @@ pub const WATCHED: &[Watched] = &[
         "HTTPRoute",
         ServedVersion::GatewayApi,
     ),
+    crd(
+        "gateway.networking.k8s.io",
+        "grpcroutes",
+        "GRPCRoute",
+        ServedVersion::GatewayApi,
+    ),
 ];
 
 const fn core(
