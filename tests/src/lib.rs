@@ -57,6 +57,22 @@ impl Lab {
             .unwrap_or_else(|err| panic!("bind {namespace} to waypoint {waypoint}: {err}"));
     }
 
+    /// Labels pod `pod` `istio.io/dataplane-mode=none` (out of the mesh, a
+    /// client from outside it) and returns it.
+    pub fn opt_out(&mut self, pod: &str) -> mesh_lab::PodPlan {
+        self.state
+            .set_label(
+                &mesh_lab::mesh::LabelTarget::Pod(pod.to_owned()),
+                mesh_config::node::DATAPLANE_MODE_LABEL,
+                Some("none"),
+            )
+            .unwrap_or_else(|err| panic!("opt {pod} out: {err}"));
+        self.state
+            .pod(pod)
+            .unwrap_or_else(|err| panic!("pod {pod}: {err}"))
+            .clone()
+    }
+
     /// One `lab-app get` of `url` from pod `from` (`extra`: more of its
     /// arguments, such as `--connect-to`): whether it was a 2xx, the JSON
     /// body (`Null` when there is none), and everything it printed.

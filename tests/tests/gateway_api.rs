@@ -35,14 +35,7 @@ fn gateway_api_ingress_routes_outside_traffic_by_path_and_host() {
         "labelled with its Gateway's name"
     );
     // A client outside the mesh: a pod that opted out.
-    lab.state
-        .set_label(
-            &mesh_lab::mesh::LabelTarget::Pod("details".into()),
-            mesh_config::node::DATAPLANE_MODE_LABEL,
-            Some("none"),
-        )
-        .expect("opt details out");
-    let outside = lab.state.pod("details").expect("details").clone();
+    let outside = lab.opt_out("details");
 
     // The sample's paths reach productpage over HBONE (its identity
     // checked by the gateway's ztunnel-side client).

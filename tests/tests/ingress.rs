@@ -45,14 +45,7 @@ fn bookinfo_gateway_routes_outside_traffic_to_productpage() {
         .clone();
     assert_eq!(gateway.namespace, "istio-system");
     // A client outside the mesh: a pod that opted out.
-    lab.state
-        .set_label(
-            &mesh_lab::mesh::LabelTarget::Pod("details".into()),
-            mesh_config::node::DATAPLANE_MODE_LABEL,
-            Some("none"),
-        )
-        .expect("opt details out");
-    let outside = lab.state.pod("details").expect("details").clone();
+    let outside = lab.opt_out("details");
 
     // The routed paths reach productpage (which calls details and reviews),
     // over HBONE once the gateway's endpoints say productpage is enrolled
