@@ -1462,6 +1462,17 @@ mod tests {
         );
     }
 
+    /// `errs` holds one error containing each of `expect`, and no other.
+    fn assert_exactly(errs: &[String], expect: &[&str]) {
+        for e in expect {
+            assert!(
+                errs.iter().any(|got| got.contains(e)),
+                "no {e:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
     #[test]
     fn http_routes_follow_the_gateway_api_rules() {
         let errs = errors(
@@ -1488,13 +1499,7 @@ spec:
             "`spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
             "`spec.rules[0].backendRefs[1].weight`: -1 is negative",
         ];
-        for e in expect {
-            assert!(
-                errs.iter().any(|got| got.contains(e)),
-                "no {e:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        assert_exactly(&errs, &expect);
     }
 
     #[test]
@@ -1524,13 +1529,7 @@ spec:
             "`spec.rules[0].filters[0].type`: filter `URLRewrite` is not supported in a GRPCRoute",
             "`spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
         ];
-        for e in expect {
-            assert!(
-                errs.iter().any(|got| got.contains(e)),
-                "no {e:?} in {errs:#?}"
-            );
-        }
-        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        assert_exactly(&errs, &expect);
     }
 
     #[test]
