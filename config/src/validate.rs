@@ -1094,6 +1094,38 @@ fn kube_gateway(at: &mut At, spec: &KubeGatewaySpec) {
                 ),
             );
         }
+        let kinds = listener
+            .allowed_routes
+            .as_ref()
+            .map_or(&[][..], |a| &a.kinds);
+        let valid: &[&str] = match listener.protocol.as_str() {
+            "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
+            "TLS" => &["TLSRoute"],
+            "TCP" => &["TCPRoute"],
+            "UDP" => &["UDPRoute"],
+            _ => &[],
+        };
+        for (k, kind) in kinds.iter().enumerate() {
+            if !valid.iter().any(|v| kind.is(v)) {
+                at.error(
+                    format!("{path}.allowedRoutes.kinds[{k}]"),
+                    format!(
+                        "{}{} routes cannot attach to a {} listener (it takes {})",
+                        kind.group
+                            .as_deref()
+                            .map(|g| format!("{g}/"))
+                            .unwrap_or_default(),
+                        kind.kind,
+                        listener.protocol,
+                        if valid.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            valid.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
         if let Some(namespaces) = listener
             .allowed_routes
             .as_ref()
@@ -1666,7 +1698,7 @@ spec:
     #[test]
     fn gateway_api_listeners_are_checked() {
         let errs = errors(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: bk}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: a, port: 80, protocol: HTTP, hostname: \"*\"}\n  - {name: a, port: 443, protocol: HTTPS}\n  - {name: c, port: 8443, protocol: TLS, tls: {mode: Proxy}}\n  - {name: d, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}\n  - {name: e, port: 8081, protocol: HTTP, allowedRoutes: {namespaces: {from: Everywhere}}}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: bk}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: a, port: 80, protocol: HTTP, hostname: \"*\"}\n  - {name: a, port: 443, protocol: HTTPS}\n  - {name: c, port: 8443, protocol: TLS, tls: {mode: Proxy}}\n  - {name: d, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}\n  - {name: e, port: 8081, protocol: HTTP, allowedRoutes: {namespaces: {from: Everywhere}}}\n  - {name: f, port: 8082, protocol: HTTP, allowedRoutes: {kinds: [{kind: HTTPRoute}, {group: gateway.networking.k8s.io, kind: GRPCRoute}, {kind: TCPRoute}, {group: example.com, kind: HTTPRoute}]}}\n",
         );
         let at = "t.yaml: Gateway bk/gw: field";
         assert_eq!(
@@ -1690,6 +1722,12 @@ spec:
                 ),
                 format!(
                     "{at} `spec.listeners[4].allowedRoutes.namespaces.from`: `Everywhere` is not Same, All or Selector"
+                ),
+                format!(
+                    "{at} `spec.listeners[5].allowedRoutes.kinds[2]`: TCPRoute routes cannot attach to a HTTP listener (it takes HTTPRoute, GRPCRoute)"
+                ),
+                format!(
+                    "{at} `spec.listeners[5].allowedRoutes.kinds[3]`: example.com/HTTPRoute routes cannot attach to a HTTP listener (it takes HTTPRoute, GRPCRoute)"
                 ),
             ]
         );

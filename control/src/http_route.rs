@@ -77,6 +77,7 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                 let attached = match crate::kube_gateway::attachments(
                     manifests,
                     parent,
+                    kind,
                     route_ns,
                     &route.spec.hostnames,
                 ) {

@@ -13,8 +13,9 @@
 //!   Secret.
 //! - HTTPRoutes attach to listeners by `parentRefs` (kind `Gateway`),
 //!   narrowed by `sectionName` (the listener's name) and `port`, and
-//!   admitted by the listener's `allowedRoutes.namespaces` (`Same`, the
-//!   default; `All`; `Selector` on the route namespace's labels).
+//!   admitted by the listener's `allowedRoutes`: `kinds` (when given, the
+//!   route's kind must be listed) and `namespaces` (`Same`, the default;
+//!   `All`; `Selector` on the route namespace's labels).
 //!   [`attachments`] says, for one parent, which listeners and host names a
 //!   route serves; [`crate::http_route`] turns them into VirtualServices.
 //! - A route's host names are its `hostnames` intersected with the
@@ -177,12 +178,13 @@ pub struct Attachment {
     pub host: String,
 }
 
-/// The listeners and host names route `route_id` (in `route_ns`, with
-/// `hostnames`) serves through `parent`, a Gateway parent; `Err` says why
-/// it attaches nowhere.
+/// The listeners and host names a route of `kind` (`HTTPRoute`,
+/// `GRPCRoute`) in `route_ns`, with `hostnames`, serves through `parent`,
+/// a Gateway parent; `Err` says why it attaches nowhere.
 pub fn attachments(
     manifests: &Manifests,
     parent: &ParentRef,
+    kind: &str,
     route_ns: &str,
     hostnames: &[String],
 ) -> Result<Vec<Attachment>, String> {
@@ -216,6 +218,22 @@ pub fn attachments(
             || parent.port.is_some_and(|p| p != listener.port)
             || !matches!(listener.protocol.as_str(), "HTTP" | "HTTPS")
         {
+            continue;
+        }
+        let kinds = listener
+            .allowed_routes
+            .as_ref()
+            .map_or(&[][..], |a| &a.kinds);
+        if !kinds.is_empty() && !kinds.iter().any(|k| k.is(kind)) {
+            refused.push(format!(
+                "listener {} does not allow {kind}s (allowedRoutes.kinds: {})",
+                listener.name,
+                kinds
+                    .iter()
+                    .map(|k| k.kind.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
             continue;
         }
         if !admits(manifests, listener, gateway_ns, route_ns) {
@@ -452,6 +470,43 @@ mod tests {
         let (_, routes) = &model.envoy.routes[&route_name(KEY, 8080)];
         assert_eq!(routes.virtual_hosts.len(), 1);
         assert!(format!("{:?}", routes.virtual_hosts[0].routes).contains("reviews.default"));
+    }
+
+    #[test]
+    fn allowed_route_kinds_decide_which_routes_attach() {
+        let listeners = "  - {name: grpc, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: GRPCRoute}]}}\n  - {name: web, port: 8080, protocol: HTTP, allowedRoutes: {kinds: [{group: gateway.networking.k8s.io, kind: HTTPRoute}]}}";
+        let extra = [
+            route(
+                "web",
+                "  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{name: productpage, port: 9080}]}]",
+            ),
+            route(
+                "grpc-only",
+                "  parentRefs: [{name: gw, sectionName: grpc}]\n  rules: [{backendRefs: [{name: productpage, port: 9080}]}]",
+            ),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{name: gw}]\n  rules:\n  - matches: [{method: {service: shop.Cart}}]\n    backendRefs: [{name: reviews, port: 9080}]\n---\n".to_owned(),
+        ]
+        .concat();
+        let model = model(listeners, &extra);
+        let warnings = model.warnings.join("\n");
+        assert!(
+            warnings.contains("HTTPRoute default/grpc-only: spec.parentRefs[0] is not applied: listener grpc does not allow HTTPRoutes (allowedRoutes.kinds: GRPCRoute)"),
+            "{warnings}"
+        );
+        assert_eq!(model.warnings.len(), 1, "{warnings}");
+        // Port 80 serves the GRPCRoute alone, 8080 the HTTPRoute alone.
+        let (_, grpc) = &model.envoy.routes[&route_name(KEY, 80)];
+        let grpc = format!("{:?}", grpc.virtual_hosts);
+        assert!(
+            grpc.contains("reviews.default") && !grpc.contains("productpage"),
+            "{grpc}"
+        );
+        let (_, web) = &model.envoy.routes[&route_name(KEY, 8080)];
+        let web = format!("{:?}", web.virtual_hosts);
+        assert!(
+            web.contains("productpage.default") && !web.contains("reviews"),
+            "{web}"
+        );
     }
 
     #[test]

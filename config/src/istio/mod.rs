@@ -147,10 +147,32 @@ pub struct AllowedRoutes {
     /// The namespaces routes may attach from.
     #[serde(default)]
     pub namespaces: Option<RouteNamespaces>,
-    /// Route kinds allowed (kept as given).
+    /// The route kinds that may attach; empty: the kinds of the
+    /// listener's protocol (HTTPRoute and GRPCRoute on HTTP and HTTPS).
     #[serde(default)]
-    pub kinds: Vec<serde_json::Value>,
+    pub kinds: Vec<RouteGroupKind>,
 }
+
+/// One entry of `allowedRoutes.kinds`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteGroupKind {
+    /// API group; `gateway.networking.k8s.io` when not given.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Route kind, such as `HTTPRoute`.
+    pub kind: String,
+}
+
+impl RouteGroupKind {
+    /// Whether this entry names `kind` of the Gateway API's group.
+    pub fn is(&self, kind: &str) -> bool {
+        self.group.as_deref().is_none_or(|g| g == GATEWAY_API_GROUP) && self.kind == kind
+    }
+}
+
+/// The Gateway API's API group.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
 
 /// `allowedRoutes.namespaces`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
