@@ -33,6 +33,7 @@ use mesh_xds::{Handler, Resource, Update};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waypoint::{
+    access_log::AccessLog,
     config::{Store, XdsHandler},
     metrics::Metrics,
     proxy::{Waypoint, serve_http_for_fuzzing},
@@ -173,6 +174,7 @@ fn fixture() -> &'static Fixture {
             clients: Clients::new(connector.clone()),
             connector,
             metrics: Metrics::default(),
+            access_log: AccessLog::off(),
         });
         drop(entered);
         Fixture { runtime, waypoint }

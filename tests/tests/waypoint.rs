@@ -667,18 +667,28 @@ fn upstream_failures_through_the_waypoint() {
             "no {code} {flags} for flaky in\n{metrics}"
         );
     }
-    let access = std::fs::read_to_string(lab.state.pod_log(&waypoint)).unwrap_or_default();
+    // The access log writes its lines in batches, a few milliseconds after
+    // the request.
     for (path, flags) in [
         ("/per-try/p1", "flags=UT,URX"),
         ("/plain/r1", "flags=UC "),
         ("/retry-reset/r2", "flags=UC,URX"),
     ] {
-        assert!(
-            access
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let access = std::fs::read_to_string(lab.state.pod_log(&waypoint)).unwrap_or_default();
+            if access
                 .lines()
-                .any(|l| l.contains(path) && l.contains(flags) && l.contains("waypoint::access")),
-            "no access log line for {path} with {flags}"
-        );
+                .any(|l| l.contains(path) && l.contains(flags) && l.contains("waypoint::access"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no access log line for {path} with {flags}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     // The upstream app dies (SIGKILL): its port refuses connections, so

@@ -8,6 +8,7 @@
 //! the binary (`main.rs`) wires it up; [`workers`] runs the serving
 //! threads.
 
+pub mod access_log;
 pub mod client_hello;
 pub mod client_san;
 pub mod cluster;

@@ -13,6 +13,7 @@ use mesh_identity::CertManager;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 use waypoint::{
+    access_log::AccessLog,
     config::{Store, XdsHandler},
     metrics::Metrics,
     workers::{Shared, Workers},
@@ -107,6 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let store = Arc::new(Store::default());
     let metrics = Metrics::default();
+    let access_log = AccessLog::stderr();
 
     let key = format!("{}/{}", cli.namespace, cli.gateway);
     tokio::spawn(mesh_xds::run(
@@ -139,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Shared {
             store: store.clone(),
             metrics: metrics.clone(),
+            access_log: access_log.clone(),
             certs: certs.store().clone(),
             identity: identity.clone(),
             local_addr: SocketAddr::new(cli.pod_ip, 0),
@@ -176,10 +179,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     info!(waypoint = %key, identity = %identity, workers = workers.len(), "waypoint running");
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-        worker = workers.stopped() => anyhow::bail!("worker {worker} stopped"),
+    let stopped = tokio::select! {
+        _ = terminate.recv() => None,
+        _ = interrupt.recv() => None,
+        worker = workers.stopped() => Some(worker),
+    };
+    // Lines of the last requests are still in the log's batch.
+    access_log.flush();
+    if let Some(worker) = stopped {
+        anyhow::bail!("worker {worker} stopped");
     }
     info!("waypoint stopping");
     Ok(())

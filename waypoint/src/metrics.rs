@@ -1,7 +1,8 @@
 //! Istio's HTTP metrics, reported by the waypoint (`reporter="waypoint"`).
 
+use mesh_hbone::Identity;
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
@@ -25,8 +26,8 @@ pub struct RequestLabels {
     pub request_protocol: &'static str,
     /// Status sent to the caller.
     pub response_code: u16,
-    /// Envoy response flags ([`ResponseFlags`]: `-`, or e.g. `UF,URX`).
-    pub response_flags: String,
+    /// Envoy response flags (`-`, or e.g. `UF,URX`).
+    pub response_flags: ResponseFlags,
     /// Always `mutual_tls`: callers arrive over HBONE.
     pub connection_security_policy: &'static str,
     /// A gRPC call's status code (from its trailers, or its trailers-only
@@ -93,22 +94,47 @@ impl ResponseFlags {
     }
 }
 
-impl std::fmt::Display for ResponseFlags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ResponseFlags {
+    /// Hands `put` the flags' text piece by piece: Envoy's short names,
+    /// comma-separated in its order, or `-` when there is none.
+    fn write(self, mut put: impl FnMut(&'static str)) {
         if self.0 == 0 {
-            return f.write_str("-");
+            return put("-");
         }
         let mut first = true;
         for (flag, name) in Self::NAMES {
             if self.contains(flag) {
                 if !first {
-                    f.write_str(",")?;
+                    put(",");
                 }
-                f.write_str(name)?;
+                put(name);
                 first = false;
             }
         }
-        Ok(())
+    }
+
+    /// Appends the flags' text to `out`.
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        self.write(|piece| out.extend_from_slice(piece.as_bytes()));
+    }
+}
+
+impl std::fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut result = Ok(());
+        self.write(|piece| {
+            if result.is_ok() {
+                result = f.write_str(piece);
+            }
+        });
+        result
+    }
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        write!(encoder, "{self}")
     }
 }
 
@@ -189,19 +215,101 @@ impl RequestHandles {
     }
 }
 
+/// A request's labels, borrowed from its connection, route and endpoint:
+/// what [`HandleCache`] compares, so a request whose labels repeat the last
+/// ones builds no label strings.
+#[derive(Clone, Copy, Debug)]
+pub struct LabelsRef<'a> {
+    /// [`RequestLabels::reporter`].
+    pub reporter: &'static str,
+    /// [`RequestLabels::source_workload_namespace`].
+    pub source_workload_namespace: &'a str,
+    /// [`RequestLabels::source_principal`].
+    pub source_principal: &'a str,
+    /// [`RequestLabels::destination_service`].
+    pub destination_service: &'a str,
+    /// [`RequestLabels::destination_workload`].
+    pub destination_workload: &'a str,
+    /// The endpoint's identity; `None` is labelled `unknown`.
+    pub destination_principal: Option<&'a Identity>,
+    /// [`RequestLabels::request_protocol`].
+    pub request_protocol: &'static str,
+    /// [`RequestLabels::response_code`].
+    pub response_code: u16,
+    /// [`RequestLabels::response_flags`].
+    pub response_flags: ResponseFlags,
+    /// [`RequestLabels::connection_security_policy`].
+    pub connection_security_policy: &'static str,
+}
+
+impl LabelsRef<'_> {
+    /// The owned label set (`grpc_response_status` empty).
+    pub fn to_labels(&self) -> RequestLabels {
+        RequestLabels {
+            reporter: self.reporter,
+            source_workload_namespace: self.source_workload_namespace.to_owned(),
+            source_principal: self.source_principal.to_owned(),
+            destination_service: self.destination_service.to_owned(),
+            destination_workload: self.destination_workload.to_owned(),
+            destination_principal: self
+                .destination_principal
+                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+            request_protocol: self.request_protocol,
+            response_code: self.response_code,
+            response_flags: self.response_flags,
+            connection_security_policy: self.connection_security_policy,
+            grpc_response_status: String::new(),
+        }
+    }
+
+    /// Whether `labels` is this label set.
+    fn is(&self, labels: &RequestLabels) -> bool {
+        self.reporter == labels.reporter
+            && self.response_code == labels.response_code
+            && self.response_flags == labels.response_flags
+            && self.request_protocol == labels.request_protocol
+            && self.connection_security_policy == labels.connection_security_policy
+            && labels.grpc_response_status.is_empty()
+            && self.destination_service == labels.destination_service
+            && self.destination_workload == labels.destination_workload
+            && match self.destination_principal {
+                Some(identity) => displays_as(identity, &labels.destination_principal),
+                None => labels.destination_principal == "unknown",
+            }
+            && self.source_principal == labels.source_principal
+            && self.source_workload_namespace == labels.source_workload_namespace
+    }
+}
+
+/// Whether `value` displays as `text`, compared as it is written, without
+/// building the string.
+fn displays_as(value: &impl std::fmt::Display, text: &str) -> bool {
+    struct Compare<'a>(Option<&'a str>);
+    impl std::fmt::Write for Compare<'_> {
+        fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+            self.0 = self.0.and_then(|rest| rest.strip_prefix(piece));
+            Ok(())
+        }
+    }
+    let mut compare = Compare(Some(text));
+    std::fmt::write(&mut compare, format_args!("{value}")).is_ok() && compare.0 == Some("")
+}
+
 /// The last label set one connection counted with, and its handles: a
-/// connection's requests mostly repeat it, so they skip the four lookups.
+/// connection's requests mostly repeat it, so they skip building the
+/// labels and the four lookups.
 #[derive(Debug, Default)]
 pub struct HandleCache(std::sync::Mutex<Option<(RequestLabels, RequestHandles)>>);
 
 impl HandleCache {
     /// The handles of `labels`, from the cache when they match the last
     /// ones.
-    pub fn get(&self, metrics: &Metrics, labels: RequestLabels) -> RequestHandles {
+    pub fn get(&self, metrics: &Metrics, labels: &LabelsRef<'_>) -> RequestHandles {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match &*last {
-            Some((cached, handles)) if *cached == labels => handles.clone(),
+            Some((cached, handles)) if labels.is(cached) => handles.clone(),
             _ => {
+                let labels = labels.to_labels();
                 let handles = metrics.handles(&labels);
                 *last = Some((labels, handles.clone()));
                 handles
@@ -256,7 +364,7 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
-    use super::ResponseFlags;
+    use super::*;
 
     #[test]
     fn flags_are_written_in_envoys_order() {
@@ -268,5 +376,77 @@ mod tests {
         flags.insert(ResponseFlags::UPSTREAM_TIMEOUT);
         flags.insert(ResponseFlags::DELAY_INJECTED);
         assert_eq!(flags.to_string(), "UT,UO,DI");
+    }
+
+    #[test]
+    fn cached_handles_follow_every_label() {
+        let metrics = Metrics::default();
+        let cache = HandleCache::default();
+        let identity = Identity::new("cluster.local", "default", "reviews");
+        let base = LabelsRef {
+            reporter: "waypoint",
+            source_workload_namespace: "default",
+            source_principal: "spiffe://cluster.local/ns/default/sa/productpage",
+            destination_service: "reviews.default.svc.cluster.local",
+            destination_workload: "reviews-v1",
+            destination_principal: Some(&identity),
+            request_protocol: "http",
+            response_code: 200,
+            response_flags: ResponseFlags::NONE,
+            connection_security_policy: "mutual_tls",
+        };
+        let other = Identity::new("cluster.local", "default", "ratings");
+        let variants = [
+            LabelsRef {
+                response_code: 503,
+                ..base
+            },
+            LabelsRef {
+                response_flags: ResponseFlags::NO_ROUTE,
+                ..base
+            },
+            LabelsRef {
+                destination_workload: "reviews-v2",
+                ..base
+            },
+            LabelsRef {
+                destination_principal: Some(&other),
+                ..base
+            },
+            LabelsRef {
+                destination_principal: None,
+                ..base
+            },
+            LabelsRef {
+                source_principal: "spiffe://cluster.local/ns/default/sa/sleep",
+                ..base
+            },
+        ];
+        cache.get(&metrics, &base).record(1.0, 0, 0);
+        cache.get(&metrics, &base).record(1.0, 0, 0);
+        for variant in &variants {
+            cache.get(&metrics, variant).record(1.0, 0, 0);
+        }
+        assert_eq!(metrics.requests.get_or_create(&base.to_labels()).get(), 2);
+        for variant in &variants {
+            let labels = variant.to_labels();
+            assert_eq!(
+                metrics.requests.get_or_create(&labels).get(),
+                1,
+                "{labels:?}"
+            );
+        }
+        assert!(displays_as(
+            &identity,
+            "spiffe://cluster.local/ns/default/sa/reviews"
+        ));
+        assert!(!displays_as(
+            &identity,
+            "spiffe://cluster.local/ns/default/sa/review"
+        ));
+        assert!(!displays_as(
+            &identity,
+            "spiffe://cluster.local/ns/default/sa/reviewss"
+        ));
     }
 }

@@ -32,12 +32,13 @@ use tokio::{io::DuplexStream, net::TcpListener};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    access_log::{self, AccessLog},
     cluster::{
         ClusterEntry, EndpointConfig, EndpointHealth, LbKind, PickError, RetrySlot,
         UpstreamProtocol, mix,
     },
     config::{Chain, Config, Store},
-    metrics::{ClusterLabels, HandleCache, Metrics, RequestLabels, ResponseFlags},
+    metrics::{ClusterLabels, HandleCache, LabelsRef, Metrics, RequestLabels, ResponseFlags},
     rbac::{DENIED_BODY, Decision, Subject},
     route::{
         Abort, Action, AttemptFailure, CompiledRoute, Cors, Downstream, Forward, Retry,
@@ -74,6 +75,8 @@ pub struct Waypoint {
     pub connector: Connector,
     /// Istio's request metrics.
     pub metrics: Metrics,
+    /// The request access log.
+    pub access_log: AccessLog,
 }
 
 /// What one tunnel's (or ingress connection's) requests know about it.
@@ -450,12 +453,13 @@ async fn accept_ingress(
     }
 }
 
-/// How a request ended, for metrics and the access log.
-struct Outcome {
+/// How a request ended, for metrics and the access log; names borrowed
+/// from the config the request was routed by.
+struct Outcome<'c> {
     flags: ResponseFlags,
-    cluster: String,
+    cluster: &'c str,
     endpoint: Option<Arc<EndpointConfig>>,
-    route: String,
+    route: &'c str,
     attempts: u32,
     detail: String,
 }
@@ -466,21 +470,17 @@ impl Waypoint {
         let (mut parts, body) = request.into_parts();
         let request_bytes = content_length(&parts.headers).unwrap_or(0);
         let method = parts.method.clone();
-        let path = parts.uri.path().to_owned();
+        // Shares the request's bytes: the log's path without a copy.
+        let uri = parts.uri.clone();
         let grpc = is_grpc(&parts.headers);
         ensure_request_id(&mut parts.headers);
         ensure_traceparent(&mut parts.headers);
-        let request_id = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let request_id = parts.headers.get("x-request-id").cloned();
         let mut outcome = Outcome {
             flags: ResponseFlags::NONE,
-            cluster: String::new(),
+            cluster: "",
             endpoint: None,
-            route: String::new(),
+            route: "",
             attempts: 0,
             detail: String::new(),
         };
@@ -499,43 +499,30 @@ impl Waypoint {
         }
         let status = response.status().as_u16();
         let response_bytes = content_length(response.headers()).unwrap_or(0);
-        let labels = RequestLabels {
+        let labels = LabelsRef {
             reporter: ctx.reporter,
-            source_workload_namespace: if ctx.peer_namespace.is_empty() {
-                "unknown".to_owned()
-            } else {
-                ctx.peer_namespace.clone()
-            },
-            source_principal: if ctx.peer.is_empty() {
-                "unknown".to_owned()
-            } else {
-                ctx.peer.clone()
-            },
+            source_workload_namespace: or_unknown(&ctx.peer_namespace),
+            source_principal: or_unknown(&ctx.peer),
             // The service the request went to (a route may send it
             // elsewhere than the address it was for), else the chain's.
             destination_service: match outcome.cluster.rsplit('|').next() {
-                Some(host) if !host.is_empty() => host.to_owned(),
-                _ if ctx.reporter == "waypoint" => ctx.chain.service().to_owned(),
-                _ => "unknown".to_owned(),
+                Some(host) if !host.is_empty() => host,
+                _ if ctx.reporter == "waypoint" => ctx.chain.service(),
+                _ => "unknown",
             },
             destination_workload: outcome
                 .endpoint
                 .as_ref()
-                .map_or_else(|| "unknown".to_owned(), |e| workload_name(&e.workload)),
-            destination_principal: outcome
-                .endpoint
-                .as_ref()
-                .and_then(|e| e.identity.as_ref())
-                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+                .map_or("unknown", |e| workload_name(&e.workload)),
+            destination_principal: outcome.endpoint.as_ref().and_then(|e| e.identity.as_ref()),
             request_protocol: if grpc { "grpc" } else { "http" },
             response_code: status,
-            response_flags: outcome.flags.to_string(),
+            response_flags: outcome.flags,
             connection_security_policy: ctx.security,
-            grpc_response_status: String::new(),
         };
         let elapsed = started.elapsed();
         if !grpc {
-            ctx.handles.get(&self.metrics, labels).record(
+            ctx.handles.get(&self.metrics, &labels).record(
                 elapsed.as_secs_f64() * 1000.0,
                 request_bytes,
                 response_bytes,
@@ -543,7 +530,7 @@ impl Waypoint {
         } else {
             let record = Recording {
                 metrics: self.metrics.clone(),
-                labels,
+                labels: labels.to_labels(),
                 started,
                 request_bytes,
                 response_bytes,
@@ -562,59 +549,37 @@ impl Waypoint {
                 });
             }
         }
-        self.log(
-            ctx,
-            &method,
-            &path,
-            status,
-            &outcome,
-            elapsed,
-            &request_id,
-            response,
-        )
-    }
-
-    /// Writes the request's access log line; returns `response`.
-    #[allow(clippy::too_many_arguments)]
-    fn log(
-        &self,
-        ctx: &TunnelContext,
-        method: &http::Method,
-        path: &str,
-        status: u16,
-        outcome: &Outcome,
-        elapsed: Duration,
-        request_id: &str,
-        response: Response<Body>,
-    ) -> Response<Body> {
-        info!(
-            target: "waypoint::access",
-            conn = ctx.conn,
-            src = %ctx.source,
-            src_identity = %ctx.peer,
-            %method,
-            path,
-            status,
-            flags = %outcome.flags,
-            route = %outcome.route,
-            cluster = %outcome.cluster,
-            endpoint = %outcome.endpoint.as_ref().map(|e| e.addr.to_string()).unwrap_or_default(),
-            attempts = outcome.attempts,
-            duration_ms = elapsed.as_millis() as u64,
-            request_id,
-            detail = %outcome.detail,
-            "request"
-        );
+        if self.access_log.enabled() {
+            self.access_log.write(&access_log::Entry {
+                conn: ctx.conn,
+                source: ctx.source,
+                identity: &ctx.peer,
+                method: method.as_str(),
+                path: uri.path(),
+                status,
+                flags: outcome.flags,
+                route: outcome.route,
+                cluster: outcome.cluster,
+                endpoint: outcome.endpoint.as_ref().map(|e| e.addr),
+                attempts: outcome.attempts,
+                duration: elapsed,
+                request_id: request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                detail: &outcome.detail,
+            });
+        }
         response
     }
 
-    async fn route(
+    async fn route<'c>(
         &self,
-        config: &Config,
+        config: &'c Config,
         ctx: &TunnelContext,
         mut parts: Parts,
         body: Incoming,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'c>,
     ) -> Response<Body> {
         let Chain::Http {
             route_config,
@@ -641,7 +606,7 @@ impl Waypoint {
             outcome.detail = format!("no route in {route_config}");
             return local_reply(StatusCode::NOT_FOUND, "route not found");
         };
-        outcome.route.clone_from(&route.name);
+        outcome.route = &route.name;
         if let Some(fault) = &route.fault {
             if let Some((delay, ppm)) = fault.delay
                 && roll_ppm() < ppm
@@ -704,7 +669,7 @@ impl Waypoint {
             return preflight(cors, origin.as_ref());
         }
         let target = forward.pick(random() as u32);
-        outcome.cluster.clone_from(&target.cluster);
+        outcome.cluster = &target.cluster;
         let hash = forward.request_hash(&parts, ctx.source.ip(), random);
         let upgrade = Upgrade::take(&mut parts);
         prepare_request(&mut parts, route, forward, target);
@@ -756,7 +721,7 @@ impl Waypoint {
         forward: &Forward,
         target: &WeightedTarget,
         hash: Option<u64>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, LocalReply> {
         // Replayable bodies are buffered, so retries and mirrors can resend.
         let replayable = hyper::body::Body::is_end_stream(&body)
@@ -867,7 +832,7 @@ impl Waypoint {
         body: Body,
         hash: Option<u64>,
         per_try_timeout: Option<Duration>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Attempt {
         let limits = &cluster.config.limits;
         let active = cluster.runtime.active_requests.load(Ordering::Relaxed);
@@ -1184,7 +1149,7 @@ struct Failed {
 type Attempt = Result<Response<Incoming>, Failed>;
 
 /// The request's result from its last attempt, its flag recorded.
-fn finish(result: Attempt, outcome: &mut Outcome) -> Result<Response<Incoming>, LocalReply> {
+fn finish(result: Attempt, outcome: &mut Outcome<'_>) -> Result<Response<Incoming>, LocalReply> {
     result.map_err(|failed| {
         outcome.flags.insert(failed.flag);
         failed.reply
@@ -1550,9 +1515,12 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// Adds `x-request-id` when the caller did not send one.
 fn ensure_request_id(headers: &mut HeaderMap) {
     static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-    if !headers.contains_key(&X_REQUEST_ID)
-        && let Ok(value) = HeaderValue::from_str(&fast_uuid().to_string())
-    {
+    if headers.contains_key(&X_REQUEST_ID) {
+        return;
+    }
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let id = fast_uuid().hyphenated().encode_lower(&mut text);
+    if let Ok(value) = HeaderValue::from_str(id) {
         headers.insert(X_REQUEST_ID.clone(), value);
     }
 }
@@ -1574,20 +1542,37 @@ fn head_size(parts: &Parts) -> usize {
 /// shares one trace id. An existing `traceparent` (and B3 headers) passes
 /// through unchanged.
 fn ensure_traceparent(headers: &mut HeaderMap) {
+    use std::io::Write as _;
     static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     if headers.contains_key(&TRACEPARENT) {
         return;
     }
-    let trace = fast_uuid().simple();
-    let value = format!("00-{trace}-{:016x}-00", random() | 1);
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    // `00-<32 hex trace id>-<16 hex parent id>-00`, formatted in place.
+    let mut text = [0u8; 55];
+    let mut cursor = &mut text[..];
+    let written = write!(
+        cursor,
+        "00-{}-{:016x}-00",
+        fast_uuid().simple(),
+        random() | 1
+    );
+    if written.is_ok()
+        && cursor.is_empty()
+        && let Ok(value) = HeaderValue::from_bytes(&text)
+    {
         headers.insert(TRACEPARENT.clone(), value);
     }
 }
 
 /// `reviews-v1` from a uid `Kubernetes//Pod/default/reviews-v1-0`.
-fn workload_name(uid: &str) -> String {
-    uid.rsplit('/').next().unwrap_or(uid).to_owned()
+fn workload_name(uid: &str) -> &str {
+    uid.rsplit('/').next().unwrap_or(uid)
+}
+
+/// `value`, or `unknown` when it is empty (Istio's label for a missing
+/// value).
+fn or_unknown(value: &str) -> &str {
+    if value.is_empty() { "unknown" } else { value }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -1632,7 +1617,7 @@ mod tests {
             destination_principal: "d".into(),
             request_protocol: "grpc",
             response_code: 200,
-            response_flags: "-".into(),
+            response_flags: ResponseFlags::NONE,
             connection_security_policy: "mutual_tls",
             grpc_response_status: String::new(),
         }

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, error, info_span};
 
 use crate::{
+    access_log::AccessLog,
     config::Store,
     metrics::Metrics,
     proxy::{Tunnels, Waypoint, run_ingress},
@@ -49,6 +50,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     /// Istio's request metrics, shared by all workers.
     pub metrics: Metrics,
+    /// The request access log, shared by all workers.
+    pub access_log: AccessLog,
     /// The waypoint's certificates (for its HBONE server and client).
     pub certs: CertStore,
     /// The waypoint's own identity.
@@ -74,6 +77,7 @@ impl Shared {
             clients: Clients::new(connector.clone()),
             connector,
             metrics: self.metrics.clone(),
+            access_log: self.access_log.clone(),
         })
     }
 }
@@ -266,6 +270,7 @@ mod tests {
         let shared = Shared {
             store: store.clone(),
             metrics: Metrics::default(),
+            access_log: AccessLog::off(),
             certs: CertStore::new(),
             identity: Identity::new("cluster.local", "test", "gateway"),
             local_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
