@@ -215,6 +215,8 @@ impl ClusterConfig {
 pub struct EndpointConfig {
     /// Address and target port.
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, parsed once for every request's URI.
+    pub authority: http::uri::Authority,
     /// The workload's SPIFFE identity: reached over HBONE when present,
     /// in plaintext otherwise.
     pub identity: Option<Identity>,
@@ -261,8 +263,14 @@ pub fn compile_endpoints(
                     _ => Err(format!("{at}.metadata.istio.identity: not a string")),
                 })
                 .transpose()?;
+            let addr = SocketAddr::new(ip, port);
+            let authority = addr
+                .to_string()
+                .parse()
+                .map_err(|e| format!("{at}: address {addr} is no URI authority: {e}"))?;
             out.push(EndpointConfig {
-                addr: SocketAddr::new(ip, port),
+                addr,
+                authority,
                 identity,
                 workload: endpoint.hostname.clone(),
                 healthy: matches!(
@@ -546,6 +554,7 @@ mod tests {
                     (
                         Arc::new(EndpointConfig {
                             addr,
+                            authority: addr.to_string().parse().unwrap(),
                             identity: None,
                             workload: format!("w{i}"),
                             healthy: true,

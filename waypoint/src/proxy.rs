@@ -20,6 +20,7 @@ use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
     header::{self, HeaderName},
     request::Parts,
+    uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
@@ -884,7 +885,7 @@ impl Waypoint {
             }
         };
         outcome.endpoint = Some(endpoint.clone());
-        let request = upstream_request(parts, endpoint.addr, cluster.config.protocol, body);
+        let request = upstream_request(parts, &endpoint.authority, cluster.config.protocol, body);
         let _in_flight = InFlight::new(cluster, &health);
         let send = self
             .clients
@@ -967,7 +968,7 @@ impl Waypoint {
         };
         let mut copy = upstream_request(
             parts,
-            endpoint.addr,
+            &endpoint.authority,
             entry.config.protocol,
             Full::new(body).map_err(|never| match never {}).boxed(),
         );
@@ -1296,36 +1297,46 @@ const HOP_BY_HOP: &[&str] = &[
 /// endpoint chosen by the pool.
 fn upstream_request(
     parts: &Parts,
-    addr: SocketAddr,
+    endpoint: &Authority,
     protocol: UpstreamProtocol,
     body: Body,
 ) -> Request<Body> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .map(str::to_owned);
-    *request.uri_mut() = endpoint_uri(parts, addr);
+    *request.uri_mut() = endpoint_uri(parts, endpoint);
     *request.version_mut() = match protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
-    if let Some(authority) = authority {
-        set_authority(&mut request, protocol, &authority);
+    // HTTP/1.1 to HTTP/1.1 keeps the caller's `Host`, already copied.
+    let has_host = parts.headers.contains_key(header::HOST);
+    if !(has_host && matches!(protocol, UpstreamProtocol::Http1))
+        && let Some(authority) = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+    {
+        set_authority(&mut request, protocol, authority);
     }
     request
 }
 
-/// `http://<addr><path>`.
-fn endpoint_uri(parts: &Parts, addr: SocketAddr) -> Uri {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    format!("http://{addr}{path}")
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("http://invalid/"))
+/// `http://<endpoint><path>`, assembled from parsed parts (the request's
+/// path shares its bytes).
+fn endpoint_uri(parts: &Parts, endpoint: &Authority) -> Uri {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("http://invalid/"))
 }
 
 /// The authority an upstream request presents.
