@@ -1310,11 +1310,9 @@ fn upstream_request(
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
     // HTTP/1.1 to HTTP/1.1 keeps the caller's `Host`, already copied.
-    let has_host = parts.headers.contains_key(header::HOST);
-    if !(has_host && matches!(protocol, UpstreamProtocol::Http1))
-        && let Some(authority) = parts
-            .headers
-            .get(header::HOST)
+    let host = parts.headers.get(header::HOST);
+    if !(host.is_some() && matches!(protocol, UpstreamProtocol::Http1))
+        && let Some(authority) = host
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()))
     {
