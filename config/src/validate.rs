@@ -1094,18 +1094,8 @@ fn kube_gateway(at: &mut At, spec: &KubeGatewaySpec) {
                 ),
             );
         }
-        let kinds = listener
-            .allowed_routes
-            .as_ref()
-            .map_or(&[][..], |a| &a.kinds);
-        let valid: &[&str] = match listener.protocol.as_str() {
-            "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
-            "TLS" => &["TLSRoute"],
-            "TCP" => &["TCPRoute"],
-            "UDP" => &["UDPRoute"],
-            _ => &[],
-        };
-        for (k, kind) in kinds.iter().enumerate() {
+        let valid = listener.protocol_kinds();
+        for (k, kind) in listener.allowed_kinds().iter().enumerate() {
             if !valid.iter().any(|v| kind.is(v)) {
                 at.error(
                     format!("{path}.allowedRoutes.kinds[{k}]"),

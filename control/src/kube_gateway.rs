@@ -220,10 +220,7 @@ pub fn attachments(
         {
             continue;
         }
-        let kinds = listener
-            .allowed_routes
-            .as_ref()
-            .map_or(&[][..], |a| &a.kinds);
+        let kinds = listener.allowed_kinds();
         if !kinds.is_empty() && !kinds.iter().any(|k| k.is(kind)) {
             refused.push(format!(
                 "listener {} does not allow {kind}s (allowedRoutes.kinds: {})",

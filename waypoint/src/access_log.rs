@@ -277,8 +277,7 @@ fn format_line(out: &mut Vec<u8>, entry: &Entry<'_>, now: SystemTime) {
     field(out, "path", entry.path);
     out.extend_from_slice(b" status=");
     int(out, entry.status);
-    out.extend_from_slice(b" flags=");
-    entry.flags.write_to(out);
+    let _ = write!(out, " flags={}", entry.flags);
     field(out, "route", entry.route);
     field(out, "cluster", entry.cluster);
     out.extend_from_slice(b" endpoint=");
@@ -321,7 +320,6 @@ fn field(out: &mut Vec<u8>, key: &str, value: &str) {
             '\r' => out.extend_from_slice(b"\\r"),
             '\t' => out.extend_from_slice(b"\\t"),
             c if c.is_control() => {
-                use std::io::Write as _;
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             }
             c => {
@@ -346,7 +344,6 @@ fn socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
             int(out, v4.port());
         }
         SocketAddr::V6(_) => {
-            use std::io::Write as _;
             let _ = write!(out, "{addr}");
         }
     }

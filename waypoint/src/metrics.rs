@@ -94,40 +94,22 @@ impl ResponseFlags {
     }
 }
 
-impl ResponseFlags {
-    /// Hands `put` the flags' text piece by piece: Envoy's short names,
-    /// comma-separated in its order, or `-` when there is none.
-    fn write(self, mut put: impl FnMut(&'static str)) {
+impl std::fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.0 == 0 {
-            return put("-");
+            return f.write_str("-");
         }
         let mut first = true;
         for (flag, name) in Self::NAMES {
             if self.contains(flag) {
                 if !first {
-                    put(",");
+                    f.write_str(",")?;
                 }
-                put(name);
+                f.write_str(name)?;
                 first = false;
             }
         }
-    }
-
-    /// Appends the flags' text to `out`.
-    pub fn write_to(self, out: &mut Vec<u8>) {
-        self.write(|piece| out.extend_from_slice(piece.as_bytes()));
-    }
-}
-
-impl std::fmt::Display for ResponseFlags {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut result = Ok(());
-        self.write(|piece| {
-            if result.is_ok() {
-                result = f.write_str(piece);
-            }
-        });
-        result
+        Ok(())
     }
 }
 

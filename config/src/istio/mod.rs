@@ -108,6 +108,24 @@ pub struct KubeListener {
     pub allowed_routes: Option<AllowedRoutes>,
 }
 
+impl KubeListener {
+    /// `allowedRoutes.kinds`; empty when not given (the protocol's kinds).
+    pub fn allowed_kinds(&self) -> &[RouteGroupKind] {
+        self.allowed_routes.as_ref().map_or(&[], |a| &a.kinds)
+    }
+
+    /// The route kinds the listener's protocol carries.
+    pub fn protocol_kinds(&self) -> &'static [&'static str] {
+        match self.protocol.as_str() {
+            "HTTP" | "HTTPS" => &["HTTPRoute", "GRPCRoute"],
+            "TLS" => &["TLSRoute"],
+            "TCP" => &["TCPRoute"],
+            "UDP" => &["UDPRoute"],
+            _ => &[],
+        }
+    }
+}
+
 /// A Gateway API listener's `tls`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
