@@ -70,6 +70,8 @@ pub enum Resource {
     KubeHttpRoute(Box<istio::KubeHttpRoute>),
     /// Gateway API GRPCRoute.
     KubeGrpcRoute(Box<istio::KubeGrpcRoute>),
+    /// Gateway API ReferenceGrant.
+    ReferenceGrant(Box<istio::ReferenceGrant>),
     /// A kind this crate does not model (yet): kept by identity only.
     Other(ResourceId),
 }
@@ -132,6 +134,8 @@ pub struct Manifests {
     pub http_routes: Vec<istio::KubeHttpRoute>,
     /// Gateway API GRPCRoutes.
     pub grpc_routes: Vec<istio::KubeGrpcRoute>,
+    /// Gateway API ReferenceGrants.
+    pub reference_grants: Vec<istio::ReferenceGrant>,
     /// Resources of kinds not modelled here.
     pub others: Vec<ResourceId>,
     /// Where each resource came from (file name), for error messages.
@@ -158,6 +162,7 @@ impl Manifests {
             Resource::KubeGateway(r) => self.kube_gateways.push(*r),
             Resource::KubeHttpRoute(r) => self.http_routes.push(*r),
             Resource::KubeGrpcRoute(r) => self.grpc_routes.push(*r),
+            Resource::ReferenceGrant(r) => self.reference_grants.push(*r),
             Resource::Other(id) => self.others.push(id),
         }
     }
@@ -181,6 +186,7 @@ impl Manifests {
         self.kube_gateways.extend(other.kube_gateways);
         self.http_routes.extend(other.http_routes);
         self.grpc_routes.extend(other.grpc_routes);
+        self.reference_grants.extend(other.reference_grants);
         self.others.extend(other.others);
         self.sources.extend(other.sources);
     }
@@ -203,6 +209,7 @@ impl Manifests {
             + self.kube_gateways.len()
             + self.http_routes.len()
             + self.grpc_routes.len()
+            + self.reference_grants.len()
             + self.others.len()
     }
 
@@ -277,6 +284,9 @@ impl Manifests {
             )),
             "GRPCRoute" => Resource::KubeGrpcRoute(Box::new(
                 named(&self.grpc_routes, id, |r| &r.metadata)?.clone(),
+            )),
+            "ReferenceGrant" => Resource::ReferenceGrant(Box::new(
+                named(&self.reference_grants, id, |r| &r.metadata)?.clone(),
             )),
             "ServiceEntry" => Resource::ServiceEntry(Box::new(
                 named(&self.service_entries, id, |r| &r.metadata)?.clone(),

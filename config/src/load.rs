@@ -275,6 +275,7 @@ fn parse_resource(
         "Gateway" if gateway_api => parse!(KubeGateway),
         "HTTPRoute" if gateway_api => parse!(KubeHttpRoute),
         "GRPCRoute" if gateway_api => parse!(KubeGrpcRoute),
+        "ReferenceGrant" if gateway_api => parse!(ReferenceGrant),
         _ => Resource::Other(id.clone()),
     };
     Ok((id, resource))

@@ -17,7 +17,7 @@ use crate::{
         Crd, KubeGatewaySpec,
         gateway_api::{
             GrpcRouteSpec, HttpBackendRef, HttpRouteFilter, HttpRouteSpec, ParentRef,
-            PathMatchType, PathModifierType, ValueMatchType,
+            PathMatchType, PathModifierType, ReferenceGrantSpec, ValueMatchType,
         },
         networking::{
             Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
@@ -138,6 +138,11 @@ pub fn validate(manifests: &Manifests) -> Vec<ValidationError> {
         grpc_route_api(&mut at, &route.spec);
         check.finish(at);
     }
+    for grant in &manifests.reference_grants {
+        let mut at = check.at(grant);
+        reference_grant(&mut at, &grant.spec);
+        check.finish(at);
+    }
     check.errors
 }
 
@@ -167,6 +172,7 @@ pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) 
         keep(&mut manifests.kube_gateways, &invalid);
         keep(&mut manifests.http_routes, &invalid);
         keep(&mut manifests.grpc_routes, &invalid);
+        keep(&mut manifests.reference_grants, &invalid);
         errors.extend(found);
     }
 }
@@ -1153,6 +1159,42 @@ fn parent_refs(at: &mut At, parents: &[ParentRef]) {
     }
 }
 
+/// Gateway API ReferenceGrant rules: at least one `from` and one `to`;
+/// each names its group (`""` for the core group) and kind, and each
+/// `from` a namespace.
+fn reference_grant(at: &mut At, spec: &ReferenceGrantSpec) {
+    for (list, empty) in [("from", spec.from.is_empty()), ("to", spec.to.is_empty())] {
+        if empty {
+            at.error(
+                format!("spec.{list}"),
+                format!("a ReferenceGrant needs at least one `{list}` entry"),
+            );
+        }
+    }
+    let mut named = |path: String, group: &Option<String>, kind: &str| {
+        if group.is_none() {
+            at.error(
+                format!("{path}.group"),
+                "group is required (\"\" for the core group)",
+            );
+        }
+        if kind.is_empty() {
+            at.error(format!("{path}.kind"), "kind is required");
+        }
+    };
+    for (i, from) in spec.from.iter().enumerate() {
+        named(format!("spec.from[{i}]"), &from.group, &from.kind);
+    }
+    for (i, to) in spec.to.iter().enumerate() {
+        named(format!("spec.to[{i}]"), &to.group, &to.kind);
+    }
+    for (i, from) in spec.from.iter().enumerate() {
+        if from.namespace.is_empty() {
+            at.error(format!("spec.from[{i}].namespace"), "namespace is required");
+        }
+    }
+}
+
 /// Gateway API GRPCRoute rules (the Gateway API's own validation): a
 /// method match names a service or a method; exact names hold no `/`;
 /// patterns compile; header matches are named.
@@ -1493,6 +1535,41 @@ mod tests {
             );
         }
         assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn reference_grants_name_group_kind_and_namespace() {
+        let errs = errors(
+            r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: ok, namespace: backends}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}, {group: "", kind: Service, name: reviews}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ReferenceGrant
+metadata: {name: bad, namespace: backends}
+spec:
+  from: [{kind: HTTPRoute, namespace: shop}, {group: gateway.networking.k8s.io, kind: ""}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: no-from, namespace: backends}
+spec:
+  to: [{group: "", kind: Secret, name: cert}]
+"#,
+        );
+        assert_exactly(
+            &errs,
+            &[
+                "ReferenceGrant backends/bad: field `spec.to`: a ReferenceGrant needs at least one `to` entry",
+                "ReferenceGrant backends/bad: field `spec.from[0].group`: group is required (\"\" for the core group)",
+                "ReferenceGrant backends/bad: field `spec.from[1].kind`: kind is required",
+                "ReferenceGrant backends/bad: field `spec.from[1].namespace`: namespace is required",
+                "ReferenceGrant backends/no-from: field `spec.from`: a ReferenceGrant needs at least one `from` entry",
+            ],
+        );
     }
 
     #[test]

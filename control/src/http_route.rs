@@ -23,7 +23,9 @@
 //!   each attempt's (`retries.perTryTimeout`, the retries Istio's default).
 //! - `backendRefs` become weighted destinations (weight default 1); a rule
 //!   with neither backends nor a redirect answers 500, as the Gateway API
-//!   requires.
+//!   requires. A backend (or mirror) in another namespace needs a
+//!   ReferenceGrant there ([`crate::reference_grant`]); without one it is
+//!   refused and reported, and its share of the requests is answered 500.
 //!
 //! A VirtualService for the same host takes precedence; the routes are then
 //! reported and not applied.
@@ -34,10 +36,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_config::{
     Manifests,
     istio::{
-        KubeHttpRoute, VirtualService,
+        GATEWAY_API_GROUP, KubeHttpRoute, VirtualService,
         gateway_api::{
-            HeaderModifier, HttpRouteMatch, HttpRouteRule, PathMatchType, PathModifier,
-            PathModifierType, ValueMatchType,
+            BackendObjectRef, HeaderModifier, HttpRouteMatch, HttpRouteRule, PathMatchType,
+            PathModifier, PathModifierType, ValueMatchType,
         },
         networking::{
             Destination, FaultAbort, HeaderOperations, Headers, HttpFault, HttpMatchRequest,
@@ -49,6 +51,8 @@ use mesh_config::{
     namespace,
     validate::fqdn,
 };
+
+use crate::reference_grant::{CORE_GROUP, ReferenceGrants, Referent, Referrer};
 
 /// The VirtualServices equivalent to `manifests`' HTTPRoutes, one per
 /// parent Service, named after it; `warnings` gets what cannot be applied.
@@ -101,7 +105,7 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                     let (all, candidates) = by_gateway.entry(key).or_default();
                     all.extend(gateways.iter().cloned());
                     candidates.extend(Candidate::of_rules(
-                        route, &route_id, route_ns, None, &gateways,
+                        route, kind, &route_id, route_ns, None, &gateways,
                     ));
                 }
                 continue;
@@ -132,6 +136,7 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                 .or_default()
                 .extend(Candidate::of_rules(
                     route,
+                    kind,
                     &route_id,
                     route_ns,
                     parent.port,
@@ -139,7 +144,8 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                 ));
         }
     }
-    let mut out = gateway_virtual_services(by_gateway, warnings);
+    let grants = ReferenceGrants::of(manifests);
+    let mut out = gateway_virtual_services(by_gateway, grants, warnings);
     for ((service_ns, host), mut candidates) in by_parent {
         let routed_by_vs = manifests.virtual_services.iter().find(|vs| {
             let vs_ns = namespace(&vs.metadata);
@@ -157,7 +163,7 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
         candidates.sort_by_key(|c| std::cmp::Reverse(c.precedence()));
         let http = candidates
             .iter()
-            .filter_map(|c| c.http_route(&host, warnings))
+            .filter_map(|c| c.http_route(&host, grants, warnings))
             .collect();
         let name = host.split('.').next().unwrap_or(&host).to_owned();
         out.push(VirtualService {
@@ -183,6 +189,7 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
 /// Gateway namespace and host, bound to the listeners' Istio Gateways.
 fn gateway_virtual_services(
     by_gateway: BTreeMap<(String, String), (BTreeSet<String>, Vec<Candidate<'_>>)>,
+    grants: ReferenceGrants<'_>,
     warnings: &mut Vec<String>,
 ) -> Vec<VirtualService> {
     let mut out = Vec::new();
@@ -190,7 +197,7 @@ fn gateway_virtual_services(
         candidates.sort_by_key(|c| std::cmp::Reverse(c.precedence()));
         let http = candidates
             .iter()
-            .filter_map(|c| c.http_route(&host, warnings))
+            .filter_map(|c| c.http_route(&host, grants, warnings))
             .collect();
         out.push(VirtualService {
             api_version: "gateway.networking.k8s.io/v1".to_owned(),
@@ -217,6 +224,8 @@ fn gateway_virtual_services(
 
 /// One match of one rule, for one parent.
 struct Candidate<'a> {
+    /// `HTTPRoute` or `GRPCRoute`.
+    kind: &'a str,
     route_ns: &'a str,
     rule: &'a HttpRouteRule,
     rule_name: String,
@@ -231,6 +240,7 @@ impl<'a> Candidate<'a> {
     /// matches matches everything).
     fn of_rules(
         route: &'a KubeHttpRoute,
+        kind: &'a str,
         route_id: &str,
         route_ns: &'a str,
         port: Option<u32>,
@@ -246,6 +256,7 @@ impl<'a> Candidate<'a> {
             };
             for matched in matches {
                 out.push(Candidate {
+                    kind,
                     route_ns,
                     rule,
                     rule_name: rule_name.clone(),
@@ -286,7 +297,12 @@ impl<'a> Candidate<'a> {
 
     /// The VirtualService route for this match, or `None` (reported) when
     /// it asks for what cannot be done here.
-    fn http_route(&self, host: &str, warnings: &mut Vec<String>) -> Option<HttpRoute> {
+    fn http_route(
+        &self,
+        host: &str,
+        grants: ReferenceGrants<'_>,
+        warnings: &mut Vec<String>,
+    ) -> Option<HttpRoute> {
         let rule = self.rule;
         let mut route = HttpRoute {
             name: Some(self.rule_name.clone()),
@@ -350,6 +366,13 @@ impl<'a> Candidate<'a> {
                 }
                 "RequestMirror" => {
                     let mirror = filter.request_mirror.as_ref()?;
+                    if let Err(why) = self.permitted(grants, &mirror.backend_ref) {
+                        warnings.push(format!(
+                            "{}: the RequestMirror filter is not applied: {why}",
+                            self.rule_name
+                        ));
+                        continue;
+                    }
                     route.mirrors.push(HttpMirrorPolicy {
                         destination: self.destination(
                             &mirror.backend_ref.name,
@@ -366,9 +389,30 @@ impl<'a> Candidate<'a> {
         }
         route.headers = headers(request, response);
         if route.redirect.is_none() {
-            route.route = rule
+            // Backends in another namespace without a ReferenceGrant are
+            // refused; their share of the requests gets the Gateway API's
+            // 500 below.
+            let mut refused_weight = 0;
+            let permitted: Vec<_> = rule
                 .backend_refs
                 .iter()
+                .enumerate()
+                .filter(|(b, backend)| match self.permitted(grants, &backend.backend) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        let weight = backend.weight.unwrap_or(1);
+                        refused_weight += weight;
+                        warnings.push(format!(
+                            "{}: backendRefs[{b}] is refused, its share of requests (weight {weight}) is answered 500: {why}",
+                            self.rule_name
+                        ));
+                        false
+                    }
+                })
+                .map(|(_, backend)| backend)
+                .collect();
+            route.route = permitted
+                .into_iter()
                 .map(|backend| {
                     let mut request = HeaderOperations::default();
                     let mut response = HeaderOperations::default();
@@ -398,6 +442,21 @@ impl<'a> Candidate<'a> {
                 })
                 .collect();
             let total: i64 = route.route.iter().filter_map(|d| d.weight).sum();
+            if total > 0 && refused_weight > 0 {
+                // Checked before a destination is picked, so the permitted
+                // backends keep their shares of the whole.
+                let share = refused_weight as f64 / (total + refused_weight) as f64;
+                route.fault = Some(HttpFault {
+                    abort: Some(FaultAbort {
+                        http_status: Some(500),
+                        percentage: Some(Percent {
+                            value: share * 100.0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
             if route.route.is_empty() || total == 0 {
                 // No backend to send to: the Gateway API's 500, answered
                 // by an abort before the (never used) parent destination.
@@ -511,6 +570,37 @@ impl<'a> Candidate<'a> {
                 })
             }
         }
+    }
+
+    /// Whether this route may send to `backend`: in its own namespace, or
+    /// in one whose ReferenceGrant trusts this route's kind and namespace;
+    /// `Err` says which grant is missing.
+    fn permitted(
+        &self,
+        grants: ReferenceGrants<'_>,
+        backend: &BackendObjectRef,
+    ) -> Result<(), String> {
+        let Some(backend_ns) = backend.namespace.as_deref() else {
+            return Ok(());
+        };
+        let from = Referrer {
+            group: GATEWAY_API_GROUP,
+            kind: self.kind,
+            namespace: self.route_ns,
+        };
+        let to = Referent {
+            group: CORE_GROUP,
+            kind: "Service",
+            namespace: backend_ns,
+            name: &backend.name,
+        };
+        if grants.permits(from, to) {
+            return Ok(());
+        }
+        Err(format!(
+            "Service {backend_ns}/{} is in another namespace and no ReferenceGrant in {backend_ns} lets {}s from {} refer to it",
+            backend.name, self.kind, self.route_ns
+        ))
     }
 
     fn destination(&self, name: &str, namespace: Option<&str>, port: Option<u32>) -> Destination {
@@ -638,6 +728,13 @@ spec:
   parentRefs: [{kind: Gateway, name: ingress}, {kind: Service, name: reviews}]
   rules:
   - filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: web}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
 "#,
         );
         assert_eq!(vs.len(), 1, "one per parent Service");
@@ -684,6 +781,82 @@ spec:
                 .contains("HTTPRoute shop/a: spec.parentRefs[0] is not applied: names Gateway shop/ingress, which does not exist")),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn backends_in_another_namespace_need_a_reference_grant() {
+        let routes = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /split}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, namespace: web, port: 80}}}]
+    backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: other, namespace: web, port: 80}]
+  - backendRefs: [{name: other, namespace: web, port: 80}]
+---
+"#;
+        // A grant in `web` to HTTPRoutes of `kind` from `shop`, for the
+        // Service `name` (every Service when `None`).
+        let grant = |kind: &str, name: Option<&str>| {
+            let name = name.map(|n| format!(", name: {n}")).unwrap_or_default();
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: web}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {kind}, namespace: shop}}]\n  to: [{{group: \"\", kind: Service{name}}}]\n"
+            )
+        };
+        let abort = |route: &HttpRoute| {
+            route
+                .fault
+                .as_ref()
+                .and_then(|f| f.abort.as_ref())
+                .map(|a| (a.http_status, a.percentage.as_ref().map(|p| p.value)))
+        };
+        let hosts = |route: &HttpRoute| {
+            route
+                .route
+                .iter()
+                .map(|d| (d.destination.host.clone(), d.weight))
+                .collect::<Vec<_>>()
+        };
+        let reviews = ("reviews.shop.svc.cluster.local".to_owned(), Some(3));
+        // No grant, or one for another kind or another Service: refused.
+        for extra in [
+            "",
+            &grant("GRPCRoute", Some("other")),
+            &grant("HTTPRoute", Some("shadow")),
+        ] {
+            let (vs, warnings) = translate(&format!("{routes}{extra}"));
+            let warnings = warnings.join("\n");
+            assert!(
+                warnings.contains("HTTPRoute shop/r rule 0: backendRefs[1] is refused, its share of requests (weight 1) is answered 500: Service web/other is in another namespace and no ReferenceGrant in web lets HTTPRoutes from shop refer to it"),
+                "{warnings}"
+            );
+            let split = &vs[0].spec.http[0];
+            // The refused quarter is answered 500; reviews keeps its 3/4.
+            assert_eq!(hosts(split), std::slice::from_ref(&reviews));
+            assert_eq!(abort(split), Some((Some(500), Some(25.0))));
+            // The rule with only a refused backend answers 500 always.
+            assert_eq!(abort(&vs[0].spec.http[1]), Some((Some(500), Some(100.0))));
+        }
+        let (_, warnings) = translate(routes);
+        assert!(
+            warnings.iter().any(|w| w.contains("HTTPRoute shop/r rule 0: the RequestMirror filter is not applied: Service web/shadow is in another namespace")),
+            "{warnings:?}"
+        );
+        // Granted: both backends, no abort; the mirror needs its own grant.
+        let (vs, warnings) = translate(&format!("{routes}{}", grant("HTTPRoute", Some("other"))));
+        let split = &vs[0].spec.http[0];
+        assert_eq!(
+            hosts(split),
+            [reviews, ("other.web.svc.cluster.local".to_owned(), Some(1))]
+        );
+        assert_eq!(abort(split), None);
+        assert!(split.mirrors.is_empty());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let (vs, warnings) = translate(&format!("{routes}{}", grant("HTTPRoute", None)));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(vs[0].spec.http[0].mirrors.len(), 1);
     }
 
     #[test]

@@ -69,10 +69,11 @@ use mesh_api::envoy::{
 };
 use mesh_config::{
     Manifests,
-    istio::{IstioGateway, networking as net},
+    istio::{GATEWAY_API_GROUP, IstioGateway, networking as net},
 };
 use prost::{Message, Name};
 
+use crate::reference_grant::{CORE_GROUP, ReferenceGrants, Referent, Referrer};
 use crate::waypoint::{
     DestinationRules, ServiceRef, add_hash_policies, hcm_filter, host_matches, socket_address,
     tcp_route_filter, vs_routes,
@@ -511,6 +512,50 @@ fn insert_routes(
     );
 }
 
+/// The prefix of a `credentialName` that names a Secret of another
+/// namespace, `kubernetes-gateway://<namespace>/<name>`, as Istio writes
+/// the certificate references of Gateway API listeners.
+pub const CROSS_NAMESPACE_CREDENTIAL: &str = "kubernetes-gateway://";
+
+/// The namespace and name of the Secret `credential_name` names for a
+/// gateway in `gateway_ns`: that namespace, or with
+/// [`CROSS_NAMESPACE_CREDENTIAL`] another one whose ReferenceGrant lets
+/// Gateways of `gateway_ns` refer to the Secret.
+fn credential<'a>(
+    manifests: &Manifests,
+    gateway_ns: &'a str,
+    credential_name: &'a str,
+) -> Result<(&'a str, &'a str), String> {
+    let Some(reference) = credential_name.strip_prefix(CROSS_NAMESPACE_CREDENTIAL) else {
+        return Ok((gateway_ns, credential_name));
+    };
+    let (ns, name) = reference
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        .ok_or_else(|| {
+            format!(
+                "credentialName {credential_name} is not {CROSS_NAMESPACE_CREDENTIAL}<namespace>/<name>"
+            )
+        })?;
+    let from = Referrer {
+        group: GATEWAY_API_GROUP,
+        kind: "Gateway",
+        namespace: gateway_ns,
+    };
+    let to = Referent {
+        group: CORE_GROUP,
+        kind: "Secret",
+        namespace: ns,
+        name,
+    };
+    if !ReferenceGrants::of(manifests).permits(from, to) {
+        return Err(format!(
+            "Secret {ns}/{name} is in another namespace and no ReferenceGrant in {ns} lets Gateways from {gateway_ns} refer to it"
+        ));
+    }
+    Ok((ns, name))
+}
+
 /// A field of Secret `name` in namespace `ns`: the first of `keys` present.
 fn secret_field(manifests: &Manifests, ns: &str, name: &str, keys: &[&str]) -> Option<Vec<u8>> {
     let secret = manifests.secrets.iter().find(|s| {
@@ -532,12 +577,17 @@ fn server_tls(
     gateway_ns: &str,
 ) -> Result<DownstreamTlsContext, String> {
     let tls = server.tls.as_ref().ok_or("it has no tls settings")?;
-    let (chain, key) = if let Some(name) = &tls.credential_name {
-        let field = |keys: &[&str]| secret_field(manifests, gateway_ns, name, keys);
+    let credential = tls
+        .credential_name
+        .as_deref()
+        .map(|name| credential(manifests, gateway_ns, name))
+        .transpose()?;
+    let (chain, key) = if let Some((secret_ns, name)) = credential {
+        let field = |keys: &[&str]| secret_field(manifests, secret_ns, name, keys);
         let (Some(chain), Some(key)) = (field(&["tls.crt", "cert"]), field(&["tls.key", "key"]))
         else {
             return Err(format!(
-                "credentialName {name} names no Secret with tls.crt and tls.key in {gateway_ns}"
+                "credentialName {name} names no Secret with tls.crt and tls.key in {secret_ns}"
             ));
         };
         (
@@ -560,16 +610,16 @@ fn server_tls(
         Some(net::ServerTlsMode::Mutual | net::ServerTlsMode::OptionalMutual)
     );
     let validation = if mutual {
-        let ca = match &tls.credential_name {
-            Some(name) => {
-                let ca = secret_field(manifests, gateway_ns, name, &["ca.crt", "cacert"])
+        let ca = match credential {
+            Some((secret_ns, name)) => {
+                let ca = secret_field(manifests, secret_ns, name, &["ca.crt", "cacert"])
                     .or_else(|| {
                         let cacert = format!("{name}-cacert");
-                        secret_field(manifests, gateway_ns, &cacert, &["ca.crt", "cacert"])
+                        secret_field(manifests, secret_ns, &cacert, &["ca.crt", "cacert"])
                     })
                     .ok_or_else(|| {
                         format!(
-                            "{:?} needs the client CA: ca.crt in Secret {name} or in Secret {name}-cacert in {gateway_ns}",
+                            "{:?} needs the client CA: ca.crt in Secret {name} or in Secret {name}-cacert in {secret_ns}",
                             tls.mode.expect("mutual")
                         )
                     })?;

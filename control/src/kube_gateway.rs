@@ -22,8 +22,12 @@
 //!   listener's `hostname` (`*.example.com` admits `a.example.com`); a
 //!   route without hostnames takes the listener's.
 //!
+//! - References into other namespaces (a `certificateRefs` Secret, a
+//!   route's `backendRefs`) need a ReferenceGrant there
+//!   ([`crate::reference_grant`]).
+//!
 //! Not served yet, and reported: `TCP` and `TLS` listeners (TCPRoute and
-//! TLSRoute), certificate references to another namespace (ReferenceGrant).
+//! TLSRoute).
 
 use std::collections::BTreeMap;
 
@@ -34,7 +38,10 @@ use mesh_config::{
     namespace,
 };
 
-use crate::{ingress::host_intersection, waypoint_deploy::GATEWAY_NAME_LABEL};
+use crate::{
+    ingress::{CROSS_NAMESPACE_CREDENTIAL, host_intersection},
+    waypoint_deploy::GATEWAY_NAME_LABEL,
+};
 
 /// The `gatewayClassName` of ingress Gateways.
 pub const INGRESS_CLASS: &str = "istio";
@@ -151,19 +158,15 @@ fn listener_tls(listener: &KubeListener, gateway_ns: &str) -> Result<net::Server
             secret.name
         ));
     }
-    if secret
-        .namespace
-        .as_deref()
-        .is_some_and(|ns| ns != gateway_ns)
-    {
-        return Err(format!(
-            "tls.certificateRefs[0] names a Secret in namespace {}; references across namespaces (ReferenceGrant) are not supported yet",
-            secret.namespace.as_deref().unwrap_or_default()
-        ));
-    }
+    // A Secret elsewhere is named as Istio names it; the ingress
+    // translation checks the ReferenceGrant that must permit it.
+    let credential_name = match secret.namespace.as_deref() {
+        Some(ns) if ns != gateway_ns => format!("{CROSS_NAMESPACE_CREDENTIAL}{ns}/{}", secret.name),
+        _ => secret.name.clone(),
+    };
     Ok(net::ServerTls {
         mode: Some(net::ServerTlsMode::Simple),
-        credential_name: Some(secret.name.clone()),
+        credential_name: Some(credential_name),
         ..Default::default()
     })
 }
@@ -325,7 +328,14 @@ fn admits(
 
 #[cfg(test)]
 mod tests {
-    use mesh_api::envoy::envoy::config::route::v3::{route::Action, route_match::PathSpecifier};
+    use mesh_api::envoy::envoy::{
+        config::{
+            core::v3::transport_socket::ConfigType::TypedConfig,
+            route::v3::{route::Action, route_match::PathSpecifier},
+        },
+        extensions::transport_sockets::tls::v3::DownstreamTlsContext,
+    };
+    use prost::Message;
 
     use crate::{
         ingress::{https_route_name, listener_name, route_name},
@@ -432,6 +442,8 @@ mod tests {
             ),
             // From another namespace: only the Selector listener admits it.
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: team-route, namespace: team}\nspec:\n  parentRefs: [{name: gw, namespace: default}]\n  rules: [{backendRefs: [{name: reviews, namespace: default, port: 9080}]}]\n---\n".to_owned(),
+            // ... whose backend in `default` needs this grant.
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: team-routes, namespace: default}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: team}]\n  to: [{group: \"\", kind: Service}]\n---\n".to_owned(),
         ]
         .concat();
         let model = model(listeners, &extra);
@@ -521,12 +533,60 @@ mod tests {
         let warnings = model.warnings.join("\n");
         for expected in [
             "Gateway default/gw: spec.listeners[0] (tcp) is not served: protocol TCP is not supported at the ingress gateway yet",
-            "Gateway default/gw: spec.listeners[1] (far) is not served: tls.certificateRefs[0] names a Secret in namespace other",
+            "the HTTPS server on port 443 is not served: Secret other/cred is in another namespace and no ReferenceGrant in other lets Gateways from default refer to it",
             "HTTPRoute default/none: spec.parentRefs[1] is not applied: names Gateway default/missing, which does not exist",
         ] {
             assert!(warnings.contains(expected), "{expected}\n---\n{warnings}");
         }
         assert!(model.envoy.listeners.keys().all(|l| !l.contains("9000")));
+    }
+
+    #[test]
+    fn certificates_in_another_namespace_need_a_reference_grant() {
+        let listener = "  - {name: far, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: cred, namespace: certs}]}}";
+        // tls.crt: "certs", so the served certificate shows which Secret.
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: cred, namespace: certs}\ndata: {tls.crt: Y2VydHM=, tls.key: a2V5}\n---\n";
+        let grant = |kind: &str, name: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: gateways, namespace: certs}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {kind}, namespace: default}}]\n  to: [{{group: \"\", kind: Secret, name: {name}}}]\n---\n"
+            )
+        };
+        let route = route(
+            "web",
+            "  parentRefs: [{name: gw}]\n  rules: [{backendRefs: [{name: productpage, port: 9080}]}]",
+        );
+        let refused = "Secret certs/cred is in another namespace and no ReferenceGrant in certs lets Gateways from default refer to it";
+        for extra in [
+            String::new(),
+            grant("HTTPRoute", "cred"),
+            grant("Gateway", "other-cred"),
+        ] {
+            let model = model(listener, &format!("{secret}{extra}{route}"));
+            let warnings = model.warnings.join("\n");
+            assert!(warnings.contains(refused), "{extra}\n---\n{warnings}");
+            assert!(
+                !model.envoy.listeners.contains_key(&listener_name(KEY, 443)),
+                "{extra}"
+            );
+        }
+        let model = model(
+            listener,
+            &format!("{secret}{}{route}", grant("Gateway", "cred")),
+        );
+        assert!(model.warnings.is_empty(), "{:?}", model.warnings);
+        let (_, served) = &model.envoy.listeners[&listener_name(KEY, 443)];
+        let Some(TypedConfig(tls)) = served.filter_chains[0]
+            .transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.as_ref())
+        else {
+            panic!("{served:?}")
+        };
+        let tls = format!(
+            "{:?}",
+            DownstreamTlsContext::decode(tls.value.as_slice()).unwrap()
+        );
+        assert!(tls.contains(&format!("{:?}", b"certs".to_vec())), "{tls}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod rbac;
+pub mod reference_grant;
 pub mod root_cert;
 pub mod source;
 pub mod status;

@@ -95,6 +95,13 @@ fn kube_gateway(ns: &str, name: &str) -> Value {
                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
 }
 
+fn reference_grant(ns: &str, name: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+           "metadata": {"name": name, "namespace": ns},
+           "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "web"}],
+                    "to": [{"group": "", "kind": "Service", "name": "reviews"}]}})
+}
+
 /// A fake serving every watched kind, holding a small shop.
 async fn shop() -> FakeApiServer {
     let server = FakeApiServer::start().await;
@@ -112,6 +119,7 @@ async fn shop() -> FakeApiServer {
         &[json!(80), json!(20)],
     ));
     server.apply(authorization_policy("shop", "reviews"));
+    server.apply(reference_grant("shop", "web-routes"));
     server
 }
 
@@ -169,8 +177,13 @@ async fn listed_objects_are_loaded_through_the_config_parser() {
         names(&m.authorization_policies, |r| &r.metadata),
         ["reviews"]
     );
+    assert_eq!(names(&m.reference_grants, |r| &r.metadata), ["web-routes"]);
     // List items have no apiVersion/kind; the source restores them.
     assert_eq!(m.virtual_services[0].api_version, "networking.istio.io/v1");
+    assert_eq!(
+        m.reference_grants[0].api_version, "gateway.networking.k8s.io/v1beta1",
+        "ReferenceGrants are watched at the version every release serves"
+    );
     assert_eq!(
         m.pods[0].status.as_ref().unwrap().pod_ip.as_deref(),
         Some("10.244.0.30")

@@ -2,8 +2,9 @@
 //! attached to it (bookinfo's Gateway API sample) let clients outside the
 //! mesh reach productpage through the `bookinfo-gateway-istio` Deployment
 //! and Service the lab creates for it, as Istio does; a second listener
-//! with a wildcard hostname serves only the route hosts under it, and the
-//! routes' filters apply.
+//! with a wildcard hostname serves only the route hosts under it, the
+//! routes' filters apply, and a route's backend in another namespace is
+//! served only while a ReferenceGrant there permits it.
 
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ const GATEWAY: &str = "bookinfo-gateway-istio.default";
 
 #[test]
 fn gateway_api_ingress_routes_outside_traffic_by_path_and_host() {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("manifests/bookinfo-gateway-api.yaml");
+    let manifests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let manifest = manifests.join("bookinfo-gateway-api.yaml");
     let mut lab = Lab::up("tga", vec![bookinfo_manifest(), manifest], 2);
     lab.enrol_namespace("default");
     lab.state
@@ -104,4 +105,28 @@ fn gateway_api_ingress_routes_outside_traffic_by_path_and_host() {
         ok && body["app"] == "reviews",
         "reviews.other.org on 80: {text}"
     );
+
+    // The route from namespace `team` to reviews in `default` is refused
+    // (its requests answered 500) until a ReferenceGrant in `default`
+    // permits it, and refused again once the grant is deleted.
+    let shared = format!("http://{GATEWAY}:8081/reviews/0");
+    let answers = |granted: bool| {
+        let (ok, body, text) = lab.get(&outside, &shared, &[]);
+        let expected = if granted {
+            ok && body["app"] == "reviews"
+        } else {
+            !ok && text.contains("500")
+        };
+        expected.then_some(()).ok_or(text)
+    };
+    mesh_tests::eventually("500 without a ReferenceGrant", SETTLE, || answers(false));
+    mesh_lab::cluster::apply(
+        &lab.state.plan.name,
+        &manifests.join("reference-grant.yaml"),
+    )
+    .expect("apply the grant");
+    mesh_tests::eventually("reviews once granted", SETTLE, || answers(true));
+    mesh_lab::cluster::unapply(&lab.state.plan.name, "reference-grant.yaml")
+        .expect("delete the grant");
+    mesh_tests::eventually("500 once the grant is deleted", SETTLE, || answers(false));
 }

@@ -375,3 +375,46 @@ pub struct GrpcMethodMatch {
     #[serde(default)]
     pub method: Option<String>,
 }
+
+/// `ReferenceGrant.spec`: which resources of other namespaces may refer to
+/// resources of this one (a route's backend, a Gateway's certificate).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantSpec {
+    /// The referrers trusted: kinds in other namespaces.
+    #[serde(default)]
+    pub from: Vec<ReferenceGrantFrom>,
+    /// What they may refer to in this namespace.
+    #[serde(default)]
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+/// A trusted referrer: every resource of one kind in one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantFrom {
+    /// API group (required; `""` is the core group).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Kind, such as `HTTPRoute` or `Gateway`.
+    #[serde(default)]
+    pub kind: String,
+    /// The referrers' namespace.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// What may be referred to: one kind, optionally one name.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantTo {
+    /// API group (required; `""` is the core group).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Kind, such as `Service` or `Secret`.
+    #[serde(default)]
+    pub kind: String,
+    /// Only this resource (default: every resource of the kind).
+    #[serde(default)]
+    pub name: Option<String>,
+}

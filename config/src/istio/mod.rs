@@ -65,6 +65,8 @@ pub type KubeGateway = Crd<KubeGatewaySpec>;
 pub type KubeHttpRoute = Crd<gateway_api::HttpRouteSpec>;
 /// Gateway API `gateway.networking.k8s.io` GRPCRoute.
 pub type KubeGrpcRoute = Crd<gateway_api::GrpcRouteSpec>;
+/// Gateway API `gateway.networking.k8s.io` ReferenceGrant.
+pub type ReferenceGrant = Crd<gateway_api::ReferenceGrantSpec>;
 
 /// Gateway API `Gateway.spec`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -149,6 +149,14 @@ pub const WATCHED: &[Watched] = &[
         "GRPCRoute",
         ServedVersion::GatewayApi,
     ),
+    // Served as v1beta1 by every Gateway API release since 0.6 (v1 only
+    // by the newest).
+    crd(
+        "gateway.networking.k8s.io",
+        "referencegrants",
+        "ReferenceGrant",
+        ServedVersion::Fixed("v1beta1"),
+    ),
 ];
 
 const fn core(
