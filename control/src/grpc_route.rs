@@ -54,7 +54,7 @@ fn http_route(route: &KubeGrpcRoute) -> KubeHttpRoute {
                 })
                 .collect(),
         },
-        status: None,
+        status: route.status.clone(),
     }
 }
 

@@ -38,8 +38,8 @@ use mesh_config::{
     istio::{
         GATEWAY_API_GROUP, KubeHttpRoute, VirtualService,
         gateway_api::{
-            BackendObjectRef, HeaderModifier, HttpRouteMatch, HttpRouteRule, PathMatchType,
-            PathModifier, PathModifierType, ValueMatchType,
+            BackendObjectRef, HeaderModifier, HttpRouteMatch, HttpRouteRule, ParentRef,
+            PathMatchType, PathModifier, PathModifierType, ValueMatchType,
         },
         networking::{
             Destination, FaultAbort, HeaderOperations, Headers, HttpFault, HttpMatchRequest,
@@ -52,11 +52,20 @@ use mesh_config::{
     validate::fqdn,
 };
 
-use crate::reference_grant::{CORE_GROUP, ReferenceGrants, Referent, Referrer};
+use crate::{
+    reference_grant::{CORE_GROUP, ReferenceGrants, Referent, Referrer},
+    route_status::{Condition, ParentStatus, RouteStatus},
+};
 
 /// The VirtualServices equivalent to `manifests`' HTTPRoutes, one per
-/// parent Service, named after it; `warnings` gets what cannot be applied.
-pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Vec<VirtualService> {
+/// parent Service, named after it; `warnings` gets what cannot be applied,
+/// `statuses` what each route's parents got.
+pub fn virtual_services(
+    manifests: &Manifests,
+    warnings: &mut Vec<String>,
+    statuses: &mut Vec<RouteStatus>,
+) -> Vec<VirtualService> {
+    let grants = ReferenceGrants::of(manifests);
     // Parent Service host -> (route namespace, its matches with their rule).
     let mut by_parent: BTreeMap<(String, String), Vec<Candidate<'_>>> = BTreeMap::new();
     // Gateway namespace and host -> (listener gateways, candidates).
@@ -76,6 +85,15 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
             "{kind} {route_ns}/{}",
             route.metadata.name.as_deref().unwrap_or_default()
         );
+        let resolved_refs = resolved_refs(grants, kind, route_ns, route);
+        let mut parents = Vec::new();
+        let mut parent_status = |parent: &ParentRef, accepted: Condition| {
+            parents.push(ParentStatus {
+                parent_ref: parent.clone(),
+                accepted,
+                resolved_refs: resolved_refs.clone(),
+            });
+        };
         for (p, parent) in route.spec.parent_refs.iter().enumerate() {
             if parent.is_gateway() {
                 let attached = match crate::kube_gateway::attachments(
@@ -90,9 +108,13 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                         warnings.push(format!(
                             "{route_id}: spec.parentRefs[{p}] is not applied: {why}"
                         ));
+                        if let Some(reason) = why.reason {
+                            parent_status(parent, Condition::fails(reason, why.message));
+                        }
                         continue;
                     }
                 };
+                parent_status(parent, Condition::holds("Accepted", "attached"));
                 // Host -> the listeners (their Istio Gateways) serving it.
                 let mut hosts: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
                 for a in attached {
@@ -124,12 +146,15 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                     && namespace(&s.metadata) == service_ns
             });
             if !exists {
-                warnings.push(format!(
-                    "{route_id}: spec.parentRefs[{p}] names Service {service_ns}/{}, which does not exist",
+                let message = format!(
+                    "names Service {service_ns}/{}, which does not exist",
                     parent.name
-                ));
+                );
+                warnings.push(format!("{route_id}: spec.parentRefs[{p}] {message}"));
+                parent_status(parent, Condition::fails("NoMatchingParent", message));
                 continue;
             }
+            parent_status(parent, Condition::holds("Accepted", "attached"));
             let host = fqdn(&parent.name, service_ns);
             by_parent
                 .entry((service_ns.to_owned(), host.clone()))
@@ -143,8 +168,18 @@ pub fn virtual_services(manifests: &Manifests, warnings: &mut Vec<String>) -> Ve
                     &[],
                 ));
         }
+        if !parents.is_empty() {
+            statuses.push(RouteStatus {
+                kind: kind.to_owned(),
+                api_version: route.api_version.clone(),
+                namespace: route_ns.to_owned(),
+                name: route.metadata.name.clone().unwrap_or_default(),
+                generation: route.metadata.generation,
+                previous: route.status.clone(),
+                parents,
+            });
+        }
     }
-    let grants = ReferenceGrants::of(manifests);
     let mut out = gateway_virtual_services(by_gateway, grants, warnings);
     for ((service_ns, host), mut candidates) in by_parent {
         let routed_by_vs = manifests.virtual_services.iter().find(|vs| {
@@ -580,27 +615,7 @@ impl<'a> Candidate<'a> {
         grants: ReferenceGrants<'_>,
         backend: &BackendObjectRef,
     ) -> Result<(), String> {
-        let Some(backend_ns) = backend.namespace.as_deref() else {
-            return Ok(());
-        };
-        let from = Referrer {
-            group: GATEWAY_API_GROUP,
-            kind: self.kind,
-            namespace: self.route_ns,
-        };
-        let to = Referent {
-            group: CORE_GROUP,
-            kind: "Service",
-            namespace: backend_ns,
-            name: &backend.name,
-        };
-        if grants.permits(from, to) {
-            return Ok(());
-        }
-        Err(format!(
-            "Service {backend_ns}/{} is in another namespace and no ReferenceGrant in {backend_ns} lets {}s from {} refer to it",
-            backend.name, self.kind, self.route_ns
-        ))
+        backend_permitted(grants, self.kind, self.route_ns, backend)
     }
 
     fn destination(&self, name: &str, namespace: Option<&str>, port: Option<u32>) -> Destination {
@@ -611,6 +626,66 @@ impl<'a> Candidate<'a> {
                 number: Some(number),
             }),
         }
+    }
+}
+
+/// Whether a route of `kind` in `route_ns` may send to `backend`: in its
+/// own namespace, or in one whose ReferenceGrant trusts that kind and
+/// namespace; `Err` says which grant is missing.
+fn backend_permitted(
+    grants: ReferenceGrants<'_>,
+    kind: &str,
+    route_ns: &str,
+    backend: &BackendObjectRef,
+) -> Result<(), String> {
+    let Some(backend_ns) = backend.namespace.as_deref() else {
+        return Ok(());
+    };
+    let from = Referrer {
+        group: GATEWAY_API_GROUP,
+        kind,
+        namespace: route_ns,
+    };
+    let to = Referent {
+        group: CORE_GROUP,
+        kind: "Service",
+        namespace: backend_ns,
+        name: &backend.name,
+    };
+    if grants.permits(from, to) {
+        return Ok(());
+    }
+    Err(format!(
+        "Service {backend_ns}/{} is in another namespace and no ReferenceGrant in {backend_ns} lets {kind}s from {route_ns} refer to it",
+        backend.name
+    ))
+}
+
+/// The route's `ResolvedRefs` condition: every backend and mirror it names
+/// may be referred to (`RefNotPermitted` names those that may not).
+fn resolved_refs(
+    grants: ReferenceGrants<'_>,
+    kind: &str,
+    route_ns: &str,
+    route: &KubeHttpRoute,
+) -> Condition {
+    let refused: Vec<String> = route
+        .spec
+        .rules
+        .iter()
+        .flat_map(|rule| {
+            let mirrors = rule
+                .filters
+                .iter()
+                .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref));
+            rule.backend_refs.iter().map(|b| &b.backend).chain(mirrors)
+        })
+        .filter_map(|backend| backend_permitted(grants, kind, route_ns, backend).err())
+        .collect();
+    if refused.is_empty() {
+        Condition::holds("ResolvedRefs", "all references resolved")
+    } else {
+        Condition::fails("RefNotPermitted", refused.join("; "))
     }
 }
 
@@ -671,7 +746,11 @@ mod tests {
         let loaded = mesh_config::load_str("t.yaml", &text);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let mut warnings = Vec::new();
-        (virtual_services(&loaded.manifests, &mut warnings), warnings)
+        let mut statuses = Vec::new();
+        (
+            virtual_services(&loaded.manifests, &mut warnings, &mut statuses),
+            warnings,
+        )
     }
 
     #[test]
@@ -839,6 +918,16 @@ spec:
             // The rule with only a refused backend answers 500 always.
             assert_eq!(abort(&vs[0].spec.http[1]), Some((Some(500), Some(100.0))));
         }
+        let loaded = mesh_config::load_str("t.yaml", routes);
+        let mut statuses = Vec::new();
+        virtual_services(&loaded.manifests, &mut Vec::new(), &mut statuses);
+        let resolved = &statuses[0].parents[0].resolved_refs;
+        assert_eq!((resolved.ok, resolved.reason), (false, "RefNotPermitted"));
+        assert!(
+            resolved.message.contains("Service web/other")
+                && resolved.message.contains("Service web/shadow"),
+            "{resolved:?}"
+        );
         let (_, warnings) = translate(routes);
         assert!(
             warnings.iter().any(|w| w.contains("HTTPRoute shop/r rule 0: the RequestMirror filter is not applied: Service web/shadow is in another namespace")),

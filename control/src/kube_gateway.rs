@@ -181,6 +181,24 @@ pub struct Attachment {
     pub host: String,
 }
 
+/// Why a route attaches nowhere through a Gateway parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotAttached {
+    /// The reason of the route's `Accepted: False` for that parent
+    /// (`NoMatchingParent`, `NotAllowedByListeners`,
+    /// `NoMatchingListenerHostname`); `None` when the parent is a Gateway
+    /// another controller serves.
+    pub reason: Option<&'static str>,
+    /// What a person reads.
+    pub message: String,
+}
+
+impl std::fmt::Display for NotAttached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// The listeners and host names a route of `kind` (`HTTPRoute`,
 /// `GRPCRoute`) in `route_ns`, with `hostnames`, serves through `parent`,
 /// a Gateway parent; `Err` says why it attaches nowhere.
@@ -190,7 +208,7 @@ pub fn attachments(
     kind: &str,
     route_ns: &str,
     hostnames: &[String],
-) -> Result<Vec<Attachment>, String> {
+) -> Result<Vec<Attachment>, NotAttached> {
     let gateway_ns = parent.namespace.as_deref().unwrap_or(route_ns);
     let gateway = manifests
         .kube_gateways
@@ -199,20 +217,27 @@ pub fn attachments(
             g.metadata.name.as_deref() == Some(parent.name.as_str())
                 && namespace(&g.metadata) == gateway_ns
         })
-        .ok_or_else(|| {
-            format!(
+        .ok_or_else(|| NotAttached {
+            reason: Some("NoMatchingParent"),
+            message: format!(
                 "names Gateway {gateway_ns}/{}, which does not exist",
                 parent.name
-            )
+            ),
         })?;
     if !is_ingress(gateway) {
-        return Err(format!(
-            "names Gateway {gateway_ns}/{} of class {}; only class {INGRESS_CLASS} (ingress) takes HTTPRoutes here",
-            parent.name, gateway.spec.gateway_class_name
-        ));
+        let ours = gateway.spec.gateway_class_name == crate::waypoint::WAYPOINT_CLASS;
+        return Err(NotAttached {
+            reason: ours.then_some("NoMatchingParent"),
+            message: format!(
+                "names Gateway {gateway_ns}/{} of class {}; only class {INGRESS_CLASS} (ingress) takes HTTPRoutes here",
+                parent.name, gateway.spec.gateway_class_name
+            ),
+        });
     }
     let mut out = Vec::new();
     let mut refused = Vec::new();
+    // The reason of the first refusal, for the route's status.
+    let mut reason = None;
     for listener in &gateway.spec.listeners {
         if parent
             .section_name
@@ -225,6 +250,7 @@ pub fn attachments(
         }
         let kinds = listener.allowed_kinds();
         if !kinds.is_empty() && !kinds.iter().any(|k| k.is(kind)) {
+            reason.get_or_insert("NotAllowedByListeners");
             refused.push(format!(
                 "listener {} does not allow {kind}s (allowedRoutes.kinds: {})",
                 listener.name,
@@ -237,6 +263,7 @@ pub fn attachments(
             continue;
         }
         if !admits(manifests, listener, gateway_ns, route_ns) {
+            reason.get_or_insert("NotAllowedByListeners");
             refused.push(format!(
                 "listener {} does not allow routes from namespace {route_ns}",
                 listener.name
@@ -256,6 +283,7 @@ pub fn attachments(
                 .collect()
         };
         if hosts.is_empty() {
+            reason.get_or_insert("NoMatchingListenerHostname");
             refused.push(format!(
                 "no hostname of the route matches listener {}'s hostname {}",
                 listener.name,
@@ -270,7 +298,7 @@ pub fn attachments(
         }));
     }
     if out.is_empty() {
-        let why = if refused.is_empty() {
+        let message = if refused.is_empty() {
             format!(
                 "Gateway {gateway_ns}/{} has no HTTP or HTTPS listener{}{}",
                 parent.name,
@@ -287,7 +315,10 @@ pub fn attachments(
         } else {
             refused.join("; ")
         };
-        return Err(why);
+        return Err(NotAttached {
+            reason: Some(reason.unwrap_or("NoMatchingParent")),
+            message,
+        });
     }
     Ok(out)
 }
@@ -452,6 +483,21 @@ mod tests {
             warnings.contains("HTTPRoute default/elsewhere: spec.parentRefs[0] is not applied: no hostname of the route matches listener web's hostname *.example.com"),
             "{warnings}"
         );
+        // The routes' status says the same, per parent.
+        let accepted = |name: &str| {
+            let route = model
+                .route_statuses
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap_or_else(|| panic!("no status of {name}"));
+            assert_eq!(route.parents.len(), 1, "{route:?}");
+            let parent = &route.parents[0];
+            assert!(parent.resolved_refs.ok, "{parent:?}");
+            (parent.accepted.ok, parent.accepted.reason)
+        };
+        assert_eq!(accepted("secure-only"), (true, "Accepted"));
+        assert_eq!(accepted("team-route"), (true, "Accepted"));
+        assert_eq!(accepted("elsewhere"), (false, "NoMatchingListenerHostname"));
         // The HTTPS listener terminates TLS with the Secret and serves only
         // the attached host.
         let (_, listener) = &model.envoy.listeners[&listener_name(KEY, 443)];
@@ -539,6 +585,18 @@ mod tests {
             assert!(warnings.contains(expected), "{expected}\n---\n{warnings}");
         }
         assert!(model.envoy.listeners.keys().all(|l| !l.contains("9000")));
+        let parents: Vec<_> = model.route_statuses[0]
+            .parents
+            .iter()
+            .map(|p| (p.parent_ref.name.as_str(), p.accepted.ok, p.accepted.reason))
+            .collect();
+        assert_eq!(
+            parents,
+            [
+                ("gw", true, "Accepted"),
+                ("missing", false, "NoMatchingParent")
+            ]
+        );
     }
 
     #[test]

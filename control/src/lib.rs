@@ -24,6 +24,7 @@ pub mod model;
 pub mod rbac;
 pub mod reference_grant;
 pub mod root_cert;
+pub mod route_status;
 pub mod source;
 pub mod status;
 pub mod tls;

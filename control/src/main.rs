@@ -14,7 +14,7 @@ use mesh_control::{
     ca_secret,
     leader::{self, Election, ElectionOptions},
     model::MeshSettings,
-    root_cert,
+    root_cert, route_status,
     source::kubernetes::KubeOptions,
     tls::TlsOptions,
     waypoint_deploy::{self, WaypointTemplate},
@@ -334,6 +334,18 @@ async fn main() -> anyhow::Result<()> {
             move || {
                 root_cert::publish_until_done(client.clone(), namespace.clone(), root_pem.clone())
             },
+        ));
+    }
+    if let Some(config) = &kube_client_for_root {
+        // Routes' `status.parents`, as a Gateway API controller writes them.
+        let client = kube::Client::try_from((**config).clone())
+            .context("building a Kubernetes client to write route status")?;
+        let version = args.gateway_api_version.clone();
+        let statuses = control.route_statuses();
+        tokio::spawn(leader::while_leading(
+            leadership.clone(),
+            "route status writer",
+            move || route_status::run(client.clone(), version.clone(), statuses.clone()),
         ));
     }
     if let Some((client, mut template)) = waypoints {

@@ -84,6 +84,9 @@ pub struct Model {
     pub envoy: EnvoyResources,
     /// What the translation could not honour (e.g. L7 rules at L4).
     pub warnings: Vec<String>,
+    /// What each Gateway API route's parents got (written to the routes'
+    /// `status` on Kubernetes, [`crate::route_status`]).
+    pub route_statuses: Vec<crate::route_status::RouteStatus>,
 }
 
 impl Model {
@@ -120,6 +123,7 @@ impl Model {
         // ingress Gateways as the Istio Gateways they stand for (a copy only
         // when there are any).
         let mut route_warnings = Vec::new();
+        let mut route_statuses = Vec::new();
         let with_routes;
         let untouched = manifests.http_routes.is_empty()
             && manifests.grpc_routes.is_empty()
@@ -133,7 +137,11 @@ impl Model {
             let mut copy = manifests.clone();
             copy.http_routes
                 .extend(crate::grpc_route::http_routes(manifests));
-            let routes = crate::http_route::virtual_services(&copy, &mut route_warnings);
+            let routes = crate::http_route::virtual_services(
+                &copy,
+                &mut route_warnings,
+                &mut route_statuses,
+            );
             copy.virtual_services.extend(routes);
             copy.istio_gateways
                 .extend(crate::kube_gateway::istio_gateways(
@@ -157,6 +165,7 @@ impl Model {
 
         let mut model = Model {
             warnings: route_warnings,
+            route_statuses,
             ..Model::default()
         };
         let services: Vec<ServiceView<'_>> = manifests

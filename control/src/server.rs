@@ -25,6 +25,7 @@ use crate::{
     ca_service::CaService,
     metrics::Metrics,
     model::{MeshSettings, Model},
+    route_status::RouteStatus,
     source::{ConfigSource, DirSource, KubeSource, kubernetes::KubeOptions},
     status::{self, ConfigStatus, StatusState},
     tls::{self, SERVING_TTL, ServingCerts, TlsOptions},
@@ -93,6 +94,7 @@ pub struct ControlPlane {
     ports: Ports,
     root_pem: String,
     servers: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    route_statuses: watch::Receiver<Arc<Vec<RouteStatus>>>,
 }
 
 impl ControlPlane {
@@ -140,7 +142,9 @@ impl ControlPlane {
         let model = Arc::new(ArcSwap::from_pointee(Model::default()));
         let config = Arc::new(ArcSwap::from_pointee(ConfigStatus::default()));
         let (snapshots_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let (route_statuses_tx, route_statuses) = watch::channel(Arc::default());
         let mut config_loop = ConfigLoop {
+            route_statuses: route_statuses_tx,
             source,
             settings: options.settings.clone(),
             model: model.clone(),
@@ -210,7 +214,14 @@ impl ControlPlane {
                 status,
             },
             servers,
+            route_statuses,
         })
+    }
+
+    /// The status of every Gateway API route of the config being served,
+    /// updated with each version (what [`crate::route_status::run`] writes).
+    pub fn route_statuses(&self) -> watch::Receiver<Arc<Vec<RouteStatus>>> {
+        self.route_statuses.clone()
     }
 
     /// The mesh root certificate (PEM): what proxies verify 15012 with.
@@ -230,6 +241,15 @@ impl ControlPlane {
     }
 }
 
+/// Puts `new` in `current` when it differs; whether it did.
+fn replace_if_changed(current: &mut Arc<Vec<RouteStatus>>, new: Vec<RouteStatus>) -> bool {
+    if **current == new {
+        return false;
+    }
+    *current = Arc::new(new);
+    true
+}
+
 /// Turns each config change into a model and a snapshot.
 struct ConfigLoop {
     source: ConfigSource,
@@ -237,6 +257,7 @@ struct ConfigLoop {
     model: Arc<ArcSwap<Model>>,
     config: Arc<ArcSwap<ConfigStatus>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    route_statuses: watch::Sender<Arc<Vec<RouteStatus>>>,
     metrics: Arc<Metrics>,
     version: u64,
     /// The config behind the snapshot being served.
@@ -304,6 +325,8 @@ impl ConfigLoop {
             ..Model::default()
         }));
         self.snapshots.send_replace(Arc::new(snapshot));
+        self.route_statuses
+            .send_if_modified(|current| replace_if_changed(current, model.route_statuses));
         self.last_good = Arc::new(manifests);
     }
 

@@ -488,3 +488,83 @@ async fn endpoint_slices_and_service_accounts_are_watched_into_the_model() {
         model.warnings
     );
 }
+
+fn http_route(ns: &str, name: &str, parent: &str) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": ns, "generation": 1},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 9080}],
+                    "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]}})
+}
+
+#[tokio::test]
+async fn route_status_follows_the_config_from_the_api() {
+    let server = shop().await;
+    server.apply(http_route("shop", "r", "missing"));
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(&tokens, r#"{"tokens": {}}"#).unwrap();
+    let control = ControlPlane::start(Options {
+        source: SourceOptions::Kubernetes {
+            client: Box::new(server.config()),
+            options: KubeOptions::default(),
+        },
+        ca_dir: dir.path().join("ca"),
+        tokens_file: Some(tokens),
+        token_review: None,
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        status_addr: "127.0.0.1:0".parse().unwrap(),
+        settings: MeshSettings::default(),
+    })
+    .await
+    .expect("control plane on the fake API");
+    let writer = tokio::spawn(mesh_control::route_status::run(
+        server.client(),
+        "v1".into(),
+        control.route_statuses(),
+    ));
+    let accepted = |server: &FakeApiServer| {
+        let route = server.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "r")?;
+        let condition = route["status"]["parents"][0]["conditions"][0].clone();
+        Some((
+            condition["status"].as_str()?.to_owned(),
+            condition["reason"].as_str()?.to_owned(),
+        ))
+    };
+    let wait_for = |want: (&'static str, &'static str)| {
+        let server = &server;
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let got = accepted(server);
+                if got.as_ref().map(|(s, r)| (s.as_str(), r.as_str())) == Some(want) {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{got:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // Its parent Service does not exist: not accepted, and why.
+    wait_for(("False", "NoMatchingParent")).await;
+    // Fixed: accepted on the next version.
+    server.apply(http_route("shop", "r", "reviews"));
+    wait_for(("True", "Accepted")).await;
+    // Settled: the status read back is what was written, so no more
+    // writes follow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let writes = server
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/httproutes/r/status"))
+        .count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = server
+        .patches()
+        .iter()
+        .filter(|p| p.path.ends_with("/httproutes/r/status"))
+        .count();
+    assert_eq!(writes, later, "a steady config writes no status");
+    assert_eq!(writes, 2, "one write per change");
+    writer.abort();
+}

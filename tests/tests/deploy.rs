@@ -411,6 +411,18 @@ fn control_plane_cluster_role_grants_what_its_watchers_use() {
         assert!(waypoints.contains(&need), "{need:?}: {waypoints:?}");
     }
     assert_access(&manifests, "mesh-control", &waypoints);
+    // The routes' status.
+    let routes: Vec<(&str, &str, &str)> = mesh_control::route_status::API_ACCESS
+        .iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(move |verb| (*group, *resource, *verb))
+        })
+        .collect();
+    assert!(
+        routes.contains(&("gateway.networking.k8s.io", "httproutes/status", "patch")),
+        "{routes:?}"
+    );
+    assert_access(&manifests, "mesh-control", &routes);
     // The mesh root, published for proxies to verify 15012.
     let root: Vec<(&str, &str, &str)> = mesh_control::root_cert::API_ACCESS
         .iter()
