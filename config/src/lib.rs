@@ -72,6 +72,10 @@ pub enum Resource {
     KubeGrpcRoute(Box<istio::KubeGrpcRoute>),
     /// Gateway API ReferenceGrant.
     ReferenceGrant(Box<istio::ReferenceGrant>),
+    /// Gateway API TCPRoute.
+    KubeTcpRoute(Box<istio::KubeTcpRoute>),
+    /// Gateway API TLSRoute.
+    KubeTlsRoute(Box<istio::KubeTlsRoute>),
     /// A kind this crate does not model (yet): kept by identity only.
     Other(ResourceId),
 }
@@ -136,6 +140,10 @@ pub struct Manifests {
     pub grpc_routes: Vec<istio::KubeGrpcRoute>,
     /// Gateway API ReferenceGrants.
     pub reference_grants: Vec<istio::ReferenceGrant>,
+    /// Gateway API TCPRoutes.
+    pub tcp_routes: Vec<istio::KubeTcpRoute>,
+    /// Gateway API TLSRoutes.
+    pub tls_routes: Vec<istio::KubeTlsRoute>,
     /// Resources of kinds not modelled here.
     pub others: Vec<ResourceId>,
     /// Where each resource came from (file name), for error messages.
@@ -163,6 +171,8 @@ impl Manifests {
             Resource::KubeHttpRoute(r) => self.http_routes.push(*r),
             Resource::KubeGrpcRoute(r) => self.grpc_routes.push(*r),
             Resource::ReferenceGrant(r) => self.reference_grants.push(*r),
+            Resource::KubeTcpRoute(r) => self.tcp_routes.push(*r),
+            Resource::KubeTlsRoute(r) => self.tls_routes.push(*r),
             Resource::Other(id) => self.others.push(id),
         }
     }
@@ -187,6 +197,8 @@ impl Manifests {
         self.http_routes.extend(other.http_routes);
         self.grpc_routes.extend(other.grpc_routes);
         self.reference_grants.extend(other.reference_grants);
+        self.tcp_routes.extend(other.tcp_routes);
+        self.tls_routes.extend(other.tls_routes);
         self.others.extend(other.others);
         self.sources.extend(other.sources);
     }
@@ -210,6 +222,8 @@ impl Manifests {
             + self.http_routes.len()
             + self.grpc_routes.len()
             + self.reference_grants.len()
+            + self.tcp_routes.len()
+            + self.tls_routes.len()
             + self.others.len()
     }
 
@@ -287,6 +301,12 @@ impl Manifests {
             )),
             "ReferenceGrant" => Resource::ReferenceGrant(Box::new(
                 named(&self.reference_grants, id, |r| &r.metadata)?.clone(),
+            )),
+            "TCPRoute" => Resource::KubeTcpRoute(Box::new(
+                named(&self.tcp_routes, id, |r| &r.metadata)?.clone(),
+            )),
+            "TLSRoute" => Resource::KubeTlsRoute(Box::new(
+                named(&self.tls_routes, id, |r| &r.metadata)?.clone(),
             )),
             "ServiceEntry" => Resource::ServiceEntry(Box::new(
                 named(&self.service_entries, id, |r| &r.metadata)?.clone(),

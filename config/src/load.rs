@@ -10,7 +10,10 @@ use serde_yaml::Value;
 
 use crate::{
     DEFAULT_NAMESPACE, Manifests, Resource, ResourceId,
-    istio::{Crd, GATEWAY_API_VERSIONS, NETWORKING_VERSIONS, SECURITY_VERSIONS},
+    istio::{
+        Crd, GATEWAY_API_EXPERIMENTAL_VERSIONS, GATEWAY_API_VERSIONS, NETWORKING_VERSIONS,
+        SECURITY_VERSIONS,
+    },
 };
 
 /// Largest manifest file accepted; bigger ones are refused unread.
@@ -245,6 +248,7 @@ fn parse_resource(
     let networking = NETWORKING_VERSIONS.contains(&api);
     let security = SECURITY_VERSIONS.contains(&api);
     let gateway_api = GATEWAY_API_VERSIONS.contains(&api);
+    let experimental = GATEWAY_API_EXPERIMENTAL_VERSIONS.contains(&api);
     macro_rules! parse {
         ($variant:ident) => {
             Resource::$variant(namespaced(typed(value, unknown), &namespace).map_err(with_id)?)
@@ -276,6 +280,8 @@ fn parse_resource(
         "HTTPRoute" if gateway_api => parse!(KubeHttpRoute),
         "GRPCRoute" if gateway_api => parse!(KubeGrpcRoute),
         "ReferenceGrant" if gateway_api => parse!(ReferenceGrant),
+        "TCPRoute" if gateway_api || experimental => parse!(KubeTcpRoute),
+        "TLSRoute" if gateway_api || experimental => parse!(KubeTlsRoute),
         _ => Resource::Other(id.clone()),
     };
     Ok((id, resource))

@@ -16,8 +16,9 @@ use crate::{
     istio::{
         Crd, KubeGatewaySpec,
         gateway_api::{
-            GrpcRouteSpec, HttpBackendRef, HttpRouteFilter, HttpRouteSpec, ParentRef,
-            PathMatchType, PathModifierType, ReferenceGrantSpec, ValueMatchType,
+            BackendObjectRef, GrpcRouteSpec, HttpBackendRef, HttpRouteFilter, HttpRouteSpec,
+            L4RouteRule, ParentRef, PathMatchType, PathModifierType, ReferenceGrantSpec,
+            ValueMatchType,
         },
         networking::{
             Destination, DestinationRuleSpec, GatewaySpec, HttpMatchRequest, HttpRoute,
@@ -138,6 +139,21 @@ pub fn validate(manifests: &Manifests) -> Vec<ValidationError> {
         grpc_route_api(&mut at, &route.spec);
         check.finish(at);
     }
+    for route in &manifests.tcp_routes {
+        let mut at = check.at(route);
+        l4_route_api(&mut at, &route.spec.parent_refs, &[], &route.spec.rules);
+        check.finish(at);
+    }
+    for route in &manifests.tls_routes {
+        let mut at = check.at(route);
+        l4_route_api(
+            &mut at,
+            &route.spec.parent_refs,
+            &route.spec.hostnames,
+            &route.spec.rules,
+        );
+        check.finish(at);
+    }
     for grant in &manifests.reference_grants {
         let mut at = check.at(grant);
         reference_grant(&mut at, &grant.spec);
@@ -173,6 +189,8 @@ pub fn partition(mut manifests: Manifests) -> (Manifests, Vec<ValidationError>) 
         keep(&mut manifests.http_routes, &invalid);
         keep(&mut manifests.grpc_routes, &invalid);
         keep(&mut manifests.reference_grants, &invalid);
+        keep(&mut manifests.tcp_routes, &invalid);
+        keep(&mut manifests.tls_routes, &invalid);
         errors.extend(found);
     }
 }
@@ -1159,6 +1177,40 @@ fn parent_refs(at: &mut At, parents: &[ParentRef]) {
     }
 }
 
+/// Gateway API TCPRoute and TLSRoute rules: parents as for every route,
+/// exactly one rule (a connection has nothing to match on), backends as
+/// for HTTPRoute, and for TLSRoute host names that are DNS names or `*.`
+/// wildcards.
+fn l4_route_api(at: &mut At, parents: &[ParentRef], hostnames: &[String], rules: &[L4RouteRule]) {
+    parent_refs(at, parents);
+    for (h, host) in hostnames.iter().enumerate() {
+        at.host(&format!("spec.hostnames[{h}]"), host);
+    }
+    if rules.len() != 1 {
+        at.error(
+            "spec.rules",
+            format!(
+                "exactly one rule is supported ({} given): a connection has nothing to match on",
+                rules.len()
+            ),
+        );
+    }
+    for (r, rule) in rules.iter().enumerate() {
+        let path = format!("spec.rules[{r}]");
+        if rule.backend_refs.is_empty() {
+            at.error(
+                format!("{path}.backendRefs"),
+                "a rule needs at least one backend",
+            );
+        }
+        backends_of(
+            at,
+            &path,
+            rule.backend_refs.iter().map(|b| (&b.backend, b.weight)),
+        );
+    }
+}
+
 /// Gateway API ReferenceGrant rules: at least one `from` and one `to`;
 /// each names its group (`""` for the core group) and kind, and each
 /// `from` a namespace.
@@ -1401,21 +1453,30 @@ fn http_route_api(at: &mut At, spec: &HttpRouteSpec) {
 
 /// A route rule's backends: Services with a port and a non-negative weight.
 fn backend_refs(at: &mut At, rule_path: &str, backends: &[HttpBackendRef]) {
-    for (b, backend) in backends.iter().enumerate() {
+    backends_of(
+        at,
+        rule_path,
+        backends.iter().map(|b| (&b.backend, b.weight)),
+    );
+}
+
+/// Each backend (with its weight) is a Service with a port and a
+/// non-negative weight.
+fn backends_of<'a>(
+    at: &mut At,
+    rule_path: &str,
+    backends: impl Iterator<Item = (&'a BackendObjectRef, Option<i64>)>,
+) {
+    for (b, (backend, weight)) in backends.enumerate() {
         let path = format!("{rule_path}.backendRefs[{b}]");
-        at.non_negative(format!("{path}.weight"), backend.weight);
-        if backend
-            .backend
-            .kind
-            .as_deref()
-            .is_some_and(|k| k != "Service")
-        {
+        at.non_negative(format!("{path}.weight"), weight);
+        if backend.kind.as_deref().is_some_and(|k| k != "Service") {
             at.error(
                 format!("{path}.kind"),
                 "only Service backends are supported",
             );
         }
-        match backend.backend.port {
+        match backend.port {
             None => at.error(format!("{path}.port"), "a Service backend needs a port"),
             Some(port) => at.port(format!("{path}.port"), port),
         }
@@ -1535,6 +1596,43 @@ mod tests {
             );
         }
         assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn tcp_and_tls_routes_take_one_rule_of_service_backends() {
+        let errs = errors(
+            r#"apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: ok, namespace: shop}
+spec:
+  parentRefs: [{name: gw, sectionName: tcp}]
+  rules: [{backendRefs: [{name: db, port: 5432, weight: 2}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: bad, namespace: shop}
+spec:
+  parentRefs: [{name: gw}]
+  rules: [{backendRefs: [{name: db}]}, {backendRefs: []}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha3
+kind: TLSRoute
+metadata: {name: tls, namespace: shop}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [pass.example.com, "bad host"]
+  rules: [{backendRefs: [{name: backend, port: 443}]}]
+"#,
+        );
+        assert_exactly(
+            &errs,
+            &[
+                "TCPRoute shop/bad: field `spec.rules`: exactly one rule is supported (2 given)",
+                "TCPRoute shop/bad: field `spec.rules[0].backendRefs[0].port`: a Service backend needs a port",
+                "TCPRoute shop/bad: field `spec.rules[1].backendRefs`: a rule needs at least one backend",
+                "TLSRoute shop/tls: field `spec.hostnames[1]`: host `bad host`",
+            ],
+        );
     }
 
     #[test]

@@ -632,7 +632,7 @@ impl<'a> Candidate<'a> {
 /// Whether a route of `kind` in `route_ns` may send to `backend`: in its
 /// own namespace, or in one whose ReferenceGrant trusts that kind and
 /// namespace; `Err` says which grant is missing.
-fn backend_permitted(
+pub(crate) fn backend_permitted(
     grants: ReferenceGrants<'_>,
     kind: &str,
     route_ns: &str,

@@ -26,8 +26,11 @@
 //!   route's `backendRefs`) need a ReferenceGrant there
 //!   ([`crate::reference_grant`]).
 //!
-//! Not served yet, and reported: `TCP` and `TLS` listeners (TCPRoute and
-//! TLSRoute).
+//! - `TCP` listeners take TCPRoutes and `TLS` listeners in `Passthrough`
+//!   mode TLSRoutes ([`crate::l4_route`]), as Istio TCP and PASSTHROUGH
+//!   servers.
+//!
+//! Not served yet, and reported: `TLS` listeners that terminate.
 
 use std::collections::BTreeMap;
 
@@ -86,18 +89,17 @@ pub fn istio_gateways(manifests: &Manifests, warnings: &mut Vec<String>) -> Vec<
                 listener.name
             );
             let tls = match listener.protocol.as_str() {
-                "HTTP" => None,
-                "HTTPS" => match listener_tls(listener, gateway_ns) {
-                    Ok(tls) => Some(tls),
-                    Err(why) => {
-                        warnings.push(format!("{at} is not served: {why}"));
-                        continue;
-                    }
-                },
-                other => {
-                    warnings.push(format!(
-                        "{at} is not served: protocol {other} is not supported at the ingress gateway yet (HTTP and HTTPS are)"
-                    ));
+                "HTTP" | "TCP" => Ok(None),
+                "HTTPS" => listener_tls(listener, gateway_ns).map(Some),
+                "TLS" => passthrough_tls(listener).map(Some),
+                other => Err(format!(
+                    "protocol {other} is not supported at the ingress gateway yet (HTTP, HTTPS, TCP and TLS are)"
+                )),
+            };
+            let tls = match tls {
+                Ok(tls) => tls,
+                Err(why) => {
+                    warnings.push(format!("{at} is not served: {why}"));
                     continue;
                 }
             };
@@ -137,6 +139,21 @@ pub fn istio_gateways(manifests: &Manifests, warnings: &mut Vec<String>) -> Vec<
         }
     }
     out
+}
+
+/// The TLS settings of a `TLS` listener: passed through unterminated, to
+/// the TLSRoute chosen by SNI.
+fn passthrough_tls(listener: &KubeListener) -> Result<net::ServerTls, String> {
+    match listener.tls.as_ref().and_then(|t| t.mode.as_deref()) {
+        Some("Passthrough") => Ok(net::ServerTls {
+            mode: Some(net::ServerTlsMode::Passthrough),
+            ..Default::default()
+        }),
+        mode => Err(format!(
+            "a TLS listener with tls.mode {} is not supported yet (Passthrough is)",
+            mode.unwrap_or("Terminate")
+        )),
+    }
 }
 
 /// The TLS settings of an `HTTPS` listener: terminated, with the Secret of
@@ -200,7 +217,7 @@ impl std::fmt::Display for NotAttached {
 }
 
 /// The listeners and host names a route of `kind` (`HTTPRoute`,
-/// `GRPCRoute`) in `route_ns`, with `hostnames`, serves through `parent`,
+/// `GRPCRoute`, `TCPRoute`, `TLSRoute`) in `route_ns`, with `hostnames`, serves through `parent`,
 /// a Gateway parent; `Err` says why it attaches nowhere.
 pub fn attachments(
     manifests: &Manifests,
@@ -244,7 +261,7 @@ pub fn attachments(
             .as_deref()
             .is_some_and(|s| s != listener.name)
             || parent.port.is_some_and(|p| p != listener.port)
-            || !matches!(listener.protocol.as_str(), "HTTP" | "HTTPS")
+            || !listener.protocol_kinds().contains(&kind)
         {
             continue;
         }
@@ -300,7 +317,7 @@ pub fn attachments(
     if out.is_empty() {
         let message = if refused.is_empty() {
             format!(
-                "Gateway {gateway_ns}/{} has no HTTP or HTTPS listener{}{}",
+                "Gateway {gateway_ns}/{} has no listener for {kind}s{}{}",
                 parent.name,
                 parent
                     .section_name
@@ -362,6 +379,7 @@ mod tests {
     use mesh_api::envoy::envoy::{
         config::{
             core::v3::transport_socket::ConfigType::TypedConfig,
+            listener::v3::filter::ConfigType as FilterConfig,
             route::v3::{route::Action, route_match::PathSpecifier},
         },
         extensions::transport_sockets::tls::v3::DownstreamTlsContext,
@@ -567,7 +585,7 @@ mod tests {
     #[test]
     fn unservable_listeners_and_parents_are_reported() {
         let model = model(
-            "  - {name: tcp, port: 9000, protocol: TCP}\n  - {name: far, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: cred, namespace: other}]}}",
+            "  - {name: udp, port: 9000, protocol: UDP}\n  - {name: far, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: cred, namespace: other}]}}",
             &[
                 route(
                     "none",
@@ -578,7 +596,7 @@ mod tests {
         );
         let warnings = model.warnings.join("\n");
         for expected in [
-            "Gateway default/gw: spec.listeners[0] (tcp) is not served: protocol TCP is not supported at the ingress gateway yet",
+            "Gateway default/gw: spec.listeners[0] (udp) is not served: protocol UDP is not supported at the ingress gateway yet",
             "the HTTPS server on port 443 is not served: Secret other/cred is in another namespace and no ReferenceGrant in other lets Gateways from default refer to it",
             "HTTPRoute default/none: spec.parentRefs[1] is not applied: names Gateway default/missing, which does not exist",
         ] {
@@ -645,6 +663,66 @@ mod tests {
             DownstreamTlsContext::decode(tls.value.as_slice()).unwrap()
         );
         assert!(tls.contains(&format!("{:?}", b"certs".to_vec())), "{tls}");
+    }
+
+    #[test]
+    fn tcp_and_tls_routes_attach_to_tcp_and_passthrough_listeners() {
+        let listeners = "  - {name: tcp, port: 9000, protocol: TCP}\n  - {name: pass, port: 8443, protocol: TLS, hostname: \"*.example.com\", tls: {mode: Passthrough}}\n  - {name: term, port: 9443, protocol: TLS, tls: {mode: Terminate, certificateRefs: [{name: cred}]}}";
+        let extra = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: db}\nspec:\n  parentRefs: [{name: gw, sectionName: tcp}]\n  rules: [{backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: productpage, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: pass}\nspec:\n  parentRefs: [{name: gw}]\n  hostnames: [pass.example.com, pass.other.org]\n  rules: [{backendRefs: [{name: productpage, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: wrong-listener}\nspec:\n  parentRefs: [{name: gw, sectionName: pass}]\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n";
+        let model = model(listeners, extra);
+        let warnings = model.warnings.join("\n");
+        for expected in [
+            "Gateway default/gw: spec.listeners[2] (term) is not served: a TLS listener with tls.mode Terminate is not supported yet (Passthrough is)",
+            "TCPRoute default/wrong-listener: spec.parentRefs[0] is not applied: Gateway default/gw has no listener for TCPRoutes named pass",
+        ] {
+            assert!(warnings.contains(expected), "{expected}\n---\n{warnings}");
+        }
+        assert_eq!(model.warnings.len(), 2, "{warnings}");
+        // The TCP listener relays to both backends by weight.
+        let (_, tcp) = &model.envoy.listeners[&listener_name(KEY, 9000)];
+        let filter = &tcp.filter_chains[0].filters[0];
+        assert_eq!(filter.name, "envoy.filters.network.tcp_proxy");
+        let Some(FilterConfig::TypedConfig(config)) = &filter.config_type else {
+            panic!("{filter:?}")
+        };
+        let tcp = String::from_utf8_lossy(&config.value);
+        for cluster in [
+            "outbound|9080||reviews.default.svc.cluster.local",
+            "outbound|9080||productpage.default.svc.cluster.local",
+        ] {
+            assert!(tcp.contains(cluster), "{cluster}: {tcp}");
+        }
+        // The passthrough listener routes by SNI, only the host under its
+        // hostname, without terminating.
+        let (_, pass) = &model.envoy.listeners[&listener_name(KEY, 8443)];
+        assert_eq!(pass.filter_chains.len(), 1, "{pass:?}");
+        let chain = &pass.filter_chains[0];
+        assert_eq!(
+            chain.filter_chain_match.as_ref().unwrap().server_names,
+            ["pass.example.com"]
+        );
+        assert!(chain.transport_socket.is_none(), "not terminated");
+        let Some(FilterConfig::TypedConfig(config)) = &chain.filters[0].config_type else {
+            panic!("{chain:?}")
+        };
+        assert!(String::from_utf8_lossy(&config.value).contains("productpage.default"));
+        assert!(
+            !model
+                .envoy
+                .listeners
+                .contains_key(&listener_name(KEY, 9443))
+        );
+        let accepted = |name: &str| {
+            let route = model
+                .route_statuses
+                .iter()
+                .find(|r| r.name == name)
+                .unwrap();
+            (route.kind.as_str(), route.parents[0].accepted.reason)
+        };
+        assert_eq!(accepted("db"), ("TCPRoute", "Accepted"));
+        assert_eq!(accepted("pass"), ("TLSRoute", "Accepted"));
+        assert_eq!(accepted("wrong-listener"), ("TCPRoute", "NoMatchingParent"));
     }
 
     #[test]

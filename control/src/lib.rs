@@ -18,6 +18,7 @@ pub mod grpc_route;
 pub mod http_route;
 pub mod ingress;
 pub mod kube_gateway;
+pub mod l4_route;
 pub mod leader;
 pub mod metrics;
 pub mod model;

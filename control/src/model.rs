@@ -127,6 +127,8 @@ impl Model {
         let with_routes;
         let untouched = manifests.http_routes.is_empty()
             && manifests.grpc_routes.is_empty()
+            && manifests.tcp_routes.is_empty()
+            && manifests.tls_routes.is_empty()
             && !manifests
                 .kube_gateways
                 .iter()
@@ -143,6 +145,12 @@ impl Model {
                 &mut route_statuses,
             );
             copy.virtual_services.extend(routes);
+            copy.virtual_services
+                .extend(crate::l4_route::virtual_services(
+                    manifests,
+                    &mut route_warnings,
+                    &mut route_statuses,
+                ));
             copy.istio_gateways
                 .extend(crate::kube_gateway::istio_gateways(
                     manifests,

@@ -31,6 +31,8 @@ pub const FIELD_MANAGER: &str = "mesh-control";
 pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ("gateway.networking.k8s.io", "httproutes/status", &["patch"]),
     ("gateway.networking.k8s.io", "grpcroutes/status", &["patch"]),
+    ("gateway.networking.k8s.io", "tcproutes/status", &["patch"]),
+    ("gateway.networking.k8s.io", "tlsroutes/status", &["patch"]),
 ];
 
 /// How long a failed write waits before it is tried again.
@@ -185,8 +187,8 @@ fn parent_ref_json(parent: &ParentRef) -> Value {
 }
 
 /// Writes the status of every route in `statuses` whenever it changes,
-/// with JSON merge patches of `status` at the Gateway API version
-/// `gateway_api_version`; runs until the future is dropped (the leader
+/// with JSON merge patches of `status` at the version the route was read
+/// at (`gateway_api_version` when that is not known); runs until the future is dropped (the leader
 /// runs it).
 pub async fn run(
     client: Client,
@@ -246,8 +248,18 @@ async fn write(
 ) -> Result<(), kube::Error> {
     let plural = match route.kind.as_str() {
         "GRPCRoute" => "grpcroutes",
+        "TCPRoute" => "tcproutes",
+        "TLSRoute" => "tlsroutes",
         _ => "httproutes",
     };
+    // The version the route was read at (TCPRoute and TLSRoute are served
+    // at other versions than the standard kinds).
+    let version = route
+        .api_version
+        .strip_prefix(mesh_config::istio::GATEWAY_API_GROUP)
+        .and_then(|v| v.strip_prefix('/'))
+        .filter(|v| !v.is_empty())
+        .unwrap_or(version);
     let resource = ApiResource {
         group: mesh_config::istio::GATEWAY_API_GROUP.into(),
         version: version.into(),

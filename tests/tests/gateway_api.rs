@@ -4,7 +4,8 @@
 //! and Service the lab creates for it, as Istio does; a second listener
 //! with a wildcard hostname serves only the route hosts under it, the
 //! routes' filters apply, and a route's backend in another namespace is
-//! served only while a ReferenceGrant there permits it.
+//! served only while a ReferenceGrant there permits it, and a TCPRoute on
+//! a TCP listener relays bytes to its backend.
 
 use std::time::Duration;
 
@@ -129,4 +130,21 @@ fn gateway_api_ingress_routes_outside_traffic_by_path_and_host() {
     mesh_lab::cluster::unapply(&lab.state.plan.name, "reference-grant.yaml")
         .expect("delete the grant");
     mesh_tests::eventually("500 once the grant is deleted", SETTLE, || answers(false));
+
+    // The TCPRoute on the TCP listener: the bytes reach productpage as they
+    // are (an HTTP/1.0 request, answered and closed by productpage; sent
+    // without shutting down the write side, which productpage's HTTP server
+    // would take for the client going away).
+    let request = "GET /productpage HTTP/1.0\r\nHost: bookinfo\r\n\r\n";
+    let answer = mesh_lab::probe::tcp(
+        &lab.state,
+        &outside,
+        &format!("{GATEWAY}:9000"),
+        &["--send", request, "--trickle-ms", "1"],
+    )
+    .expect("a TCP exchange through the gateway");
+    assert!(
+        answer.contains("HTTP/1.0 200") && answer.contains("\"app\":\"productpage\""),
+        "TCPRoute: {answer}"
+    );
 }

@@ -418,3 +418,56 @@ pub struct ReferenceGrantTo {
     #[serde(default)]
     pub name: Option<String>,
 }
+
+/// `TCPRoute.spec` (Gateway API experimental channel): connections on a
+/// Gateway's `TCP` listener, relayed to weighted backends.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteSpec {
+    /// The Gateways (and listeners) the route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Rules: exactly one here (TCP has nothing to match on).
+    #[serde(default)]
+    pub rules: Vec<L4RouteRule>,
+}
+
+/// `TLSRoute.spec`: TLS connections on a Gateway's `TLS` listener in
+/// `Passthrough` mode, chosen by SNI and relayed unterminated.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRouteSpec {
+    /// The Gateways (and listeners) the route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// SNI host names served (default: the listener's).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules: exactly one here.
+    #[serde(default)]
+    pub rules: Vec<L4RouteRule>,
+}
+
+/// A rule of a TCPRoute or TLSRoute: where connections go.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct L4RouteRule {
+    /// Name of the rule.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// A weighted backend without filters (TCPRoute, TLSRoute).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    /// The Service.
+    #[serde(flatten)]
+    pub backend: BackendObjectRef,
+    /// Relative weight (default 1).
+    #[serde(default)]
+    pub weight: Option<i64>,
+}

@@ -65,6 +65,10 @@ pub type KubeGateway = Crd<KubeGatewaySpec>;
 pub type KubeHttpRoute = Crd<gateway_api::HttpRouteSpec>;
 /// Gateway API `gateway.networking.k8s.io` GRPCRoute.
 pub type KubeGrpcRoute = Crd<gateway_api::GrpcRouteSpec>;
+/// Gateway API `gateway.networking.k8s.io` TCPRoute.
+pub type KubeTcpRoute = Crd<gateway_api::TcpRouteSpec>;
+/// Gateway API `gateway.networking.k8s.io` TLSRoute.
+pub type KubeTlsRoute = Crd<gateway_api::TlsRouteSpec>;
 /// Gateway API `gateway.networking.k8s.io` ReferenceGrant.
 pub type ReferenceGrant = Crd<gateway_api::ReferenceGrantSpec>;
 
@@ -214,6 +218,12 @@ pub const NETWORKING_VERSIONS: [&str; 3] = [
 ];
 /// API versions accepted for `security.istio.io` kinds.
 pub const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1beta1", "security.istio.io/v1"];
+/// API versions of the Gateway API's experimental kinds (TCPRoute,
+/// TLSRoute), accepted for those kinds only.
+pub const GATEWAY_API_EXPERIMENTAL_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1alpha2",
+    "gateway.networking.k8s.io/v1alpha3",
+];
 /// API versions accepted for Gateway API kinds.
 pub const GATEWAY_API_VERSIONS: [&str; 2] = [
     "gateway.networking.k8s.io/v1beta1",

@@ -149,6 +149,20 @@ pub const WATCHED: &[Watched] = &[
         "GRPCRoute",
         ServedVersion::GatewayApi,
     ),
+    // The experimental channel's kinds, at the version every release
+    // that has them serves.
+    crd(
+        "gateway.networking.k8s.io",
+        "tcproutes",
+        "TCPRoute",
+        ServedVersion::Fixed("v1alpha2"),
+    ),
+    crd(
+        "gateway.networking.k8s.io",
+        "tlsroutes",
+        "TLSRoute",
+        ServedVersion::Fixed("v1alpha2"),
+    ),
     // Served as v1beta1 by every Gateway API release since 0.6 (v1 only
     // by the newest).
     crd(
