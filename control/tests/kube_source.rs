@@ -386,9 +386,9 @@ async fn an_invalid_virtual_service_is_reported_by_kind_namespace_name_and_field
     );
 }
 
-#[tokio::test]
-async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_version() {
-    let server = shop().await;
+/// A control plane reading `server`'s API (its CA in the returned
+/// directory, which must outlive it).
+async fn control_plane(server: &FakeApiServer) -> (ControlPlane, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.json");
     std::fs::write(&tokens, r#"{"tokens": {}}"#).unwrap();
@@ -407,6 +407,13 @@ async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_ve
     })
     .await
     .expect("control plane on the fake API");
+    (control, dir)
+}
+
+#[tokio::test]
+async fn the_control_plane_serves_config_from_the_api_and_keeps_the_last_good_version() {
+    let server = shop().await;
+    let (control, _dir) = control_plane(&server).await;
     let status = control.ports().status;
     let first = http_get(status, "/debug/config_errors").await;
     assert!(first.contains("\"errors\": []"), "{first}");
@@ -500,24 +507,7 @@ fn http_route(ns: &str, name: &str, parent: &str) -> Value {
 async fn route_status_follows_the_config_from_the_api() {
     let server = shop().await;
     server.apply(http_route("shop", "r", "missing"));
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.json");
-    std::fs::write(&tokens, r#"{"tokens": {}}"#).unwrap();
-    let control = ControlPlane::start(Options {
-        source: SourceOptions::Kubernetes {
-            client: Box::new(server.config()),
-            options: KubeOptions::default(),
-        },
-        ca_dir: dir.path().join("ca"),
-        tokens_file: Some(tokens),
-        token_review: None,
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-        status_addr: "127.0.0.1:0".parse().unwrap(),
-        settings: MeshSettings::default(),
-    })
-    .await
-    .expect("control plane on the fake API");
+    let (control, _dir) = control_plane(&server).await;
     let writer = tokio::spawn(mesh_control::route_status::run(
         server.client(),
         "v1".into(),
